@@ -1,0 +1,5 @@
+import sys
+
+from cattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""Page pool and per-sequence page bookkeeping for the paged KV layout.
+
+A layer's cache is ``[num_pages, page_size, num_kv_heads, head_dim]``; logical
+token ``i`` of a sequence lives in page ``pages[i // page_size]`` at offset
+``i % page_size``. Nothing stored carries a position, which is what makes
+`PagedSequences.truncate` cheap: dropping old tokens only unlinks pages.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PoolExhaustedError(RuntimeError):
+    """The page pool has fewer free pages than an allocation asked for."""
+
+
+class PagePool:
+    """A free list over ``num_pages`` pages of ``page_size`` tokens."""
+
+    def __init__(self, num_pages: int, page_size: int = 16):
+        if num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {num_pages}")
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        self.num_pages, self.page_size = num_pages, page_size
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
+        self._used = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhaustedError(f"page pool exhausted: asked for {n} pages, {len(self._free)} of "
+                                     f"{self.num_pages} free (page_size={self.page_size})")
+        pages = [self._free.pop() for _ in range(n)]
+        self._used.update(pages)
+        return pages
+
+    def free(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if p not in self._used:
+                raise ValueError(f"pages: page {p} is not allocated (double free?)")
+            self._used.remove(p)
+            self._free.append(p)
+
+
+@dataclass
+class SequencePages:
+    """One sequence's pages and token count."""
+
+    pages: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class PagedSequences:
+    """Sequences stored in a `PagePool`: slot mapping, block tables, release and truncation."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+        self.seqs: dict[Hashable, SequencePages] = {}
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    def append_slots(self, seq_id: Hashable, n: int) -> list[int]:
+        """Reserve ``n`` new token slots at the end of ``seq_id`` (created if new); returns their slots
+        (``page * page_size + offset``). Raises `PoolExhaustedError` before changing anything."""
+        seq = self.seqs.get(seq_id) or SequencePages()
+        ps = self.page_size
+        need = -(-(seq.num_tokens + n) // ps) - len(seq.pages)
+        seq.pages.extend(self.pool.allocate(max(need, 0)))
+        self.seqs[seq_id] = seq
+        first = seq.num_tokens
+        seq.num_tokens += n
+        return [seq.pages[i // ps] * ps + i % ps for i in range(first, first + n)]
+
+    def kv_lens(self, seq_ids: Sequence[Hashable], device=None) -> torch.Tensor:
+        """``[B] int32`` token counts of ``seq_ids``."""
+        return torch.tensor([self.seqs[s].num_tokens for s in seq_ids], dtype=torch.int32, device=device)
+
+    def block_table(self, seq_ids: Sequence[Hashable], device=None) -> torch.Tensor:
+        """``[B, max_pages] int32`` page ids, rows padded with 0 (never read past ``kv_lens``)."""
+        rows = [self.seqs[s].pages for s in seq_ids]
+        table = torch.zeros(len(rows), max((len(r) for r in rows), default=0) or 1, dtype=torch.int32)
+        for b, r in enumerate(rows):
+            table[b, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        return table.to(device)
+
+    def release(self, seq_id: Hashable) -> None:
+        self.pool.free(self.seqs.pop(seq_id).pages)
+
+    def truncate(self, seq_id: Hashable, num_drop: int, keep_first: int = 0,
+                 caches: Sequence[torch.Tensor] = ()) -> int:
+        """Drop the oldest tokens of ``seq_id`` after its first ``keep_first`` (attention sinks).
+
+        The drop is rounded up to whole pages, so that every kept token keeps its
+        in-page offset and no kept KV moves in bulk; the only data moved is the
+        partial page that ends the ``keep_first`` prefix, copied into the page at
+        the cut in each tensor of ``caches`` (each ``[num_pages, page_size, ...]``,
+        e.g. every layer's K and V). Afterwards the kept tokens are numbered from 0,
+        so attention over them equals attention recomputed on the kept pre-RoPE K/V.
+
+        Returns the number of tokens actually dropped (``>= num_drop`` unless the
+        sequence had fewer tokens after ``keep_first``).
+        """
+        seq = self.seqs[seq_id]
+        if num_drop < 0 or keep_first < 0:
+            raise ValueError(f"num_drop and keep_first must be >= 0, got {num_drop} and {keep_first}")
+        ps = self.page_size
+        keep_first = min(keep_first, seq.num_tokens)
+        droppable = seq.num_tokens - keep_first
+        dropped = min(-(-num_drop // ps) * ps, droppable)
+        if dropped == 0:
+            return 0
+        if dropped == droppable:      # nothing after the prefix survives: keep the prefix's pages only
+            keep_pages = -(-keep_first // ps)
+            self.pool.free(seq.pages[keep_pages:])
+            seq.pages, seq.num_tokens = seq.pages[:keep_pages], keep_first
+            return dropped
+        head_full, head_rem = divmod(keep_first, ps)
+        cut = (keep_first + dropped) // ps   # page holding the first kept token after the gap
+        if head_rem:
+            # The prefix's partial page and the cut page share offsets [0, head_rem): the cut page's
+            # slots there hold dropped tokens, so the prefix's tail moves in and its page is freed.
+            src, dst = seq.pages[head_full], seq.pages[cut]
+            for cache in caches:
+                cache[dst, :head_rem] = cache[src, :head_rem]
+        freed = seq.pages[head_full:cut]
+        self.pool.free(freed)
+        seq.pages = seq.pages[:head_full] + seq.pages[cut:]
+        seq.num_tokens -= dropped
+        return dropped

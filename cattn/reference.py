@@ -1,0 +1,88 @@
+"""The ops in plain torch: the oracle of every test (run it in float64) and the CPU backend.
+
+Everything is explicit here: pages are gathered with indexing, RoPE is applied
+with `apply_rope`, GQA is a reshape, the causal mask is built from positions.
+Inputs are assumed valid (`cattn.ops` checks them); shapes follow `cattn.ops`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cattn.rope import RopeSpec
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
+    """Rotate ``x [T, H, D]`` at ``positions [T]``; returns a new tensor of x's dtype.
+
+    Angles are ``position * inv_freq`` in fp32 (as HF computes them); the rotation
+    itself runs in x's dtype promoted to at least fp32.
+    """
+    half = rope.inv_freq.numel()
+    rd = 2 * half
+    angles = positions.to(torch.float32)[:, None] * rope.inv_freq.to(x.device)[None, :]
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos = (angles.to(work).cos() * rope.attention_scaling)[:, None, :]
+    sin = (angles.to(work).sin() * rope.attention_scaling)[:, None, :]
+    xw = x.to(work)
+    if rope.style == "neox":
+        x1, x2 = xw[..., :half], xw[..., half:rd]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = xw[..., 0:rd:2], xw[..., 1:rd:2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, xw[..., rd:]), dim=-1).to(x.dtype)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter ``k, v [T, Hkv, D]`` into ``[num_pages, page_size, Hkv, D]`` caches; slot -1 skips a token."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """The first ``kv_len`` tokens of a sequence whose pages are ``pages``: ``[kv_len, Hkv, D]``."""
+    page_size = cache.shape[1]
+    used = pages[: math.ceil(kv_len / page_size)].long()
+    return cache[used].flatten(0, 1)[:kv_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, rope: RopeSpec | None, *,
+                    sm_scale: float | None = None, causal: bool = True,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of pre-RoPE ``q [total_q, Hq, D]`` over pre-RoPE paged K/V; see `cattn.ops.paged_attention`.
+
+    Computes in q's dtype promoted to at least fp32 and returns q's dtype.
+    """
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_q_heads // k_cache.shape[2]
+    scale = sm_scale if sm_scale is not None else head_dim ** -0.5
+    work = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty_like(q) if out is None else out
+    kv_lens_list, cu = kv_lens.tolist(), cu_seqlens_q.tolist()
+    for b, kv_len in enumerate(kv_lens_list):
+        q_start, q_end = cu[b], cu[b + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_table[b], kv_len).to(work)
+        v = gather_kv(v_cache, block_table[b], kv_len).to(work)
+        qb = q[q_start:q_end].to(work)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        k_pos = torch.arange(kv_len, device=q.device)
+        if rope is not None:
+            spec = rope.at_length(kv_len)
+            qb, k = apply_rope(qb, q_pos, spec), apply_rope(k, k_pos, spec)
+        qg = qb.view(q_len, -1, group, head_dim)                      # [q, Hkv, G, D]
+        scores = torch.einsum("qhgd,khd->hgqk", qg, k) * scale       # [Hkv, G, q, kv]
+        if causal:
+            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        ob = torch.einsum("hgqk,khd->qhgd", probs, v).reshape(q_len, num_q_heads, head_dim)
+        out[q_start:q_end] = ob.to(out.dtype)
+    return out

@@ -1,0 +1,107 @@
+"""Rotary position encoding as data: what a kernel needs to rotate Q and K itself.
+
+cattn caches keys *before* RoPE, so the rotation is a function applied at
+attention time, at positions the attention derives. `RopeSpec` is everything
+that function needs, built from a Hugging Face config or model so that the
+angles are bit-for-bit the ones the model would use: `position * inv_freq` in
+fp32, cos/sin multiplied by `attention_scaling`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+RopeStyle = Literal["neox", "gptj"]
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+@dataclass(frozen=True, eq=False)
+class RopeSpec:
+    """Rotary encoding of one model.
+
+    Attributes:
+        inv_freq: ``[rotary_dim // 2]`` float32, angle per position of each pair.
+        attention_scaling: multiplies cos and sin (yarn, longrope); 1.0 otherwise.
+        style: ``"neox"`` pairs dim ``i`` with ``i + rotary_dim/2`` (rotate-half,
+            HF Llama); ``"gptj"`` pairs ``2i`` with ``2i+1`` (interleaved).
+        long_inv_freq: longrope only: ``[rotary_dim // 2]`` float32 used once a
+            sequence is longer than ``original_max_position``.
+        original_max_position: longrope only: the switch length.
+    """
+
+    inv_freq: torch.Tensor
+    attention_scaling: float = 1.0
+    style: RopeStyle = "neox"
+    long_inv_freq: torch.Tensor | None = None
+    original_max_position: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.inv_freq, torch.Tensor) or self.inv_freq.ndim != 1:
+            raise TypeError("inv_freq must be a 1-D tensor [rotary_dim // 2]")
+        if self.style not in ("neox", "gptj"):
+            raise ValueError(f"style must be 'neox' or 'gptj', got {self.style!r}")
+        object.__setattr__(self, "inv_freq", self.inv_freq.detach().float().contiguous())
+        if self.long_inv_freq is not None:
+            object.__setattr__(self, "long_inv_freq", self.long_inv_freq.detach().float().contiguous())
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that are rotated; the rest pass through."""
+        return 2 * self.inv_freq.numel()
+
+    def at_length(self, seq_len: int) -> RopeSpec:
+        """The spec in force for a sequence of ``seq_len`` tokens (longrope switches
+        to its long factors past ``original_max_position``, exactly as HF does)."""
+        if self.long_inv_freq is None or seq_len <= self.original_max_position:
+            return self
+        return replace(self, inv_freq=self.long_inv_freq, long_inv_freq=None, original_max_position=None)
+
+    def to(self, device: torch.device | str) -> RopeSpec:
+        long = None if self.long_inv_freq is None else self.long_inv_freq.to(device)
+        return replace(self, inv_freq=self.inv_freq.to(device), long_inv_freq=long)
+
+    def fingerprint(self) -> tuple:
+        """Hashable identity: two specs with equal fingerprints rotate identically."""
+        long = None if self.long_inv_freq is None else tuple(self.long_inv_freq.tolist())
+        return (tuple(self.inv_freq.tolist()), float(self.attention_scaling), self.style, long,
+                self.original_max_position)
+
+    @classmethod
+    def from_config(cls, config, *, style: RopeStyle = "neox") -> RopeSpec:
+        """Build from an HF ``PretrainedConfig`` (transformers 5.x ``rope_parameters``).
+
+        Raises ValueError for ``dynamic`` rope, whose frequencies change with the
+        length of every call and so cannot be applied to a cache consistently.
+        """
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(config, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if "dynamic" in rope_type:
+            raise ValueError("config: rope_type 'dynamic' rescales RoPE with each call's length and is "
+                             f"not supported; supported types are {STATIC_ROPE_TYPES}")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise ValueError(f"config: rope_type {rope_type!r} is not supported; expected one of {STATIC_ROPE_TYPES}")
+        if rope_type == "default":
+            inv_freq, scaling = _default_inv_freq(config, params), 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        if rope_type != "longrope":
+            return cls(inv_freq, float(scaling), style)
+        original = int(params["original_max_position_embeddings"])
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=original + 1)
+        return cls(inv_freq, float(scaling), style, long_inv_freq, original)
+
+    @classmethod
+    def from_model(cls, model, *, style: RopeStyle = "neox") -> RopeSpec:
+        """Build from an HF model (or its config); refuses ``dynamic`` rope."""
+        return cls.from_config(getattr(model, "config", model), style=style)
+
+
+def _default_inv_freq(config, params: dict) -> torch.Tensor:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    base = params["rope_theta"]
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
