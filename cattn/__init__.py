@@ -4,6 +4,14 @@ from cattn.ops import apply_rope, check_batch, paged_attention, write_kv
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
 from cattn.rope import RopeSpec
 
-__all__ = ["apply_rope", "check_batch", "paged_attention", "write_kv", "PagePool", "PagedSequences",
+__all__ = ["apply_rope", "check_batch", "paged_attention", "write_kv", "ChatSession", "PagePool", "PagedSequences",
            "PoolExhaustedError", "RopeSpec"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ChatSession needs transformers (the optional `hf` extra): import it only when asked for.
+    if name == "ChatSession":
+        from cattn.session import ChatSession
+        return ChatSession
+    raise AttributeError(f"module 'cattn' has no attribute {name!r}")

@@ -7,8 +7,7 @@ ptxas for every entry of `shipped_configs`): K is rotated in registers, so a K t
 costs its cos/sin and fp32 halves on top of the usual Q, accumulator and pointers.
 
 - prefill/extend, 16-bit: rows (query tokens x GQA group) ``BLOCK_R`` = 128 for head_dim
-  <= 64, else 64; keys per tile ``BLOCK_N`` = 32 (16 past 128); 8 warps unless the head is
-  exactly 128 wide. fp32 (IEEE dots, no tensor cores): 32 x 16 tiles, 16 x 16 past 128.
+  <= 64, else 64; keys per tile ``BLOCK_N`` = 32 (16 past 128); 8 warps. fp32 (IEEE dots, no tensor cores): 32 x 16 tiles, 16 x 16 past 128.
 - decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); ``BLOCK_N`` = 32 for
   16-bit heads up to 128, else 16. The number of KV splits fills about two waves of
   the GPU, and no split is shorter than ``MIN_SPLIT_TOKENS`` tokens.
@@ -51,7 +50,7 @@ def prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     elif d_pad <= 64:
         rows, block_n, warps, stages = 128, 32, 8, 2
     elif d_pad <= 128:
-        rows, block_n, warps, stages = 64, 32, 4 if head_dim == d_pad else 8, 2
+        rows, block_n, warps, stages = 64, 32, 8, 2
     else:
         rows, block_n, warps, stages = 64, 16, 8, 2
     return TileConfig(max(rows, _pow2(group)), block_n, warps, stages)
