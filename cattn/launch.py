@@ -79,10 +79,9 @@ def _rope_args(rope: RopeSpec | None, head_dim: int, device):
     rotary_dim, half_pad, pass_pad, gptj)."""
     if rope is None:
         return torch.zeros(2, 1, dtype=torch.float32, device=device), 1.0, NEVER, 0, 16, _pow2(head_dim), False
-    long = rope.inv_freq if rope.long_inv_freq is None else rope.long_inv_freq
     long_after = NEVER if rope.original_max_position is None else rope.original_max_position
     rot = rope.rotary_dim
-    table = torch.stack([rope.inv_freq, long]).to(device)
+    table = rope.freq_table.to(device)  # no copy when the caller moved the spec (RopeSpec.to) already
     return (table, float(rope.attention_scaling), long_after, rot, _pow2(rot // 2), _pow2(head_dim - rot),
             rope.style == "gptj")
 

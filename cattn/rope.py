@@ -9,6 +9,7 @@ fp32, cos/sin multiplied by `attention_scaling`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -50,6 +51,14 @@ class RopeSpec:
     def rotary_dim(self) -> int:
         """Number of leading head dims that are rotated; the rest pass through."""
         return 2 * self.inv_freq.numel()
+
+    @cached_property
+    def freq_table(self) -> torch.Tensor:
+        """``[2, rotary_dim // 2]`` float32 on inv_freq's device: row 0 the frequencies of short
+        sequences, row 1 of sequences longer than ``original_max_position`` (equal rows unless
+        longrope). Kernels pick a row per sequence, so a batch needs no host-side length."""
+        long = self.inv_freq if self.long_inv_freq is None else self.long_inv_freq
+        return torch.stack([self.inv_freq, long.to(self.inv_freq.device)])
 
     def at_length(self, seq_len: int) -> RopeSpec:
         """The spec in force for a sequence of ``seq_len`` tokens (longrope switches
