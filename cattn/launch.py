@@ -7,10 +7,12 @@ ptxas for every entry of `shipped_configs`): K is rotated in registers, so a K t
 costs its cos/sin and fp32 halves on top of the usual Q, accumulator and pointers.
 
 - prefill/extend, 16-bit: rows (query tokens x GQA group) ``BLOCK_R`` = 128 for head_dim
-  <= 64, else 64; keys per tile ``BLOCK_N`` = 32 (16 past 128); 8 warps. fp32 (IEEE dots, no tensor cores): 32 x 16 tiles, 16 x 16 past 128.
+  <= 64, else 64; keys per tile ``BLOCK_N`` = 32 (16 past 128); 8 warps. fp32 (IEEE dots,
+  no tensor cores): 32 x 16 tiles, 16 x 16 past 128, 4 warps.
 - decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); ``BLOCK_N`` = 32 for
-  16-bit heads up to 128, else 16. The number of KV splits fills about two waves of
-  the GPU, and no split is shorter than ``MIN_SPLIT_TOKENS`` tokens.
+  16-bit heads up to 128, else 16; fp32 takes 16 keys, with 8 warps up to 128-wide heads.
+  The number of KV splits fills about two waves of the GPU, and no split is shorter than
+  ``MIN_SPLIT_TOKENS`` tokens.
 - ``BLOCK_R`` never goes below the GQA group (padded to a power of two).
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
 
 def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:
-        return TileConfig(_pow2(group), 16, 4, 1)
+        return TileConfig(_pow2(group), 16, 8 if _pow2(head_dim) <= 128 else 4, 1)
     return TileConfig(_pow2(group), 32 if _pow2(head_dim) <= 128 else 16, 4, 2)
 
 

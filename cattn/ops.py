@@ -177,6 +177,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _check_tensor(out, "out", 3, "[total_q, num_q_heads, head_dim]")
         _expect(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, ValueError,
                 f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        _expect(out.stride(-1) == 1, ValueError, "out must be contiguous in head_dim (stride(-1) == 1)")
     chosen = _pick_backend(backend, q.device)
     if chosen == "triton":
         _expect(q.dtype in KERNEL_DTYPES, TypeError, f"q dtype must be one of {KERNEL_DTYPES} for backend 'triton', got {q.dtype}")
@@ -199,6 +200,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     _check_tensor(positions, "positions", 1, "[T]")
     _expect(positions.shape[0] == x.shape[0], ValueError, f"positions has {positions.shape[0]} entries for {x.shape[0]} tokens")
     _expect(not positions.is_floating_point(), TypeError, f"positions must be integers, got {positions.dtype}")
+    _expect(positions.device == x.device, ValueError, f"positions is on {positions.device}, expected {x.device}")
     _expect(isinstance(rope, RopeSpec), TypeError, f"rope must be a RopeSpec, got {type(rope).__name__}")
     _expect(rope.rotary_dim <= x.shape[2], ValueError, f"rope.rotary_dim {rope.rotary_dim} exceeds head_dim {x.shape[2]}")
     return reference.apply_rope(x, positions, rope)
