@@ -1,0 +1,123 @@
+"""Zero-copy access to stored KV: leases to read it, pending saves to write it.
+
+A `KVLease` pins an entry's chunks in the host pool so that a copy to the GPU
+can read them in place (asynchronously, from pinned memory) until it is
+released. A `PendingSave` is pool space reserved for new tokens: the GPU copies
+each layer's new KV straight into it, and `commit` makes it part of the history
+without moving a byte.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cattn.store.base import KVEntry
+from cattn.store.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens ``[start, start + m)`` of an entry in host memory.
+
+    Attributes:
+        k, v: ``[num_layers, m, num_kv_heads, head_dim]`` views; each layer's slice ``k[l]`` is contiguous.
+    """
+
+    start: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[1]
+
+
+class KVLease:
+    """An entry's first ``num_tokens`` tokens as `Segment` views, valid until `release` (idempotent).
+
+    Use as a context manager, or release explicitly; a lease that is never
+    released keeps its chunks in the pool.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, segments: list[Segment], layout: KVLayout,
+                 on_release: Callable[[], None] | None = None,
+                 on_transfer: Callable[[float, float, int], None] | None = None):
+        self.token_ids, self.segments, self.layout = token_ids, segments, layout
+        self._on_release, self._on_transfer = on_release, on_transfer
+        self._released = threading.Event()
+
+    @classmethod
+    def from_entry(cls, entry: KVEntry) -> KVLease:
+        """A lease over an entry's own tensors (no copy), e.g. what a `MemoryStore` loaded."""
+        return cls(entry.token_ids, [Segment(0, entry.k, entry.v)] if entry.num_tokens else [], KVLayout.of(entry))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.k.nbytes + s.v.nbytes for s in self.segments)
+
+    def to_entry(self) -> KVEntry:
+        """A copy of the leased KV as plain host tensors."""
+        if not self.segments:
+            lay = self.layout
+            empty = torch.empty(lay.num_layers, 0, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+            return KVEntry(self.token_ids.clone(), empty, empty.clone())
+        return KVEntry(self.token_ids.clone(), torch.cat([s.k for s in self.segments], dim=1),
+                       torch.cat([s.v for s in self.segments], dim=1))
+
+    def record_transfer(self, hidden_s: float, exposed_s: float, nbytes: int) -> None:
+        """Report a finished load to the store's counters: seconds hidden behind compute, seconds exposed."""
+        if self._on_transfer is not None:
+            self._on_transfer(hidden_s, exposed_s, nbytes)
+
+    def release(self) -> None:
+        if not self._released.is_set():
+            self._released.set()
+            if self._on_release is not None:
+                self._on_release()
+
+    def __enter__(self) -> KVLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class PendingSave:
+    """Host pool space for ``token_ids``' KV; fill `segments` (or call `write`), then `commit` or `abort`."""
+
+    def __init__(self, token_ids: torch.Tensor, start: int, segments: list[Segment],
+                 commit: Callable[[], None], abort: Callable[[], None]):
+        self.token_ids, self.start, self.segments = token_ids, start, segments
+        self._commit, self._abort = commit, abort
+        self._done = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy ``k, v [num_layers, num_tokens, num_kv_heads, head_dim]`` (any device) into the segments."""
+        for s in self.segments:
+            s.k.copy_(k[:, s.start:s.start + s.num_tokens])
+            s.v.copy_(v[:, s.start:s.start + s.num_tokens])
+
+    def commit(self) -> None:
+        """Make the tokens the entry's history after its first ``start`` tokens (see `KVStore.save`)."""
+        self._finish(self._commit)
+
+    def abort(self) -> None:
+        """Give the space back; the entry is unchanged."""
+        self._finish(self._abort)
+
+    def _finish(self, action: Callable[[], None]) -> None:
+        if self._done:
+            raise RuntimeError("this save was already committed or aborted")
+        self._done = True
+        action()

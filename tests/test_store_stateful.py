@@ -1,0 +1,166 @@
+"""TieredStore against a plain dict: save / load / truncate / delete / evict / restart sequences."""
+import collections
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cattn.store.base import EntryKey, KVEntry
+from cattn.store.disk import DiskTier
+from cattn.store.tiered import TieredStore
+
+L, H, D = 2, 2, 32
+DTYPE = torch.float16
+TOKEN_BYTES = 2 * L * H * D * 2     # 512: a chunk's 256-byte alignment wastes less than a token
+# A session's chunks must fit in the DRAM tier to be loaded, the tokens that edits and truncations
+# dropped from partly used chunks included: the sessions here keep to this many chunk tokens.
+CHUNK_TOKENS = 90
+KEYS = [EntryKey(t, m, s) for t in ("acme", "zeta") for m in ("0123abcd", "fedc9876") for s in ("s0", "s1")]
+
+
+def make_entry(n: int, seed: int) -> KVEntry:
+    g = torch.Generator().manual_seed(seed)
+    return KVEntry(torch.randint(0, 50_000, (n,), generator=g),
+                   torch.randn(L, n, H, D, generator=g).to(DTYPE), torch.randn(L, n, H, D, generator=g).to(DTYPE))
+
+
+def _cat(a: KVEntry, b: KVEntry) -> KVEntry:
+    return KVEntry(torch.cat([a.token_ids, b.token_ids]), torch.cat([a.k, b.k], 1), torch.cat([a.v, b.v], 1))
+
+
+def _take(e: KVEntry, idx: torch.Tensor) -> KVEntry:
+    return KVEntry(e.token_ids[idx], e.k[:, idx], e.v[:, idx])
+
+
+class StoreVsDict(RuleBasedStateMachine):
+    @initialize(dram_tokens=st.integers(CHUNK_TOKENS + 8, 2 * CHUNK_TOKENS), disk_kib=st.sampled_from([48, 96, 4096]),
+                use_disk=st.booleans())
+    def start(self, dram_tokens, disk_kib, use_disk):
+        import tempfile
+        self.dir = Path(tempfile.mkdtemp(prefix="cattn-store-"))
+        self.dram_bytes, self.disk_bytes = dram_tokens * TOKEN_BYTES, disk_kib * 1024 if use_disk else None
+        self.model: dict[EntryKey, KVEntry] = {}
+        self.lost = self.drops_before = 0
+        self.chunk_tokens = collections.Counter()   # per key: tokens saved since its history was replaced
+        self.seen = collections.Counter()
+        self.store = self._open()
+
+    def _open(self) -> TieredStore:
+        disk = DiskTier(self.dir, self.disk_bytes) if self.disk_bytes else None
+        return TieredStore(self.dram_bytes, disk, high_watermark=0.8, low_watermark=0.5)
+
+    def _tally(self) -> None:
+        """What this run exercised (reported by ``--hypothesis-show-statistics``)."""
+        s = self.store.stats()
+        for tier, counter in (("dram", "evictions"), ("disk", "hits"), ("disk", "evictions")):
+            self.seen[f"{tier} {counter}"] += s.get(tier, {}).get(counter, 0)
+
+    def _drops(self) -> int:
+        s = self.store.stats()
+        return self.drops_before + s["dram"]["dropped"] + s.get("disk", {}).get("evictions", 0)
+
+    def _lose(self, key: EntryKey) -> None:
+        """The store dropped ``key`` for capacity: allowed, but every such loss must be counted."""
+        self.lost += 1
+        del self.model[key]
+        self.chunk_tokens[key] = 0
+        assert self.lost <= self._drops()
+
+    def _check(self, key: EntryKey, num_tokens=None) -> None:
+        got = self.store.load(key, num_tokens)
+        want = self.model.get(key)
+        if want is None:
+            assert got is None
+        elif got is None:
+            self._lose(key)
+        else:
+            n = want.num_tokens if num_tokens is None else min(num_tokens, want.num_tokens)
+            assert torch.equal(got.token_ids, want.token_ids[:n])
+            assert torch.equal(got.k, want.k[:, :n]) and torch.equal(got.v, want.v[:, :n])
+
+    @rule(key=st.sampled_from(KEYS), n=st.integers(0, 30), seed=st.integers(0, 2**31), where=st.floats(0, 1.2))
+    def save(self, key, n, seed, where):
+        self.store.sync()  # no background demotion runs until this save commits
+        if key in self.model and self.store.lookup(key) is None:
+            self._lose(key)
+        have = self.model[key].num_tokens if key in self.model else 0
+        start = int(where * have) if where <= 1 else have + 1
+        if start <= have and self.chunk_tokens[key] + n > CHUNK_TOKENS:
+            start = 0
+        entry = make_entry(n, seed)
+        try:
+            self.store.save(key, entry, start)
+        except ValueError:
+            # past the stored tokens; or the room this save needed was made by dropping the key itself
+            assert start > have or self.store.lookup(key) is None
+            if start <= have:
+                self._lose(key)
+            return
+        assert start <= have, "save past the stored tokens must raise ValueError"
+        self.model[key] = _cat(_take(self.model[key], torch.arange(start)), entry) if start else entry
+        self.chunk_tokens[key] = (self.chunk_tokens[key] if start else 0) + n
+
+    @rule(key=st.sampled_from(KEYS), num_tokens=st.none() | st.integers(0, 80))
+    def load(self, key, num_tokens):
+        self._check(key, num_tokens)
+
+    @rule(key=st.sampled_from(KEYS), num_drop=st.integers(0, 40), keep_first=st.integers(0, 8))
+    def truncate(self, key, num_drop, keep_first):
+        self.store.truncate(key, num_drop, keep_first)
+        if key in self.model:
+            e = self.model[key]
+            n = e.num_tokens
+            keep = torch.cat([torch.arange(min(keep_first, n)), torch.arange(min(keep_first + num_drop, n), n)])
+            self.model[key] = _take(e, keep)
+
+    @rule(key=st.sampled_from(KEYS))
+    def delete(self, key):
+        self.store.delete(key)
+        self.model.pop(key, None)
+        self.chunk_tokens[key] = 0
+
+    @precondition(lambda self: self.disk_bytes)
+    @rule()
+    def restart(self):
+        self.store.close()
+        self._tally()
+        self.drops_before = self._drops()
+        self.store = self._open()
+        for key in KEYS:
+            self._check(key)
+
+    @rule()
+    def check_everything(self):
+        self.store.sync()
+        for key in KEYS:
+            self._check(key)
+            ids = self.store.lookup(key)
+            assert (ids is None) == (key not in self.model)
+
+    @invariant()
+    def within_capacity(self):
+        s = self.store.stats()
+        assert s["dram"]["used_bytes"] <= s["dram"]["capacity_bytes"]
+        if self.disk_bytes:
+            assert s["disk"]["used_bytes"] <= s["disk"]["capacity_bytes"]
+
+    def teardown(self):
+        self.store.sync()
+        self._tally()
+        for what, n in self.seen.items():
+            event(f"{what}: {'yes' if n else 'no'}")
+        if self.disk_bytes:
+            # the disk accounting is exact: what the store counts is what lies in the directory
+            files = sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file() and p.name != ".lock")
+            assert not list(self.dir.rglob("*.tmp"))
+            assert files == self.store.stats()["disk"]["used_bytes"]
+        self.store.close(persist=False)
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+StoreVsDict.TestCase.settings = settings(max_examples=30, stateful_step_count=50, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
+test_store_vs_dict = StoreVsDict.TestCase
