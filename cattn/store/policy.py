@@ -92,21 +92,28 @@ class LRU(Policy):
     name = "lru"
 
     def __init__(self):
-        self._order: OrderedDict[Hashable, float] = OrderedDict()
+        self._order: OrderedDict[Hashable, float] = OrderedDict()  # key -> last touch time, oldest first
+        self._rank: dict[Hashable, int] = {}  # key -> place in that order (breaks ties of equal times)
+        self._ticks = count()
 
     def touch(self, key, now):
         self._order[key] = now
         self._order.move_to_end(key)
+        self._rank[key] = next(self._ticks)
 
     def forget(self, key):
         self._order.pop(key, None)
+        self._rank.pop(key, None)
+
+    def _recency(self, key) -> float:
+        # keys never touched (or forgotten) count as the most recent: a tier always touches what it holds
+        return self._rank.get(key, math.inf)
 
     def _oldest(self, cands) -> Hashable | None:
         if not cands:
             return None
-        # keys never touched (or forgotten) count as the most recent: a tier always touches what it holds
         if 4 * len(cands) < len(self._order):  # a small tier: scanning it beats walking the order
-            return min(cands, key=lambda k: self._order.get(k, math.inf))
+            return min(cands, key=self._recency)
         return next((k for k in self._order if k in cands), next(iter(cands)))
 
     def victim(self, tier, candidates, incoming=None):
@@ -120,7 +127,8 @@ class FIFO(LRU):
     name = "fifo"
 
     def touch(self, key, now):
-        self._order.setdefault(key, now)
+        if key not in self._order:
+            super().touch(key, now)
 
 
 class _ListQueue:
@@ -196,7 +204,7 @@ class Scheduler(LRU):
             if key is not None:
                 return key
         # furthest next job first; no queued job counts as infinitely far, and then the oldest goes
-        key = max(cands, key=lambda k: (self._distance(k), -self._order.get(k, math.inf)))
+        key = max(cands, key=lambda k: (self._distance(k), -self._recency(k)))
         return key if self._distance(key) > floor else None
 
 

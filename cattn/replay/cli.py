@@ -1,0 +1,132 @@
+"""`cattn replay`: replay a multi-turn trace under each policy and size DRAM and disk.
+
+    cattn replay                                  # the paper's configuration, synthetic ShareGPT-like trace
+    cattn replay --workload sharegpt              # the real ShareGPT conversations
+    cattn replay --trace my.jsonl --dram 64GB --disk 2TB --model llama3-8b
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from cattn.replay.costmodel import MODELS, CostModel, Hardware, model_shape
+from cattn.replay.report import table
+from cattn.replay.sim import RECOMPUTE
+from cattn.store.policy import POLICIES
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size(text: str) -> int:
+    """'128GB', '10TB', '1.5GiB' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128GB, 10TB, 512GiB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return int(value)
+
+
+def policy_list(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    known = (*POLICIES, RECOMPUTE)
+    for p in names:
+        if p not in known:
+            raise argparse.ArgumentTypeError(f"unknown policy {p!r}; choose from {', '.join(known)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no policy given")
+    return names
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _fractions(text: str) -> list[float]:
+    return [_positive(float)(t) for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", choices=("synthetic", "sharegpt"), default="synthetic")
+    w.add_argument("--trace", type=Path, help="a JSON Lines trace instead of a generated workload")
+    w.add_argument("--sessions", type=_positive(int), default=17000,
+                   help="conversations (synthetic: generated; sharegpt: the first N recovered)")
+    w.add_argument("--rate", type=_positive(float), default=3.0, help="new sessions per second")
+    w.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    w.add_argument("--burstiness", type=_positive(float), default=2.0, help="gamma: CV of inter-arrival gaps")
+    w.add_argument("--think", type=_non_negative, default=60.0, help="mean seconds between turns of a session")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--save-trace", type=Path, help="write the trace replayed (JSON Lines)")
+    s = p.add_argument_group("store and machine")
+    s.add_argument("--model", choices=sorted(MODELS), default="llama2-13b")
+    s.add_argument("--dram", type=size, help="DRAM tier capacity (default 128GB; real mode 128MiB)")
+    s.add_argument("--disk", type=size, help="disk tier capacity (default 10TB; real mode 512MiB)")
+    s.add_argument("--policies", type=policy_list, default=policy_list("scheduler,lru,fifo,belady,recompute"))
+    s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
+    s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus)
+    s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
+                   help="host->GPU GB/s per GPU")
+    s.add_argument("--disk-gbps", type=_positive(float), default=Hardware.disk_read_bytes_per_s / 1e9,
+                   help="disk read GB/s")
+    o = p.add_argument_group("output")
+    o.add_argument("--sweep", type=_fractions, default=_fractions("0.03125,0.125,0.25,0.5,1,2"),
+                   help="capacities (multiples of --dram and --disk) for the hit-rate plot; '' for none")
+    o.add_argument("--sweep-fixed-disk", action="store_true", help="sweep DRAM only, the disk stays at --disk")
+    o.add_argument("--load-sweep", type=_fractions, default=[],
+                   help="also compare the policies at these session arrival rates (sessions/s), e.g. 1,2,3,5")
+    o.add_argument("--name", default="paper", help="tag of the output files")
+    o.add_argument("--out", type=Path, default=Path("bench/results"), help="directory of the JSON")
+    o.add_argument("--plots", type=Path, default=Path("docs"), help="directory of the PNG plots")
+    o.add_argument("--no-progress", action="store_true")
+    r = p.add_argument_group("real mode")
+    r.add_argument("--mode", choices=("sim", "real"), default="sim",
+                   help="real: run ShareGPT conversations through ChatSession on the embedded model")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--model-path", help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    r.add_argument("--conversations", type=_positive(int), default=50, help="ShareGPT conversations (2+ turns)")
+    r.add_argument("--max-turns", type=_positive(int), default=6, help="turns kept per conversation")
+    r.add_argument("--max-user-tokens", type=_positive(int), default=64, help="user messages clipped to this")
+    r.add_argument("--max-answer-tokens", type=_positive(int), default=96, help="answers clipped to this")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "real":
+        from cattn.replay.real import run_real
+        return run_real(args)
+    from cattn.replay.experiment import Experiment, build_trace
+
+    jobs = build_trace(args)
+    cost = CostModel(model_shape(args.model), Hardware(gpus=args.gpus, pcie_bytes_per_s=args.pcie_gbps * 1e9,
+                                                       disk_read_bytes_per_s=args.disk_gbps * 1e9))
+    args.dram = size("128GB") if args.dram is None else args.dram
+    args.disk = size("10TB") if args.disk is None else args.disk
+    exp = Experiment(jobs, cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+    rows = exp.compare(args.policies)
+    print(table(rows))
+    sweep = (exp.sweep([p for p in args.policies if p != RECOMPUTE], args.sweep, scale_disk=not args.sweep_fixed_disk)
+             if args.sweep else [])
+    loads = []
+    for rate in args.load_sweep:
+        at_rate = Experiment(build_trace(argparse.Namespace(**{**vars(args), "rate": rate, "save_trace": None})),
+                             cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+        loads += [dict(row, rate=rate) for row in at_rate.compare(args.policies)]
+        print(f"\nat {rate:g} sessions/s\n{table(loads[-len(args.policies):])}")
+    for path in exp.save(args, rows, sweep, load_sweep=loads):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,123 @@
+"""Cost model of the simulated replay: model shapes, the machine, and what each step costs.
+
+Every figure is derived from a model's shape and a few hardware constants (see
+docs/replay.md for the assumptions):
+
+- KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x dtype bytes.
+- Prefill FLOPs of n new tokens after h cached ones = 2 x params x n (the matmuls)
+  + 4 x layers x query heads x head_dim x (n h + n^2 / 2) (QK^T and PV, causal);
+  time = FLOPs / (GPUs x peak x MFU).
+- Decode, batched: each step reads the weights once for the batch and each
+  sequence's KV once, so one output token costs weights / batch + its context's KV,
+  over the GPUs' HBM bandwidth.
+- History KV comes host->GPU over PCIe (one link per GPU, tensor parallel) layer by
+  layer while the new tokens prefill, so only max(0, load - prefill) is exposed; a
+  history on disk is first read into DRAM at the disk's read bandwidth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape figures the cost model needs (HF config names in comments)."""
+
+    name: str
+    num_layers: int       # num_hidden_layers
+    num_heads: int        # num_attention_heads
+    num_kv_heads: int     # num_key_value_heads
+    head_dim: int
+    params: float         # parameter count
+    max_context: int      # max_position_embeddings
+    dtype_bytes: int = 2  # fp16/bf16 weights and KV
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+
+MODELS = {m.name: m for m in (
+    ModelShape("llama2-13b", 40, 40, 40, 128, 13.0e9, 4096),
+    ModelShape("llama2-70b", 80, 64, 8, 128, 69.0e9, 4096),
+    ModelShape("llama3-8b", 32, 32, 8, 128, 8.03e9, 8192),
+    ModelShape("falcon-40b", 60, 128, 8, 64, 41.8e9, 2048),
+)}
+
+
+def model_shape(name: str) -> ModelShape:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The serving machine; defaults are the paper's (4x A100-80GB SXM, PCIe Gen4, NVMe SSDs).
+
+    Attributes:
+        gpus: GPUs serving one model (tensor parallel).
+        peak_flops: dense fp16/bf16 FLOP/s of one GPU.
+        mfu: fraction of peak that prefill reaches.
+        hbm_bytes_per_s: HBM bandwidth of one GPU.
+        pcie_bytes_per_s: host->GPU bandwidth of one GPU's link (pinned memory).
+        disk_read_bytes_per_s, disk_write_bytes_per_s: the SSD array.
+        decode_batch: sequences decoded together (continuous batching).
+        gpu_hour_usd, dram_gb_hour_usd, disk_gb_hour_usd: prices for the cost figure.
+    """
+
+    gpus: int = 4
+    peak_flops: float = 312e12
+    mfu: float = 0.5
+    hbm_bytes_per_s: float = 2.0e12
+    pcie_bytes_per_s: float = 25e9
+    disk_read_bytes_per_s: float = 5e9
+    disk_write_bytes_per_s: float = 3e9
+    decode_batch: int = 32
+    gpu_hour_usd: float = 5.12
+    dram_gb_hour_usd: float = 0.0079
+    disk_gb_hour_usd: float = 0.00018
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    model: ModelShape
+    hw: Hardware = field(default_factory=Hardware)
+
+    def prefill_time(self, new_tokens: int, cached_tokens: int) -> float:
+        """Seconds to prefill ``new_tokens`` after ``cached_tokens`` of history KV."""
+        m, n, h = self.model, new_tokens, cached_tokens
+        flops = 2 * m.params * n + 4 * m.num_layers * m.num_heads * m.head_dim * (n * h + n * n / 2)
+        return flops / (self.hw.gpus * self.hw.peak_flops * self.hw.mfu)
+
+    def decode_time(self, output_tokens: int, context_tokens: int) -> float:
+        """GPU seconds this sequence's share of batched decode costs (context before the first output)."""
+        hbm = self.hw.gpus * self.hw.hbm_bytes_per_s
+        mean_context = context_tokens + output_tokens / 2
+        per_token = self.model.weight_bytes / self.hw.decode_batch + mean_context * self.model.kv_bytes_per_token
+        return output_tokens * per_token / hbm
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.model.kv_bytes_per_token
+
+    def host_to_gpu_time(self, nbytes: int) -> float:
+        return nbytes / (self.hw.gpus * self.hw.pcie_bytes_per_s)
+
+    def disk_read_time(self, nbytes: int) -> float:
+        return nbytes / self.hw.disk_read_bytes_per_s
+
+    def dollars(self, gpu_seconds: float, dram_bytes: int, disk_bytes: int, seconds: float) -> float:
+        """Busy GPU time plus provisioned DRAM and disk over the serving time."""
+        hours = seconds / 3600
+        return (gpu_seconds / 3600 * self.hw.gpu_hour_usd + dram_bytes / 1e9 * hours * self.hw.dram_gb_hour_usd
+                + disk_bytes / 1e9 * hours * self.hw.disk_gb_hour_usd)

@@ -1,0 +1,119 @@
+"""What a replay measured: per-policy summaries, the table, the JSON and the plots."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cattn.replay.costmodel import CostModel
+from cattn.replay.sim import ReplayResult
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(result: ReplayResult, cost: CostModel) -> dict:
+    """Hit rates per tier (over turns that have a history), TTFT, throughput, GPU time and cost."""
+    recs = result.records
+    later = [r for r in recs if r.tier != "first"]
+    rate = (lambda tier: sum(r.tier == tier for r in later) / len(later)) if later else (lambda tier: 0.0)
+    ttft = [r.ttft for r in recs]
+    waits = [r.start - r.arrival for r in recs]
+    busy = sum(r.stall + r.prefill + r.decode for r in recs)
+    span = max(r.start + r.stall + r.prefill + r.decode for r in recs) - min(r.arrival for r in recs)
+    gpu_seconds = busy * cost.hw.gpus
+    usd = cost.dollars(gpu_seconds, result.dram_bytes, result.disk_bytes, span)
+    return dict(
+        policy=result.policy, turns=len(recs), turns_with_history=len(later),
+        hit_rate=rate("dram") + rate("disk"), dram_hit_rate=rate("dram"), disk_hit_rate=rate("disk"),
+        miss_rate=rate("miss"),
+        ttft_mean_s=sum(ttft) / len(ttft), ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
+        queue_wait_mean_s=sum(waits) / len(waits), queue_wait_p99_s=percentile(waits, 99),
+        prefill_tokens=sum(r.prefill_tokens for r in recs), prompt_tokens=sum(r.prompt_tokens for r in recs),
+        prefill_throughput_tok_s=sum(r.prompt_tokens for r in recs) / max(1e-12, sum(r.ttft for r in recs)),
+        gpu_hours=gpu_seconds / 3600, makespan_s=span, cost_usd=usd, cost_usd_per_1k_turns=usd / len(recs) * 1000,
+        **{f"store_{k}": v for k, v in result.counters.items()},
+    )
+
+
+COLUMNS = (("policy", "policy", "{:<10}"), ("hit", "hit_rate", "{:>6.1%}"), ("dram", "dram_hit_rate", "{:>6.1%}"),
+           ("disk", "disk_hit_rate", "{:>6.1%}"), ("ttft mean", "ttft_mean_s", "{:>9.3f}"),
+           ("p50", "ttft_p50_s", "{:>7.3f}"), ("p99", "ttft_p99_s", "{:>7.3f}"),
+           ("prefill tok/s", "prefill_throughput_tok_s", "{:>13,.0f}"), ("GPU h", "gpu_hours", "{:>7.2f}"),
+           ("$ / 1k turns", "cost_usd_per_1k_turns", "{:>12.3f}"))
+
+
+def table(rows: Sequence[dict]) -> str:
+    """Fixed-width summary: hit rates per tier, TTFT in seconds, throughput, GPU hours, cost."""
+    widths = [len(fmt.format(rows[0][key])) if rows else len(head) for head, key, fmt in COLUMNS]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in enumerate(zip(COLUMNS, widths)))]
+    for row in rows:
+        lines.append("  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS))
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import cattn
+    return dict(python=sys.version.split()[0], cattn=cattn.__version__, platform=platform.platform(),
+                machine=platform.machine(), device="simulated (cost model); host CPU runs the simulator")
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(environment=environment(), **payload), indent=1) + "\n")
+    return path
+
+
+def plot_hit_rate_vs_dram(sweep: Sequence[dict], path: str | Path) -> Path:
+    """Two panels (store hit rate, DRAM hit rate) against DRAM size, one line per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for policy in dict.fromkeys(r["policy"] for r in sweep):
+        pts = sorted((r["dram_gb"], r["hit_rate"], r["dram_hit_rate"]) for r in sweep if r["policy"] == policy)
+        for ax, col in zip(axes, (1, 2)):
+            ax.plot([p[0] for p in pts], [100 * p[col] for p in pts], marker="o", label=policy)
+    for ax, title in zip(axes, ("hit rate, DRAM + disk (%)", "hit rate in DRAM (%)")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        fixed_disk = len({r["disk_gb"] for r in sweep}) == 1
+        ax.set_xlabel("DRAM capacity (GB)" + (f", disk {sweep[0]['disk_gb']:g} GB" if fixed_disk
+                                              else ", disk scaled with it"))
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ttft_cdf(ttfts: dict[str, Sequence[float]], path: str | Path) -> Path:
+    """Cumulative distribution of time to first token, one line per policy (log time axis)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, values in ttfts.items():
+        s = sorted(max(v, 1e-4) for v in values)
+        ax.plot(s, [100 * (i + 1) / len(s) for i in range(len(s))], label=policy)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (s), queueing excluded")
+    ax.set_ylabel("turns (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

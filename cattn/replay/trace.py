@@ -1,0 +1,77 @@
+"""Trace files: one turn per line, JSON Lines.
+
+    {"session": "c17", "arrival": 12.5, "new_tokens": 95, "output_tokens": 350}
+
+``arrival`` is in seconds from the start of the trace; ``new_tokens`` are the
+user's new message, ``output_tokens`` the model's answer. A session's turns
+are numbered in arrival order (ties: file order). Both replay modes read the
+same format; a bad line is reported with its line number.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from cattn.replay.queue import Job
+
+FIELDS = ("session", "arrival", "new_tokens", "output_tokens")
+
+
+def _parse(line: str, lineno: int, where: str) -> Job:
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}:{lineno}: {why}: {line.strip()[:120]!r}")
+
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise bad(f"not JSON ({exc.msg})") from None
+    if not isinstance(rec, dict):
+        raise bad("expected a JSON object")
+    missing = [f for f in FIELDS if f not in rec]
+    if missing:
+        raise bad(f"missing field(s) {', '.join(missing)}")
+    session, arrival = rec["session"], rec["arrival"]
+    if not isinstance(session, str) or not session:
+        raise bad("session must be a non-empty string")
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not math.isfinite(arrival) or arrival < 0:
+        raise bad("arrival must be a finite number of seconds >= 0")
+    for f in ("new_tokens", "output_tokens"):
+        if isinstance(rec[f], bool) or not isinstance(rec[f], int) or rec[f] < 0:
+            raise bad(f"{f} must be an int >= 0")
+    if rec["new_tokens"] + rec["output_tokens"] == 0:
+        raise bad("a turn needs at least one new or output token")
+    return Job(session, float(arrival), rec["new_tokens"], rec["output_tokens"])
+
+
+def number_turns(jobs: Iterable[Job]) -> list[Job]:
+    """The jobs in serving order (arrival, then given order), each with its turn index in its session."""
+    ordered = sorted(jobs, key=lambda j: j.arrival)  # stable: ties keep their order
+    seen: dict[str, int] = {}
+    out = []
+    for j in ordered:
+        turn = seen.get(j.session, 0)
+        seen[j.session] = turn + 1
+        out.append(Job(j.session, j.arrival, j.new_tokens, j.output_tokens, turn))
+    return out
+
+
+def read_trace(path: str | Path) -> list[Job]:
+    """Parse a JSON Lines trace; blank lines are skipped. Raises ValueError naming the bad line."""
+    path = Path(path)
+    jobs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                jobs.append(_parse(line, lineno, path.name))
+    if not jobs:
+        raise ValueError(f"{path.name}: the trace holds no turns")
+    return number_turns(jobs)
+
+
+def write_trace(jobs: Iterable[Job], path: str | Path) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for j in jobs:
+            f.write(json.dumps(dict(session=j.session, arrival=round(j.arrival, 6), new_tokens=j.new_tokens,
+                                    output_tokens=j.output_tokens)) + "\n")
