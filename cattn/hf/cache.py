@@ -1,0 +1,317 @@
+"""`PagedCache`: a transformers ``Cache`` whose K/V live in cattn pages, before RoPE.
+
+Row ``b`` of the model's input is sequence ``b`` of the cache. All layers share one
+pool tensor ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`` and one
+page table, so a forward step is described once (slots of the new tokens, block
+table, ``kv_lens``, ``cu_seqlens_q``) when layer 0 runs, checked once, moved to the
+device once, and reused by every layer: no host sync per layer.
+
+Padding is a property of the input, not of the cache: tokens that the 2D attention
+mask marks as padding are never written, so ``kv_lens`` count real tokens only and
+each sequence's positions are ``0..kv_len-1`` whatever the padding, as in HF.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from cattn.ops import check_batch
+from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
+
+LAYOUT_ATTR = "_cattn_layout"
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """What a paged cache needs to know about a patched model (set by `cattn.hf.apply_cattn`).
+
+    Attributes:
+        num_layers, num_kv_heads, head_dim: the KV shape per token and layer.
+        page_size: tokens per page.
+        sliding_window: the smallest sliding window of any layer, or None. cattn attends to the
+            whole history, which equals the model only while every sequence fits the window.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    sliding_window: int | None
+
+    @staticmethod
+    def of(model) -> PagedLayout:
+        layout = getattr(model, LAYOUT_ATTR, None)
+        if layout is None:
+            raise ValueError(f"model: {type(model).__name__} is not patched; call cattn.hf.apply_cattn(model) first")
+        return layout
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """One forward call's batch description, built at layer 0 and shared by every layer.
+
+    Attributes:
+        batch_size, q_len: the input's ``[B, T]``.
+        slot_mapping: ``[total_q] int32``, slot of each new (non-padding) token, row-major.
+        block_table: ``[B, max_pages] int32``.
+        kv_lens: ``[B] int32``, tokens per sequence including this step's.
+        cu_seqlens_q: ``[B + 1] int32``, prefix sums of the new tokens per sequence.
+        max_q_len: the most new tokens of any sequence.
+        token_index: ``[total_q] int64``, index of each new token in the flattened ``[B * T]``
+            input; None when the input has no padding (packing is then a view).
+    """
+
+    batch_size: int
+    q_len: int
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    kv_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_q_len: int
+    token_index: torch.Tensor | None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, D]`` -> ``[total_q, H, D]``: the new tokens, sequence after sequence."""
+        flat = x.reshape(-1, *x.shape[2:])
+        return flat if self.token_index is None else flat.index_select(0, self.token_index)
+
+    def unpack(self, out: torch.Tensor) -> torch.Tensor:
+        """``[total_q, H, D]`` -> ``[B, T, H * D]``, zeros at padding positions."""
+        flat = out.flatten(1)
+        if self.token_index is not None:
+            flat = flat.new_zeros(self.batch_size * self.q_len, flat.shape[1]).index_copy_(0, self.token_index, flat)
+        return flat.view(self.batch_size, self.q_len, -1)
+
+
+class PagedCache(Cache):
+    """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.
+
+    Pass it to the model as its cache (``model.generate(ids, past_key_values=cache)``;
+    transformers >= 5.24 names the argument ``cache``, see `cattn.hf.compat.CACHE_KWARG`).
+    A later ``generate`` call whose ``input_ids`` start with the tokens already cached
+    prefills only the rest.
+
+    Args:
+        model: the patched model.
+        batch_size: number of sequences (rows of every input).
+        max_tokens: capacity per sequence on average; the pool holds
+            ``batch_size * ceil(max_tokens / page_size)`` pages. Default: the model's
+            ``max_position_embeddings``.
+        device, dtype: of the pool; default those of the model's attention weights.
+    """
+
+    def __init__(self, model, *, batch_size: int = 1, max_tokens: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        layout = PagedLayout.of(model)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_tokens is None:
+            max_tokens = model.config.get_text_config().max_position_embeddings
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        super().__init__(layers=[])
+        self.layout = layout
+        self.max_tokens = max_tokens
+        self.page_size = layout.page_size
+        pages_per_seq = -(-max_tokens // layout.page_size)
+        self.pool = PagePool(batch_size * pages_per_seq, layout.page_size)
+        self.seqs = PagedSequences(self.pool)
+        # Slots past a sequence's kv_len are never read, so the pool needs no initialisation.
+        self.kv = torch.empty(layout.num_layers, 2, self.pool.num_pages, layout.page_size, layout.num_kv_heads,
+                              layout.head_dim, dtype=dtype or model.dtype, device=device or model.device)
+        self._batch_size = batch_size
+        self._columns = 0        # input positions seen, padding included: what HF calls the cache length
+        self._step: ForwardStep | None = None
+        for row in range(batch_size):
+            self.seqs.append_slots(row, 0)
+
+    # ---- what the cattn attention modules call -------------------------------------------------
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)`` of one layer, each ``[num_pages, page_size, num_kv_heads, head_dim]``."""
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def step(self, layer_idx: int, attention_mask: torch.Tensor | None, batch_size: int, q_len: int) -> ForwardStep:
+        """The current forward step; layer 0 starts a new one (reserves the new tokens' slots)."""
+        if layer_idx == 0:
+            self._step = self._begin_step(attention_mask, batch_size, q_len)
+        elif self._step is None or (self._step.batch_size, self._step.q_len) != (batch_size, q_len):
+            raise RuntimeError(f"layer {layer_idx} ran before layer 0 of this forward step")
+        return self._step
+
+    def wait_layer(self, layer_idx: int) -> None:
+        """Called before layer ``layer_idx`` attends. A no-op here (the whole history is in the pool
+        before the forward); a cache that streams history in per layer waits for that layer here."""
+
+    def layer_written(self, layer_idx: int) -> None:
+        """Called once layer ``layer_idx`` has written this step's K/V. A no-op here; a cache that
+        saves new KV to host memory per layer starts that layer's copy here."""
+
+    # ---- history in and out --------------------------------------------------------------------
+    def num_tokens(self, row: int = 0) -> int:
+        """Tokens cached for sequence ``row``."""
+        return self.seqs.seqs[row].num_tokens
+
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append history to the (single) sequence: ``k``, ``v`` ``[num_layers, n, num_kv_heads, head_dim]``
+        pre-RoPE, for the tokens that follow the ones cached (token ``i`` lands at ``num_tokens() + i``)."""
+        expect = (self.layout.num_layers, k.shape[1], self.layout.num_kv_heads, self.layout.head_dim)
+        if k.ndim != 4 or tuple(k.shape) != expect or v.shape != k.shape:
+            raise ValueError(f"k and v must be [num_layers, n, num_kv_heads, head_dim] = {expect}, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        self._check_single("load")
+        self._reserve({0: k.shape[1]})
+        slots = torch.tensor(self.seqs.append_slots(0, k.shape[1]), dtype=torch.long, device=self.kv.device)
+        self._columns = self.num_tokens(0)
+        flat = self.kv.flatten(2, 3)                                  # [L, 2, num_slots, Hkv, D]
+        flat[:, 0, slots] = k.to(self.kv.device, self.kv.dtype)
+        flat[:, 1, slots] = v.to(self.kv.device, self.kv.dtype)
+
+    def read(self, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of tokens ``[start, end)`` of sequence ``row``: each ``[num_layers, n, num_kv_heads, head_dim]``."""
+        if not 0 <= start <= end <= self.num_tokens(row):
+            raise ValueError(f"token range [{start}, {end}) is outside the {self.num_tokens(row)} cached tokens")
+        pages, ps = self.seqs.seqs[row].pages, self.page_size
+        slots = torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
+                             device=self.kv.device)
+        picked = self.kv.flatten(2, 3).index_select(2, slots)         # [L, 2, n, Hkv, D]
+        return picked[:, 0], picked[:, 1]
+
+    def truncate(self, num_drop: int, keep_first: int = 0) -> int:
+        """Drop the oldest tokens of the (single) sequence after its first ``keep_first``; the kept
+        tokens are renumbered from 0 and their K/V stay where they are (see `PagedSequences.truncate`:
+        the drop is rounded up to whole pages). Returns the number of tokens dropped."""
+        self._check_single("truncate")
+        dropped = self.seqs.truncate(0, num_drop, keep_first, caches=[self.kv.permute(2, 3, 0, 1, 4, 5)])
+        self._columns -= dropped
+        return dropped
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """Bytes of K and V of one token over all layers."""
+        return self.kv[:, :, 0, 0].numel() * self.kv.element_size()
+
+    # ---- transformers Cache interface ----------------------------------------------------------
+    def __len__(self) -> int:
+        return self.layout.num_layers
+
+    def __repr__(self) -> str:
+        lens = [self.num_tokens(r) for r in range(self._batch_size)]
+        return (f"PagedCache(tokens={lens}, pages_free={self.pool.num_free}/{self.pool.num_pages}, "
+                f"page_size={self.page_size})")
+
+    def update(self, *args, **kwargs):
+        raise TypeError("PagedCache is written by cattn attention modules only; this model's attention is not "
+                        "patched: call cattn.hf.apply_cattn(model) first")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._columns
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._columns + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.layout.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.layout.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.layout.num_layers
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens of every sequence (a positive value is the
+        length to keep, HF's older convention). Used by assisted decoding to discard rejected drafts."""
+        keep = self._columns + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self._columns)
+        remove = self._columns - max(keep, 0)
+        for row in range(self._batch_size):
+            seq = self.seqs.seqs[row]
+            seq.num_tokens = max(seq.num_tokens - remove, 0)
+            keep_pages = -(-seq.num_tokens // self.page_size)
+            self.pool.free(seq.pages[keep_pages:])
+            del seq.pages[keep_pages:]
+        self._columns -= remove
+
+    def reset(self) -> None:
+        for row in range(self._batch_size):
+            self.seqs.release(row)
+            self.seqs.append_slots(row, 0)
+        self._columns, self._step = 0, None
+
+    def reorder_cache(self, beam_idx: torch.Tensor):
+        raise NotImplementedError("PagedCache does not support beam search (num_beams > 1)")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("PagedCache holds one sequence per input row: size it with batch_size instead "
+                                  "of num_return_sequences or num_beams")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        raise NotImplementedError("PagedCache does not support selecting batch rows")
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _check_single(self, what: str) -> None:
+        if self._batch_size != 1:
+            raise ValueError(f"{what} needs a PagedCache of batch_size 1: transformers counts one cache length "
+                             "for the whole batch, so sequences cannot change length one by one")
+
+    def _reserve(self, new_tokens: dict[int, int]) -> None:
+        """Raise `PoolExhaustedError` before any change if the pool cannot take ``new_tokens`` per row."""
+        ps = self.page_size
+        need = sum(max(-(-(self.num_tokens(r) + n) // ps) - len(self.seqs.seqs[r].pages), 0)
+                   for r, n in new_tokens.items())
+        if need > self.pool.num_free:
+            raise PoolExhaustedError(f"PagedCache is full: {need} more pages needed, {self.pool.num_free} free "
+                                     f"(max_tokens={self.max_tokens}, batch_size={self._batch_size}); "
+                                     "create it with a larger max_tokens")
+
+    def _begin_step(self, attention_mask: torch.Tensor | None, batch_size: int, q_len: int) -> ForwardStep:
+        if batch_size != self._batch_size:
+            raise ValueError(f"the input has {batch_size} rows but the PagedCache holds {self._batch_size} sequences")
+        new = None
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < q_len:
+                raise ValueError(f"attention_mask must be a 2D padding mask [{batch_size}, >= {q_len}], "
+                                 f"got shape {tuple(attention_mask.shape)}")
+            new = attention_mask[:, -q_len:].to("cpu", torch.bool)
+            if bool(new.all()):
+                new = None
+        counts = [q_len] * batch_size if new is None else new.sum(1).tolist()
+        self._reserve(dict(enumerate(counts)))
+        slots = list(itertools.chain.from_iterable(self.seqs.append_slots(r, n) for r, n in enumerate(counts)))
+        self._columns += q_len
+        rows = list(range(batch_size))
+        block_table, kv_lens = self.seqs.block_table(rows), self.seqs.kv_lens(rows)
+        cu_seqlens_q = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32)
+        window = self.layout.sliding_window
+        if window is not None and int(kv_lens.max()) > window:
+            raise ValueError(f"a sequence of {int(kv_lens.max())} tokens exceeds the model's sliding window of "
+                             f"{window}: cattn attends to the whole history and would not match the model")
+        max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, self.pool.num_pages, self.page_size, len(slots))
+        device = self.kv.device
+        token_index = None if new is None else new.flatten().nonzero().squeeze(1).to(device)
+        return ForwardStep(batch_size, q_len, torch.tensor(slots, dtype=torch.int32).to(device),
+                           block_table.to(device), kv_lens.to(device), cu_seqlens_q.to(device), max_q_len, token_index)

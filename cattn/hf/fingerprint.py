@@ -1,0 +1,31 @@
+"""`fingerprint(model)`: the identity under which a model's KV may be stored and served again."""
+from __future__ import annotations
+
+import torch
+import xxhash
+
+from cattn.rope import RopeSpec
+
+
+def fingerprint(model) -> str:
+    """A 32-digit hex xxh3-128 of everything that determines a model's pre-RoPE K/V and its rotation.
+
+    Covers the model type and shapes (layers, hidden size, heads, KV heads, head_dim,
+    vocabulary), the parameter dtype, `RopeSpec.fingerprint()` and the bytes of every
+    parameter and buffer, so a store entry saved by another model, another fine-tune or
+    another dtype is a different key and never served. Reads all weights once (a copy to
+    the host for GPU models): compute it once per loaded model, not per turn.
+    """
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = (config.model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+              config.num_key_value_heads, head_dim, config.vocab_size)
+    digest = xxhash.xxh3_128()
+    digest.update(repr((shapes, str(model.dtype), RopeSpec.from_model(model).fingerprint())).encode())
+    tensors = dict(model.named_parameters())          # tied weights appear once
+    tensors.update(model.named_buffers())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()

