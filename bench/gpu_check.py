@@ -6,8 +6,10 @@
    cannot reach (GQA 32/8 with head_dim 128, contexts up to 20K, decode over many splits),
    plus head_dim 64/80/96/256, GQA 1 and 7, page sizes 5 and 12, gptj, partial and longrope.
 2. Runs the benchmarks of `bench.kernels` on the shapes of the GPU notes.
-3. With the time left, runs the kernel test files under pytest on the GPU (CATTN_TEST_DEVICE=cuda).
-4. Prints the benchmark table last.
+3. Time to first token after 4K/16K/32K tokens of history on a Llama-3-8B-shaped model, recomputed,
+   resident and streamed from DRAM (`bench.ttft`, in its own process, about 90 s).
+4. With the time left, runs the kernel test files under pytest on the GPU (CATTN_TEST_DEVICE=cuda).
+5. Prints the benchmark tables last.
 
 Each part runs even if an earlier one failed; JSON goes to ``$OUT`` when set, else bench/results,
 and is rewritten after every part, so a run cut short still leaves what it measured.
@@ -19,6 +21,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"    # a leftover interpreter setting would time the interpreter
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -30,7 +33,7 @@ from multiprocessing import get_context  # noqa: E402
 import torch  # noqa: E402
 
 import cattn  # noqa: E402
-from bench import kernels  # noqa: E402
+from bench import kernels, ttft  # noqa: E402
 from bench.common import REPO, format_table, results_dir, write_json  # noqa: E402
 from cattn import RopeSpec, reference  # noqa: E402
 
@@ -153,6 +156,22 @@ def pytest_kernel_files(timeout_s: float) -> dict:
         return {"returncode": None, "summary": f"timed out after {timeout_s:.0f} s", "tail": out.splitlines()[-10:]}
 
 
+def ttft_part(budget_s: float) -> dict:
+    """`bench.ttft` in its own process, so that its 16 GB model and pinned pool leave with it; it stops
+    starting histories at ``budget_s`` and is killed 45 s later."""
+    out = results_dir() / "ttft.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "bench.ttft", "--budget-s", str(int(budget_s))]
+    try:
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=budget_s + 45)
+        result = {"returncode": run.returncode, "tail": (run.stdout + run.stderr).strip().splitlines()[-20:]}
+    except subprocess.TimeoutExpired:
+        result = {"returncode": None, "tail": [f"timed out after {budget_s + 45:.0f} s"]}
+    report = json.loads(out.read_text()) if out.exists() else {}
+    return {**result, "rows": report.get("rows", []), "skipped": report.get("skipped", []),
+            "host_to_device_bytes_per_s": report.get("host_to_device_bytes_per_s")}
+
+
 # The issue's performance goals, set on an H200: (shape, metric, floor, peers cattn must beat).
 # The floor of the extend shape is FlexAttention's H200 figure; this run's flex row is printed beside it.
 GOALS = [("extend q512 kv16K", "tflops", 420.0, ("unfused",)),
@@ -180,6 +199,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting new parts after this")
     parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--ttft-budget-s", type=float, default=90, help="time for bench.ttft (0: skip it)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the correctness checks (their kernel compiles run in parallel)")
     args = parser.parse_args(argv)
@@ -208,6 +228,9 @@ def main(argv=None) -> int:
         name = f"kernels_{kernels.device_slug()}.json"
         write_json(name, timings, path=out_dir / name)
     left = args.budget_s - (time.perf_counter() - start)
+    if args.ttft_budget_s > 0 and left > 60:
+        part("ttft", lambda: ttft_part(min(args.ttft_budget_s, left - 45)))
+    left = args.budget_s - (time.perf_counter() - start)
     if not args.skip_pytest and left > 60:
         part("pytest_kernels", lambda: pytest_kernel_files(left - 20))
 
@@ -225,6 +248,14 @@ def main(argv=None) -> int:
         print(format_table(timings["rows"], kernels.COLUMNS))
     else:
         print("benchmarks failed:\n" + timings.get("error", ""))
+    ttft_report = report["parts"].get("ttft")
+    if ttft_report is not None:
+        print("\nTTFT, 256 new tokens after a history (Llama-3-8B shape, bf16; target: (c) within 10% of "
+              "max((b), copy)):")
+        if ttft_report.get("rows"):
+            print(format_table(ttft_report["rows"], ttft.COLUMNS))
+        else:
+            print("\n".join(ttft_report.get("tail", [])) or ttft_report.get("error", ""))
     return 0 if checks.get("failed") == 0 and "rows" in timings else 1
 
 

@@ -1,14 +1,17 @@
 """`cattn demo`: a scripted multi-turn chat, cattn against stock transformers recomputing the history.
 
 Each turn runs twice on the same weights: through a `ChatSession` (the history's KV
-comes back from the host store, only the new tokens are prefilled) and through the
-stock model given the whole conversation, as a chat server without a KV store does.
+comes back from the store layer by layer, only the new tokens are prefilled) and
+through the stock model given the whole conversation, as a chat server without a KV
+store does. The store is the real hierarchy: a `TieredStore` with a DRAM pool over a
+disk tier in a temporary directory, sized so that the demo's session stays in DRAM.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -71,8 +74,10 @@ def stock_turn(model, tokenizer, messages: list[dict], max_new_tokens: int) -> t
     return out[0, ids.shape[1]:].tolist(), ids.shape[1], timer.ttft_s
 
 
-def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str = SYSTEM, echo=print) -> list[DemoTurn]:
-    """Play ``user_turns`` through a `ChatSession` and through stock recompute; ``model`` ends unpatched."""
+def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str = SYSTEM, echo=print,
+             store=None) -> list[DemoTurn]:
+    """Play ``user_turns`` through a `ChatSession` (over ``store``, default a private in-memory one) and
+    through stock recompute; ``model`` ends unpatched."""
     from cattn.hf import CACHE_KWARG, PagedCache, apply_cattn, revert_cattn
     from cattn.session import ChatSession
 
@@ -82,7 +87,7 @@ def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str =
         apply_cattn(model)
         model.generate(warm_up, attention_mask=torch.ones_like(warm_up), max_new_tokens=2, do_sample=False,
                        **{CACHE_KWARG: PagedCache(model, max_tokens=16)})
-    session = ChatSession(model, tokenizer, session_id="demo", system=system)
+    session = ChatSession(model, tokenizer, session_id="demo", system=system, store=store)
     turns = []
     try:
         for n, user in enumerate(user_turns, 1):
@@ -128,6 +133,27 @@ def summary(turns: list[DemoTurn]) -> str:
     return "\n".join(lines)
 
 
+def store_bytes(model, turns: int, max_new_tokens: int) -> int:
+    """DRAM for the demo's session with room to spare: its KV bytes per token times a generous estimate
+    of its tokens (system prompt, every turn's message and reply), twice over."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    return 2 * per_token * (512 + turns * (max_new_tokens + 64))
+
+
+def store_summary(stats: dict) -> str:
+    """Two lines on where the session's KV lived and what crossed between tiers."""
+    dram, disk, moved = stats["dram"], stats["disk"], stats["transfer"]
+    mib = 2**20
+    return (f"store: a {dram['capacity_bytes'] / mib:.0f} MiB DRAM pool over a disk tier; DRAM {dram['hits']} hits, "
+            f"{dram['misses']} misses, {dram['evictions']} evictions, {dram['bytes_in'] / mib:.1f} MiB saved (new "
+            f"tokens only); disk {disk['hits']} hits, {disk['bytes_in'] / mib:.1f} MiB written\n"
+            f"       {moved['loads']} layer-wise loads of {moved['bytes'] / mib:.1f} MiB: "
+            f"{moved['load_s_hidden'] * 1e3:.1f} ms copied ahead of or behind compute, "
+            f"{moved['load_s_exposed'] * 1e3:.1f} ms waited for")
+
+
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("transformers") is None:
         raise SystemExit("cattn demo needs the Hugging Face extra: pip install 'cattn[hf]'")
@@ -156,9 +182,20 @@ def run(args: argparse.Namespace) -> int:
                          f"got {config.model_type!r}")
     print(f"{config.model_type}, {config.num_hidden_layers} layers, {str(dtype)[6:]} on {args.device}; "
           f"loaded in {time.perf_counter() - start:.1f} s\n"
-          "Each turn runs twice: cattn reuses the conversation's KV from the host store and prefills only the new "
+          "Each turn runs twice: cattn streams the conversation's KV back from the store and prefills only the new "
           "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding.\n")
-    turns = converse(model, tokenizer, SCRIPT[:args.turns], max_new_tokens=args.max_new_tokens)
+    from cattn.store import DiskTier, TieredStore
+
+    dram = store_bytes(model, args.turns, args.max_new_tokens)
+    with tempfile.TemporaryDirectory(prefix="cattn-demo-") as root:
+        store = TieredStore(dram, DiskTier(root, 4 * dram))
+        try:
+            turns = converse(model, tokenizer, SCRIPT[:args.turns], max_new_tokens=args.max_new_tokens,
+                             store=store)
+            stats = store.stats()
+        finally:
+            store.close(persist=False)
     print(summary(turns))
+    print(store_summary(stats))
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     return 0

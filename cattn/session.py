@@ -2,32 +2,44 @@
 
 A turn works as a chat API server does: it renders the whole conversation with the
 tokenizer's chat template, finds the longest common token prefix with the tokens
-whose KV the store holds for this session, loads that KV into a fresh `PagedCache`,
-prefills only the rest and generates. The turn's new KV (prompt tail and reply) then
-goes to the store, only those tokens, and the pages are freed: between turns a
-session holds no accelerator memory. An edited earlier message, or a tokenization
-that differs at the seam, costs the tokens after the first difference, never a
-wrong answer.
+whose KV the store holds for this session, and prefills only the rest. The stored
+KV of that prefix streams into a fresh `PagedCache` layer by layer while the prefill
+runs (a `TieredStore` lends its pinned pool pages, no staging copy; the first layers
+are copied before the forward, as many as the buffer rule says), and each layer's
+new KV goes back to the store as soon as the layer wrote it; the reply's KV follows
+at the end of the turn. Only new tokens are ever saved, the turn never waits for its
+own saves, and the pages are freed: between turns a session holds no accelerator
+memory. An edited earlier message, or a tokenization that differs at the seam, costs
+the tokens after the first difference, never a wrong answer; a store that cannot
+serve (full, corrupt, foreign entry) costs a recompute.
 
 On context overflow, tokens after the first ``keep_first`` (e.g. the system prompt)
-are dropped oldest first, a whole number of pages at a time, in the pages and in
-the store alike; the kept tokens keep their pre-RoPE KV and are renumbered from 0,
-so nothing is recomputed. The session remembers how many rendered tokens it dropped
-and drops the same ones from every later rendering.
+are dropped oldest first, a whole number of pages at a time, in the store (metadata
+only) before the history is loaded; the kept tokens keep their pre-RoPE KV and are
+renumbered from 0, so nothing is recomputed. The session remembers how many rendered
+tokens it dropped and drops the same ones from every later rendering.
 """
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
-from cattn.store.base import EntryKey, KVEntry, KVStore
+from cattn.store.base import EntryKey, KVStore
+from cattn.store.lease import KVLease
 from cattn.store.memory import MemoryStore
+from cattn.store.migration import StoreFullError
+from cattn.store.transfer import copy_bandwidth, preload_layers
 
 DEFAULT_MAX_NEW_TOKENS = 256
+
+log = logging.getLogger(__name__)
+_bandwidth: dict[torch.device, float] = {}   # measured host->device copy bandwidth, once per device
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class TurnStats:
         kv_bytes: bytes of K and V the store keeps for the session after the turn.
         ttft_s: seconds from the call to the first reply token.
         total_s: seconds of the whole call.
+        load_hidden_s, load_exposed_s: seconds of the history's layer-wise copy that overlapped the
+            prefill's compute, and that the prefill waited for (the copies before the forward included).
     """
 
     prompt_tokens: int
@@ -53,6 +67,8 @@ class TurnStats:
     kv_bytes: int
     ttft_s: float
     total_s: float
+    load_hidden_s: float = 0.0
+    load_exposed_s: float = 0.0
 
 
 class FirstTokenTimer(BaseStreamer):
@@ -124,6 +140,8 @@ class ChatSession:
         self._token_ids: list[int] = []
         self._saved = False
         self._closed = False
+        self._saves: list[Future] = []              # the last turn's saves, committing in the background on CUDA
+        self._layer_s_per_token: float | None = None  # one layer's prefill compute per new token, as measured
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -142,6 +160,7 @@ class ChatSession:
         if self._closed:
             raise RuntimeError(f"session {self.key.session!r} is closed")
         start = time.perf_counter()
+        self._settle_saves()
         messages = self._next_messages(message)
         max_new = (generate_kwargs.pop("max_new_tokens", None) or self.model.generation_config.max_new_tokens
                    or DEFAULT_MAX_NEW_TOKENS)
@@ -159,30 +178,44 @@ class ChatSession:
         prompt = rendered[:kf] + rendered[kf + self._dropped:]
         prompt, cache, reused, dropped = self._restore(prompt, max_new, max(history - self._dropped - kf, 0))
 
+        # The prefill's new KV goes to the store layer by layer, as each layer writes it.
+        cache.save_next_step(self.store, self.key, torch.tensor(prompt[reused:], dtype=torch.long), reused)
         ids = torch.tensor([prompt], device=self.model.device)
         timer = FirstTokenTimer(start, generate_kwargs.pop("streamer", None))
-        with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                      streamer=timer, **{CACHE_KWARG: cache}, **generate_kwargs)
-        reply_ids = getattr(out, "sequences", out)[0, len(prompt):].tolist()
-
-        cached = cache.num_tokens()              # the prompt and all but the last reply token
-        new_ids = (prompt + reply_ids)[reused:cached]
-        k, v = cache.read(reused, cached)
-        self.store.save(self.key, KVEntry(torch.tensor(new_ids, dtype=torch.long), k, v), start=reused)
+        try:
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                          streamer=timer, **{CACHE_KWARG: cache}, **generate_kwargs)
+            reply_ids = getattr(out, "sequences", out)[0, len(prompt):].tolist()
+            cached = cache.num_tokens()          # the prompt and all but the last reply token
+            # The decode tokens now, in one go; all of the turn's new tokens if the store refused the prefill's.
+            first = len(prompt) if cache.step_saved else reused
+            if cached > first:
+                try:
+                    cache.save_tokens(self.store, self.key, torch.tensor((prompt + reply_ids)[first:cached]),
+                                      first, first)
+                except StoreFullError as exc:
+                    log.warning("session %r: the store has no room for the turn's KV (%s)", self.key.session, exc)
+        finally:
+            self._saves = cache.finish()
         self._saved = False
+        measured = cache.layer_seconds()
+        if measured is not None:
+            self._layer_s_per_token = measured[1] / measured[0]
 
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         self._token_ids = prompt + reply_ids
         total = time.perf_counter() - start
         self.turns.append(TurnStats(len(prompt), reused, len(prompt) - reused, dropped, len(reply_ids),
-                                    cached * cache.nbytes_per_token, timer.ttft_s or total, total))
+                                    cached * cache.nbytes_per_token, timer.ttft_s or total, total,
+                                    *cache.load_seconds()))
         return reply
 
     def save(self) -> dict:
         """Make the session reopenable; returns its host-side state (JSON-serialisable) for `open`.
         The KV is in the store already: each turn saves its new tokens as it ends."""
+        self._settle_saves()
         self._saved = True
         return {"session_id": self.key.session, "tenant": self.key.tenant, "model": self.key.model,
                 "messages": [dict(m) for m in self.messages], "dropped_tokens": self._dropped,
@@ -218,6 +251,8 @@ class ChatSession:
 
     def close(self) -> None:
         """End the session. Its KV is deleted from the store unless `save` was called after the last turn."""
+        if not self._closed:
+            self._settle_saves()
         if not self._closed and not self._saved:
             self.store.delete(self.key)
         self._closed = True
@@ -243,31 +278,73 @@ class ChatSession:
         raise TypeError("message must be a non-empty str or a non-empty list of {'role': str, 'content': str} dicts")
 
     def _restore(self, prompt: list[int], max_new: int, droppable: int) -> tuple[list[int], PagedCache, int, int]:
-        """Load the stored KV of the prompt's longest cached prefix into a fresh cache and drop up to
-        ``droppable`` tokens after ``keep_first`` if the turn would overflow ``max_context``. Returns
-        the prompt after dropping, the cache, the prompt tokens it holds, and the tokens dropped."""
+        """Drop up to ``droppable`` tokens after ``keep_first`` if the turn would overflow ``max_context``
+        (in the store: metadata only), then start streaming the stored KV of the prompt's longest cached
+        prefix into a fresh cache. Returns the prompt after dropping, the cache, the prompt tokens it
+        holds, and the tokens dropped."""
         stored = self.store.lookup(self.key)
         reused = 0 if stored is None else min(common_prefix(stored.tolist(), prompt), len(prompt) - 1)
+        drop = self._overflow(len(prompt), max_new, droppable)
+        if drop:
+            kf = self.keep_first
+            # The stored history loses [kf, kf + in_store); in_store < drop only if nothing stored after kf remains.
+            in_store = min(drop, reused - kf) if reused > kf else 0
+            if in_store:
+                self.store.truncate(self.key, in_store, kf)
+            self._dropped += drop
+            prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
         cache = PagedCache(self.model, max_tokens=len(prompt) + max_new)
         if reused:
-            entry = self.store.load(self.key, reused)
-            expect = (self.layout.num_layers, reused, self.layout.num_kv_heads, self.layout.head_dim)
-            if entry is None or tuple(entry.k.shape) != expect or entry.token_ids.tolist() != prompt[:reused]:
-                self.store.delete(self.key)  # changed or corrupt since the lookup: a miss, never wrong KV
-                reused = 0
+            reused = self._load(cache, prompt, reused)
+        return prompt, cache, reused, drop
+
+    def _load(self, cache: PagedCache, prompt: list[int], reused: int) -> int:
+        """Start streaming the stored KV of ``prompt[:reused]`` into ``cache``, layer by layer; returns
+        the tokens it will hold: ``reused``, or 0 if the store cannot serve them (a miss: recompute)."""
+        try:
+            if hasattr(self.store, "acquire"):        # TieredStore: pinned pool views, no staging copy
+                lease = self.store.acquire(self.key, reused)
             else:
-                cache.load(entry.k, entry.v)
-        drop = self._overflow(len(prompt), max_new, droppable)
-        if not drop:
-            return prompt, cache, reused, 0
-        kf = self.keep_first
-        in_cache = cache.truncate(min(drop, reused - kf), kf) if reused > kf else 0
-        if in_cache:
-            self.store.truncate(self.key, in_cache, kf)
-        # The cache dropped [kf, kf + in_cache) of the prompt; in_cache < drop only if nothing cached after kf remains.
-        drop = max(drop, in_cache)
-        self._dropped += drop
-        return prompt[:kf] + prompt[kf + drop:], cache, reused - in_cache, drop
+                entry = self.store.load(self.key, reused)
+                lease = None if entry is None else KVLease.from_entry(entry)
+        except StoreFullError as exc:
+            log.warning("session %r: the store cannot bring its KV up (%s); recomputing", self.key.session, exc)
+            return 0
+        if lease is None:
+            return 0
+        lay, own = lease.layout, self.layout
+        if ((lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) !=
+                (own.num_layers, own.num_kv_heads, own.head_dim, cache.kv.dtype)
+                or lease.token_ids.tolist() != prompt[:reused]):
+            lease.release()
+            self.store.delete(self.key)  # changed or corrupt since the lookup: a miss, never wrong KV
+            return 0
+        try:
+            cache.load_layerwise(lease, preload=self._preload(cache, lease, len(prompt) - reused))
+        except BaseException:
+            lease.release()
+            raise
+        return reused
+
+    def _preload(self, cache: PagedCache, lease: KVLease, new_tokens: int) -> int:
+        """Layers to copy before the forward (the buffer rule, `preload_layers`): from the measured copy
+        bandwidth and this session's measured per-layer prefill compute; all of them before a measurement."""
+        layers = self.layout.num_layers
+        if self._layer_s_per_token is None:
+            return layers
+        device = cache.kv.device
+        if device not in _bandwidth:
+            _bandwidth[device] = copy_bandwidth(device, nbytes=(64 if device.type == "cuda" else 8) << 20)
+        return preload_layers(layers, lease.nbytes / layers / _bandwidth[device],
+                              self._layer_s_per_token * new_tokens)
+
+    def _settle_saves(self) -> None:
+        """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save
+        leaves the store at an older, still correct history: a later turn reuses less."""
+        saves, self._saves = self._saves, []
+        for future in saves:
+            if (exc := future.exception()) is not None:
+                log.warning("session %r: saving the turn's KV failed (%s)", self.key.session, exc)
 
     def _overflow(self, prompt_len: int, max_new: int, droppable: int) -> int:
         """Tokens to drop after ``keep_first`` so the turn fits ``max_context``: whole pages, unless the

@@ -23,6 +23,9 @@ def test_demo_prefills_only_new_tokens_with_replies_identical_to_stock(smollm2, 
     for user in SCRIPT[:3]:
         assert f"user: {user}" in out
     assert "prefilled tokens in all" in out and not is_patched(model)
+    # the real hierarchy served turns 2 and 3 from DRAM, layer by layer
+    assert re.search(r"store: a \d+ MiB DRAM pool over a disk tier; DRAM 2 hits, 0 misses, 0 evictions", out)
+    assert re.search(r"\n\s+2 layer-wise loads of [\d.]+ MiB", out)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -151,3 +151,118 @@ def test_bad_arguments_and_unsupported_uses(tiny_model):
     with pytest.raises(TypeError, match="apply_cattn"):
         with torch.no_grad():
             model(torch.randint(0, 256, (2, 3)), **{CACHE_KWARG: cache})
+
+
+# ---- the host store through the hooks: layer-wise loading, per-layer saving ------------------------
+
+def _key():
+    from cattn.store import EntryKey
+    return EntryKey("acme", "0123abcd", "chat")
+
+
+def _history(model, ids):
+    """K/V of ``ids`` as the patched model computes them, read back from a scratch cache."""
+    cache = PagedCache(model, max_tokens=ids.shape[1])
+    with torch.no_grad():
+        model(ids, **{CACHE_KWARG: cache})
+    return cache.read(0, ids.shape[1])
+
+
+@pytest.mark.parametrize("store_kind", ["tiered", "memory"])
+def test_layerwise_load_and_per_layer_save_match_stock(tiny_model, store_kind):
+    from cattn.store import KVEntry, MemoryStore, TieredStore
+
+    stock = tiny_model("llama3", num_hidden_layers=3)
+    model = apply_cattn(copy.deepcopy(stock), page_size=4)
+    ids = torch.randint(0, 256, (1, 16))
+    k, v = _history(model, ids[:, :11])
+    store = TieredStore(1 << 20) if store_kind == "tiered" else MemoryStore()
+    key = _key()
+    store.save(key, KVEntry(ids[0, :11], k, v))
+    cache = PagedCache(model, max_tokens=24)
+    cache.kv.fill_(float("nan"))
+    source = store.acquire(key, 11) if store_kind == "tiered" else store.load(key, 11)
+    cache.load_layerwise(source, preload=1)
+    history_slots = cache._slots_of(0, 11)
+    loaded = [not cache.kv[layer, :, :, :].flatten(1, 2)[:, history_slots].isnan().any() for layer in range(3)]
+    assert loaded == [True, False, False] and cache.get_seq_length() == 11
+
+    seen = []                                 # per layer, when it waits: which layers hold their history
+    wait = cache.wait_layer
+
+    def spy(layer):
+        seen.append([not cache.kv[i].flatten(1, 2)[:, history_slots].isnan().any() for i in range(3)])
+        wait(layer)
+    cache.wait_layer = spy
+    cache.save_next_step(store, key, ids[0, 11:], 11)
+    with torch.no_grad():
+        got = model(ids[:, 11:], **{CACHE_KWARG: cache}).logits
+        expected = stock(ids).logits[:, 11:]
+    torch.testing.assert_close(got, expected, **FP32)
+    assert seen == [[True, False, False], [True, False, False], [True, True, False]]   # one layer at a time
+    assert cache.step_saved
+    assert [f.result() for f in cache.finish()] == [None]
+    stored = store.load(key)
+    new_k, new_v = cache.read(11, 16)
+    assert torch.equal(stored.token_ids, ids[0]) and torch.equal(stored.k[:, :11], k)
+    assert torch.equal(stored.k[:, 11:], new_k) and torch.equal(stored.v[:, 11:], new_v)
+    if store_kind == "tiered":
+        stats = store.stats()
+        token_bytes = 2 * 3 * 2 * 16 * 4
+        assert stats["dram"]["bytes_in"] == 16 * token_bytes          # history once, then only the new tokens
+        assert stats["transfer"]["loads"] == 1 and stats["transfer"]["bytes"] == 11 * token_bytes
+        store.delete(key)
+        assert store.stats()["dram"]["used_bytes"] == 0               # the lease was released
+
+
+def test_generate_over_a_layerwise_load_and_decode_tokens_saved_at_the_end(tiny_model):
+    from cattn.store import KVEntry, TieredStore
+
+    stock = tiny_model("qwen2")
+    model = apply_cattn(copy.deepcopy(stock), page_size=4)
+    prompt = torch.randint(0, 256, (1, 13))
+    k, v = _history(model, prompt[:, :9])
+    store, key = TieredStore(1 << 20), _key()
+    store.save(key, KVEntry(prompt[0, :9], k, v))
+    cache = PagedCache(model, max_tokens=32)
+    cache.load_layerwise(store.acquire(key), preload=0)
+    cache.save_next_step(store, key, prompt[0, 9:], 9)
+    out = greedy(model, prompt, 5, cache)
+    assert torch.equal(out, greedy(stock, prompt, 5))
+    cache.save_tokens(store, key, out[0, 13:17], 13, 13)
+    assert all(f.result() is None for f in cache.finish())
+    stored = store.load(key)
+    assert torch.equal(stored.token_ids, out[0, :17])
+    assert torch.equal(stored.k[:, 9:], cache.read(9, 17)[0])
+    hidden, exposed = cache.load_seconds()
+    assert exposed > 0 and hidden < exposed                          # preload=0: every layer waited for
+    new, per_layer = cache.layer_seconds()
+    assert new == 4 and per_layer > 0
+
+
+def test_a_store_without_room_saves_nothing_and_the_step_still_runs(tiny_model):
+    from cattn.store import TieredStore
+
+    stock = tiny_model("llama")
+    model = apply_cattn(copy.deepcopy(stock), page_size=4)
+    store, key = TieredStore(4096, full_timeout_s=0.01), _key()       # less than 12 tokens' KV
+    ids = torch.randint(0, 256, (1, 12))
+    cache = PagedCache(model, max_tokens=16)
+    cache.save_next_step(store, key, ids[0], 0)
+    with torch.no_grad():
+        got = model(ids, **{CACHE_KWARG: cache}).logits
+        expected = stock(ids).logits
+    torch.testing.assert_close(got, expected, **FP32)
+    assert not cache.step_saved and cache.finish() == [] and store.lookup(key) is None
+
+
+def test_layerwise_load_refuses_a_foreign_layout(tiny_model):
+    from cattn.store import KVEntry
+
+    model = apply_cattn(tiny_model("llama"), page_size=4)
+    cache = PagedCache(model, max_tokens=16)
+    with pytest.raises(ValueError, match="layout"):
+        cache.load_layerwise(KVEntry(torch.arange(3), torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)))
+    with pytest.raises(ValueError, match="layout"):
+        cache.load_layerwise(KVEntry(torch.arange(3), *torch.randn(2, 2, 3, 2, 16, dtype=torch.float64).unbind(0)))
+    assert cache.num_tokens() == 0 and cache.pool.num_free == cache.pool.num_pages
