@@ -13,28 +13,23 @@ each sequence's positions are ``0..kv_len-1`` whatever the padding, as in HF.
 The host store plugs in through two hooks that every cattn attention module calls:
 ``wait_layer(l)`` before layer ``l`` attends (history streamed in by `load_layerwise`
 waits there, for that layer only) and ``layer_written(l)`` after it wrote its new K/V
-(`save_next_step` copies them out there, layer by layer). See docs/store.md.
+(`save_next_step` copies them out there, layer by layer); `cattn.hf.streaming` does
+the streaming. See docs/store.md.
 """
 from __future__ import annotations
 
 import itertools
-import logging
-import statistics
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
+from cattn.hf.streaming import StoreStreaming
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
 from cattn.store.base import EntryKey, KVEntry, KVStore
 from cattn.store.lease import KVLease
-from cattn.store.migration import StoreFullError
-from cattn.store.transfer import LayerLoader, LayerSaver
-
-log = logging.getLogger(__name__)
 
 LAYOUT_ATTR = "_cattn_layout"
 
@@ -146,16 +141,7 @@ class PagedCache(Cache):
         self._step: ForwardStep | None = None
         for row in range(batch_size):
             self.seqs.append_slots(row, 0)
-        self._loader: LayerLoader | None = None      # history streaming into the pages
-        self._loading = False                        # the loader's layers are still waited for, one by one
-        self._save_request: tuple | None = None      # (store, key, token_ids, start) for the next forward step
-        self._saver: LayerSaver | None = None        # saving the current step's new KV, layer by layer
-        self._savers: list[LayerSaver] = []          # savers whose copies may still read the pages
-        self._futures: list[Future] = []             # their commits
-        self._layer_marks: list = []                 # per layer (before wait, after wait): a step's timing
-        self._timed: tuple[int, list] | None = None  # (new tokens, marks) of the last prefill step
-        self._load_s = (0.0, 0.0)
-        self.step_saved = False                      # the last `save_next_step` request was taken up
+        self._streaming = StoreStreaming(self.kv)
 
     # ---- what the cattn attention modules call -------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,14 +151,9 @@ class PagedCache(Cache):
     def step(self, layer_idx: int, attention_mask: torch.Tensor | None, batch_size: int, q_len: int) -> ForwardStep:
         """The current forward step; layer 0 starts a new one (reserves the new tokens' slots)."""
         if layer_idx == 0:
-            if self._loader is not None and not self._loading:
-                self._finish_load()      # the previous step waited for every layer: its copies are done
+            self._streaming.before_step()
             self._step = self._begin_step(attention_mask, batch_size, q_len)
-            if self._step.max_q_len > 1:
-                self._layer_marks = []
-                self._timed = (self._step.slot_mapping.numel(), self._layer_marks)
-            if self._save_request is not None:
-                self._begin_save(self._step)
+            self._streaming.begin_step(self._step)
         elif self._step is None or (self._step.batch_size, self._step.q_len) != (batch_size, q_len):
             raise RuntimeError(f"layer {layer_idx} ran before layer 0 of this forward step")
         return self._step
@@ -180,24 +161,13 @@ class PagedCache(Cache):
     def wait_layer(self, layer_idx: int) -> None:
         """Called before layer ``layer_idx`` attends: waits for that layer's history copy only, if
         `load_layerwise` is streaming one (on CUDA the current stream waits; on CPU it copies now)."""
-        marks = self._step is not None and self._step.max_q_len > 1
-        if marks:
-            self._layer_marks.append(self._mark())
-        if self._loading:
-            self._loader.wait(layer_idx)
-            self._loading = layer_idx < self.layout.num_layers - 1
-        if marks:
-            self._layer_marks.append(self._mark())
+        self._streaming.wait_layer(layer_idx, self._step)
 
     def layer_written(self, layer_idx: int) -> None:
         """Called once layer ``layer_idx`` has written this step's K/V: copies that layer's new K/V
         to the store if `save_next_step` asked for it; after the last layer the save commits (in the
         background on CUDA)."""
-        if self._saver is not None:
-            self._saver.layer_written(layer_idx)
-            if layer_idx == self.layout.num_layers - 1:
-                self._futures.append(self._saver.finish())
-                self._saver = None
+        self._streaming.layer_written(layer_idx)
 
     # ---- the host store: layer-wise loading, per-layer saving ------------------------------------
     def load_layerwise(self, source: KVLease | KVEntry, preload: int = 0) -> None:
@@ -220,15 +190,13 @@ class PagedCache(Cache):
             raise ValueError(f"source: history of layout {lay} does not fit this cache's (num_layers, num_kv_heads, "
                              f"head_dim, dtype) = {expect}")
         self._check_single("load_layerwise")
-        if self._loader is not None:
+        if self._streaming.load_in_flight:
             raise RuntimeError("a history load is already in flight: run a forward step or finish() first")
         n = lease.num_tokens
         self._reserve({0: n})
         slots = torch.tensor(self.seqs.append_slots(0, n), dtype=torch.long, device=self.kv.device)
         self._columns = self.num_tokens(0)
-        self._loader = LayerLoader(lease, *self._layer_caches(), slots)
-        self._loading = True
-        self._loader.preload(preload)
+        self._streaming.load(lease, slots, preload)
 
     def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int) -> None:
         """Save the next forward step's new K/V to ``store`` layer by layer, as each layer writes it.
@@ -243,51 +211,36 @@ class PagedCache(Cache):
         are not ``m``, nothing is saved and `step_saved` stays False.
         """
         self._check_single("save_next_step")
-        self._save_request = (store, key, token_ids, start)
-        self.step_saved = False
+        self._streaming.save_next_step(store, key, token_ids, start)
+
+    @property
+    def step_saved(self) -> bool:
+        """The last `save_next_step` request was taken up: the step's new K/V go to the store."""
+        return self._streaming.step_saved
 
     def save_tokens(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int, first: int) -> None:
         """Save the K/V of the sequence's tokens ``[first, first + m)`` (all layers at once: decode tokens
         at the end of a turn) as ``key``'s tokens after its first ``start``; ``token_ids [m] int64``.
         Raises `StoreFullError` if the store has no room."""
         self._check_single("save_tokens")
-        self._finish_load()
-        slots = self._slots_of(first, first + token_ids.numel())
-        saver = LayerSaver(store, key, token_ids, start, *self._layer_caches(), slots)
-        saver.save_all()
-        self._savers.append(saver)
-        self._futures.append(saver.finish())
+        self._streaming.finish_load()
+        self._streaming.save_tokens(store, key, token_ids, start, self._slots_of(first, first + token_ids.numel()))
 
     def finish(self) -> list[Future]:
         """Done with the store for now: complete the history load (releasing its lease), order the current
         stream after every save's copies (so the pages may be freed or reused), and hand over the saves'
         futures (each: None, or the commit's exception). The turn itself never waits for its saves."""
-        self._finish_load()
-        if self._saver is not None:        # a step stopped before its last layer: its copies are incomplete
-            self._saver.abort()
-            self._saver = None
-        for saver in self._savers:
-            saver.wait_copies()
-        futures, self._savers, self._futures = self._futures, [], []
-        return futures
+        return self._streaming.finish()
 
     def load_seconds(self) -> tuple[float, float]:
         """``(hidden, exposed)`` seconds of the last completed history load (after `finish`)."""
-        return self._load_s
+        return self._streaming.load_seconds()
 
     def layer_seconds(self) -> tuple[int, float] | None:
         """``(new tokens, seconds per layer)`` measured in the last prefill step (a step of more than one
         new token per sequence): the median time from one layer's history wait to the next's, i.e. one
         layer's compute without load stalls. None if not measured (a one-layer model, no prefill yet)."""
-        if self._timed is None:
-            return None
-        new, marks = self._timed
-        if self.kv.device.type == "cuda":
-            marks[-1].synchronize()
-            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks[1::2], marks[2::2])]
-        else:
-            gaps = [b - a for a, b in zip(marks[1::2], marks[2::2])]
-        return (new, statistics.median(gaps)) if gaps else None
+        return self._streaming.layer_seconds()
 
     # ---- history in and out --------------------------------------------------------------------
     def num_tokens(self, row: int = 0) -> int:
@@ -311,7 +264,7 @@ class PagedCache(Cache):
 
     def read(self, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens ``[start, end)`` of sequence ``row``: each ``[num_layers, n, num_kv_heads, head_dim]``."""
-        self._finish_load()
+        self._streaming.finish_load()
         slots = self._slots_of(start, end, row)
         picked = self.kv.flatten(2, 3).index_select(2, slots)         # [L, 2, n, Hkv, D]
         return picked[:, 0], picked[:, 1]
@@ -321,7 +274,7 @@ class PagedCache(Cache):
         tokens are renumbered from 0 and their K/V stay where they are (see `PagedSequences.truncate`:
         the drop is rounded up to whole pages). Returns the number of tokens dropped."""
         self._check_single("truncate")
-        self._finish_load()
+        self._streaming.finish_load()
         dropped = self.seqs.truncate(0, num_drop, keep_first, caches=[self.kv.permute(2, 3, 0, 1, 4, 5)])
         self._columns -= dropped
         return dropped
@@ -386,7 +339,7 @@ class PagedCache(Cache):
         length to keep, HF's older convention). Used by assisted decoding to discard rejected drafts."""
         keep = self._columns + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self._columns)
         remove = self._columns - max(keep, 0)
-        self._finish_load()
+        self._streaming.finish_load()
         for row in range(self._batch_size):
             seq = self.seqs.seqs[row]
             seq.num_tokens = max(seq.num_tokens - remove, 0)
@@ -413,10 +366,6 @@ class PagedCache(Cache):
         raise NotImplementedError("PagedCache does not support selecting batch rows")
 
     # ---- internals -----------------------------------------------------------------------------
-    def _layer_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return ([self.kv[layer, 0] for layer in range(self.layout.num_layers)],
-                [self.kv[layer, 1] for layer in range(self.layout.num_layers)])
-
     def _slots_of(self, start: int, end: int, row: int = 0) -> torch.Tensor:
         """``[end - start] int64``: the slots of tokens ``[start, end)`` of sequence ``row``."""
         if not 0 <= start <= end <= self.num_tokens(row):
@@ -424,36 +373,6 @@ class PagedCache(Cache):
         pages, ps = self.seqs.seqs[row].pages, self.page_size
         return torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
                             device=self.kv.device)
-
-    def _mark(self):
-        if self.kv.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _finish_load(self) -> None:
-        """Complete the history load (every layer copied, lease released, its times reported)."""
-        if self._loader is not None:
-            self._loader.close()
-            self._load_s = (self._loader.hidden_s, self._loader.exposed_s)
-            self._loader, self._loading = None, False
-
-    def _begin_save(self, step: ForwardStep) -> None:
-        """At layer 0: turn the pending `save_next_step` request into a saver over the step's slots."""
-        store, key, token_ids, start = self._save_request
-        self._save_request = None
-        if step.slot_mapping.numel() != token_ids.numel():
-            log.warning("not saving per layer: the step has %d new tokens, %d were announced",
-                        step.slot_mapping.numel(), token_ids.numel())
-            return
-        try:
-            self._saver = LayerSaver(store, key, token_ids, start, *self._layer_caches(), step.slot_mapping)
-        except StoreFullError as exc:
-            log.warning("not saving session %r per layer: %s", key.session, exc)
-            return
-        self._savers.append(self._saver)
-        self.step_saved = True
 
     def _check_single(self, what: str) -> None:
         if self._batch_size != 1:

@@ -1,0 +1,177 @@
+"""`StoreStreaming`: a `PagedCache`'s traffic with the host store, layer by layer.
+
+History streams into the pages through a `LayerLoader`, waited for in ``wait_layer(l)``
+before layer ``l`` attends; a step's new K/V streams out through a `LayerSaver`, one layer
+in each ``layer_written(l)``. The cache owns the pages and their slots; this owns the
+loader, the savers and their futures, and the per-layer timing of the last prefill step.
+See docs/store.md.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import torch
+
+from cattn.store.base import EntryKey, KVStore
+from cattn.store.lease import KVLease
+from cattn.store.migration import StoreFullError
+from cattn.store.transfer import LayerLoader, LayerSaver
+
+if TYPE_CHECKING:
+    from cattn.hf.cache import ForwardStep
+
+log = logging.getLogger(__name__)
+
+
+class StoreStreaming:
+    """Streams history into a paged KV pool and new K/V out of it, one layer at a time.
+
+    Args:
+        kv: the pool, ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``; layer ``l``'s
+            caches ``kv[l, 0]``, ``kv[l, 1]`` are what the loader and the savers copy to and from.
+
+    ``step_saved`` says whether the last `save_next_step` request was taken up.
+    """
+
+    def __init__(self, kv: torch.Tensor):
+        self._num_layers = kv.shape[0]
+        self._k_caches = [kv[layer, 0] for layer in range(self._num_layers)]
+        self._v_caches = [kv[layer, 1] for layer in range(self._num_layers)]
+        self._cuda = kv.device.type == "cuda"
+        self._loader: LayerLoader | None = None      # history streaming into the pages
+        self._loading = False                        # the loader's layers are still waited for, one by one
+        self._save_request: tuple | None = None      # (store, key, token_ids, start) for the next forward step
+        self._saver: LayerSaver | None = None        # saving the current step's new KV, layer by layer
+        self._savers: list[LayerSaver] = []          # savers whose copies may still read the pages
+        self._futures: list[Future] = []             # their commits
+        self._layer_marks: list = []                 # per layer (before wait, after wait): a step's timing
+        self._timed: tuple[int, list] | None = None  # (new tokens, marks) of the last prefill step
+        self._load_s = (0.0, 0.0)
+        self.step_saved = False
+
+    @property
+    def load_in_flight(self) -> bool:
+        """A `load` has not been completed by `finish_load` yet."""
+        return self._loader is not None
+
+    # ---- a forward step ------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """At layer 0, before the step's slots are reserved: complete a load whose every layer the
+        previous step waited for (its copies are done, so closing it adds no host sync mid-forward)."""
+        if self._loader is not None and not self._loading:
+            self.finish_load()
+
+    def begin_step(self, step: ForwardStep) -> None:
+        """At layer 0, once the step's slots are reserved: start timing it if it is a prefill, and
+        start the save that `save_next_step` asked for."""
+        if step.max_q_len > 1:
+            self._layer_marks = []
+            self._timed = (step.slot_mapping.numel(), self._layer_marks)
+        if self._save_request is not None:
+            self._begin_save(step)
+
+    def wait_layer(self, layer_idx: int, step: ForwardStep | None) -> None:
+        """Before layer ``layer_idx`` of ``step`` attends: wait for that layer's history copy only."""
+        marks = step is not None and step.max_q_len > 1
+        if marks:
+            self._layer_marks.append(self._mark())
+        if self._loading:
+            self._loader.wait(layer_idx)
+            self._loading = layer_idx < self._num_layers - 1
+        if marks:
+            self._layer_marks.append(self._mark())
+
+    def layer_written(self, layer_idx: int) -> None:
+        """After layer ``layer_idx`` wrote the step's K/V: copy it out; after the last layer, commit."""
+        if self._saver is not None:
+            self._saver.layer_written(layer_idx)
+            if layer_idx == self._num_layers - 1:
+                self._futures.append(self._saver.finish())
+                self._saver = None
+
+    # ---- requests ------------------------------------------------------------------------------
+    def load(self, lease: KVLease, slots: torch.Tensor, preload: int) -> None:
+        """Stream ``lease``'s history into ``slots`` (``[n] int64``, on the pool's device) during the
+        next forward step, copying its first ``preload`` layers now."""
+        self._loader = LayerLoader(lease, self._k_caches, self._v_caches, slots)
+        self._loading = True
+        self._loader.preload(preload)
+
+    def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int) -> None:
+        """Save the next forward step's new K/V (see `PagedCache.save_next_step`)."""
+        self._save_request = (store, key, token_ids, start)
+        self.step_saved = False
+
+    def save_tokens(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int,
+                    slots: torch.Tensor) -> None:
+        """Save the K/V in ``slots`` (``[m] int64``) of every layer at once as ``key``'s tokens
+        ``token_ids [m] int64`` after its first ``start``. Raises `StoreFullError` if the store has no room."""
+        saver = LayerSaver(store, key, token_ids, start, self._k_caches, self._v_caches, slots)
+        saver.save_all()
+        self._savers.append(saver)
+        self._futures.append(saver.finish())
+
+    def finish(self) -> list[Future]:
+        """Complete the load, order the current stream after every save's copies, hand over the
+        saves' futures (see `PagedCache.finish`)."""
+        self.finish_load()
+        if self._saver is not None:        # a step stopped before its last layer: its copies are incomplete
+            self._saver.abort()
+            self._saver = None
+        for saver in self._savers:
+            saver.wait_copies()
+        futures, self._savers, self._futures = self._futures, [], []
+        return futures
+
+    def finish_load(self) -> None:
+        """Complete the history load (every layer copied, lease released, its times reported)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._load_s = (self._loader.hidden_s, self._loader.exposed_s)
+            self._loader, self._loading = None, False
+
+    # ---- measurements --------------------------------------------------------------------------
+    def load_seconds(self) -> tuple[float, float]:
+        """``(hidden, exposed)`` seconds of the last completed history load."""
+        return self._load_s
+
+    def layer_seconds(self) -> tuple[int, float] | None:
+        """``(new tokens, seconds per layer)`` of the last prefill step (see `PagedCache.layer_seconds`)."""
+        if self._timed is None:
+            return None
+        new, marks = self._timed
+        if self._cuda:
+            marks[-1].synchronize()
+            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks[1::2], marks[2::2])]
+        else:
+            gaps = [b - a for a, b in zip(marks[1::2], marks[2::2])]
+        return (new, statistics.median(gaps)) if gaps else None
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _begin_save(self, step: ForwardStep) -> None:
+        """Turn the pending `save_next_step` request into a saver over the step's slots."""
+        store, key, token_ids, start = self._save_request
+        self._save_request = None
+        if step.slot_mapping.numel() != token_ids.numel():
+            log.warning("not saving per layer: the step has %d new tokens, %d were announced",
+                        step.slot_mapping.numel(), token_ids.numel())
+            return
+        try:
+            self._saver = LayerSaver(store, key, token_ids, start, self._k_caches, self._v_caches,
+                                     step.slot_mapping)
+        except StoreFullError as exc:
+            log.warning("not saving session %r per layer: %s", key.session, exc)
+            return
+        self._savers.append(self._saver)
+        self.step_saved = True
