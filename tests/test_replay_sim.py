@@ -46,12 +46,12 @@ def test_prefill_and_decode_times():
 # ---- tiers
 
 
-def tiers_for(policy, dram, disk, queue_sessions=()):
+def tiers_for(policy, dram, disk, queue_sessions=(), model=sim.EXCLUSIVE):
     pol = make_policy(policy, accesses=list(queue_sessions))
     q = JobQueue(dram, disk, [pol])
     for s in queue_sessions:
         q.push(Job(s, 0.0, 1, 1))
-    return sim.SimTiers(dram, disk, pol, q, CostModel(TINY, SLOW_DISK)), q
+    return sim.SimTiers(dram, disk, pol, q, CostModel(TINY, SLOW_DISK), model), q
 
 
 def test_tiers_demote_then_drop_and_never_overfill():
@@ -99,6 +99,81 @@ def test_prefetch_never_displaces_a_more_urgent_session():
     assert "b" in t.dram and "a" in t.disk
 
 
+def test_inclusive_disk_keeps_what_came_back_and_writes_only_what_it_lacks():
+    t, _ = tiers_for("lru", dram=100, disk=150, model=sim.TierModel(inclusive=True))
+    t.save("a", 60, 0.0)
+    t.save("b", 50, 1.0)  # a goes down: 60 bytes written
+    assert set(t.dram) == {"b"} and t.disk == {"a": 60} and t.counters["disk_write_bytes"] == 60
+    t.save("a", 70, 2.0)  # a's next turn: 70 bytes in DRAM, the disk keeps its first 60; b goes down
+    assert set(t.dram) == {"a"} and t.disk == {"a": 60, "b": 50} and t.counters["disk_write_bytes"] == 110
+    t.save("c", 40, 3.0)  # a goes down again: only the 10 bytes the disk lacks are written
+    assert set(t.dram) == {"c"} and t.disk == {"a": 70, "b": 50} and t.counters["disk_write_bytes"] == 120
+    t.save("d", 90, 4.0)  # c goes down: 40 more do not fit, the oldest (b) is dropped, never c itself
+    assert "b" not in t.nbytes and t.disk == {"a": 70, "c": 40} and set(t.dram) == {"d"}
+
+
+def test_inclusive_disk_drop_removes_the_dram_copy_too():
+    t, _ = tiers_for("lru", dram=100, disk=100, model=sim.TierModel(inclusive=True))
+    t.save("a", 60, 0.0)
+    t.save("b", 70, 1.0)  # a down (60 on disk)
+    t.save("a", 60, 2.0)  # a back in DRAM, b down: the disk needs room for 70 and drops a, DRAM copy and all
+    assert "a" not in t.nbytes and t.disk == {"b": 70} and t.dram == {} and t.dram_used == 0
+
+
+def test_watermarks_demote_down_to_the_low_one():
+    t, _ = tiers_for("lru", dram=100, disk=1000, model=sim.TIERED_STORE)
+    for i in range(3):
+        t.save(f"s{i}", 30, float(i))  # 90 bytes: not past the high watermark
+    assert t.dram_used == 90
+    t.save("s3", 10, 3.0)  # 100 > 90: demote the oldest until at most 70
+    assert set(t.dram) == {"s1", "s2", "s3"} and t.dram_used == 70
+
+
+@pytest.mark.parametrize("model, b_up, a_up", [(sim.EXCLUSIVE, True, False), (sim.TIERED_STORE, False, True)])
+def test_store_prefetches_only_into_free_dram_below_the_high_watermark(model, b_up, a_up):
+    t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["b", "c"], model=model)
+    for k, n in (("b", 40), ("c", 20)):
+        t.save(k, n, 0.0)
+        t._demote(k)
+    t.save("a", 60, 1.0)  # no queued job: the exclusive model demotes it for b; the store does not
+    t.prefetch(2.0)
+    assert ("b" in t.dram) == b_up and ("a" in t.dram) == a_up
+    assert "c" in t.dram  # 60 + 20 fits below the high watermark either way
+
+
+def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wait_for():
+    t, q = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["a", "b", "c", "d"])
+    for k in "abcd":
+        t.save(k, 100, 0.0)
+        t._demote(k)
+    t.expected_start = lambda key, now: {"a": 1.5, "b": 1.5, "c": 10.0, "d": 10.0}[key]
+    t.prefetch(0.0)  # 100 B at 100 B/s each: a ready at 1, b would be at 2 > 1.5 (skipped), then c and d
+    assert t.dram == {"a": 1.0, "c": 2.0, "d": 3.0} and "b" in t.disk
+    t.started("b", 1.5, recomputed=True)
+    assert t.counters["prefetch_skipped"] == 1
+    t.started("c", 1.25, recomputed=True)  # c's job did not wait: the rest of its read is given back
+    assert t.dram["d"] == pytest.approx(2.25) and t.read_free == pytest.approx(2.25)
+    assert t.counters["prefetch_late"] == 1
+    late = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["a"], model=sim.TIERED_STORE)[0]
+    late.save("a", 100, 0.0)
+    late._demote("a")
+    late.expected_start = lambda key, now: 0.5
+    late.prefetch(0.0)  # the store issues it anyway, and finishes it
+    late.started("a", 0.5, recomputed=True)
+    assert late.dram == {"a": 1.0} and late.read_free == 1.0
+
+
+def test_a_turn_arriving_during_a_long_job_is_prefetched_at_its_arrival():
+    # 2 bytes of KV per token, prefill 0.01 s per token, disk 100 B/s; DRAM holds one 100-token history
+    cost = CostModel(TINY, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=100.0))
+    jobs = number_turns([Job("a", 0.0, 50, 50), Job("x", 0.1, 50, 50), Job("x", 1.0, 800, 1), Job("a", 2.0, 1, 1)])
+    res = sim.simulate(jobs, "scheduler", 250, 10**6, cost)
+    a1 = res.records[-1]
+    assert a1.start > 8.0  # after x's 800-token prefill
+    # a went to disk at 1.0; its read was issued at its arrival (2.0) and done at 4.0, long before it ran
+    assert (a1.session, a1.tier, a1.stall) == ("a", "dram", 0.0) and res.counters["prefetches"] == 1
+
+
 # ---- replay
 
 
@@ -142,8 +217,10 @@ class CheckedTiers(sim.SimTiers):
 
     def _check(self):
         assert self.dram_used <= self.dram_bytes and self.disk_used <= self.disk_bytes
-        assert self.dram.keys().isdisjoint(self.disk.keys())
+        assert self.model.inclusive or self.dram.keys().isdisjoint(self.disk.keys())
         assert set(self.nbytes) == set(self.dram) | set(self.disk)
+        assert self.dram_used == sum(self.nbytes[k] for k in self.dram) and self.disk_used == sum(self.disk.values())
+        assert all(self.disk[k] <= self.nbytes[k] for k in self.disk)
 
     def save(self, *a):
         super().save(*a)
@@ -167,6 +244,8 @@ def test_belady_bounds_every_policy_when_sessions_have_equal_size(seed, dram_slo
         mp.setattr(sim, "SimTiers", CheckedTiers)
         hits = {p: summarize(sim.simulate(jobs, p, 16 * dram_slots, 16 * disk_slots, cost), cost)["hit_rate"]
                 for p in POLICIES}
+        for p in POLICIES:  # the store's behaviour keeps the invariants too
+            sim.simulate(jobs, p, 16 * dram_slots, 16 * disk_slots, cost, tiers=sim.TIERED_STORE)
     assert all(hits["belady"] >= h - 1e-12 for h in hits.values()), hits
 
 

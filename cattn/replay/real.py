@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from cattn.replay.costmodel import CostModel, Hardware, ModelShape
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.report import percentile, summarize, write_json
-from cattn.replay.sim import RECOMPUTE, simulate
+from cattn.replay.sim import RECOMPUTE, TIERED_STORE, simulate
 from cattn.replay.trace import number_turns
 from cattn.replay.workload import ArrivalConfig, schedule
 from cattn.store.policy import Policy, make_policy
@@ -210,10 +210,10 @@ def run_real(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress)
         wall = time.perf_counter() - t0
-        # the store demotes past its high watermark: that is the DRAM the simulator gets
-        high = counters["dram"]["capacity_bytes"] * 0.9
+        # the simulator's tiers behave as the store's: inclusive disk, watermarks, prefetch into free DRAM
         cost = CostModel(shape, this_machine(shape, turns))
-        simulated = summarize(simulate(same_trace_for_the_simulator(turns), policy, int(high), disk, cost), cost)
+        simulated = summarize(simulate(same_trace_for_the_simulator(turns), policy,
+                                       counters["dram"]["capacity_bytes"], disk, cost, tiers=TIERED_STORE), cost)
         measured = rates([t.tier for t in turns])
         ttft = [t.ttft_s for t in turns]
         rows.append(dict(policy=policy, turns=len(turns), wall_s=wall, measured=measured,
@@ -222,7 +222,8 @@ def run_real(args: argparse.Namespace) -> int:
                          ttft_mean_s=sum(ttft) / len(ttft), ttft_p50_s=percentile(ttft, 50),
                          ttft_p99_s=percentile(ttft, 99),
                          reused_tokens=sum(t.reused_tokens for t in turns),
-                         prompt_tokens=sum(t.prompt_tokens for t in turns), store=counters))
+                         prompt_tokens=sum(t.prompt_tokens for t in turns), store=counters,
+                         per_turn=[asdict(t) for t in turns]))
         print(f"{policy}: {len(turns)} turns in {wall:.0f} s; hit rate measured {measured['hit_rate']:.1%} "
               f"(DRAM {measured['dram_hit_rate']:.1%}), simulated {simulated['hit_rate']:.1%} "
               f"(DRAM {simulated['dram_hit_rate']:.1%}); TTFT mean {rows[-1]['ttft_mean_s']:.3f} s", flush=True)
