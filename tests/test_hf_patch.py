@@ -78,6 +78,24 @@ def test_fingerprint_tracks_weights_dtype_and_rope(tiny_model):
     assert fingerprint(other_rope) != fp
 
 
+def test_fingerprint_is_remembered_until_a_weight_changes_in_place(tiny_model, monkeypatch):
+    fingerprint_module = sys.modules["cattn.hf.fingerprint"]   # the package exports the function by that name
+
+    model = tiny_model("llama")
+    fp = fingerprint(model)
+    with monkeypatch.context() as m:   # a second call on unchanged weights must not hash them again
+        m.setattr(fingerprint_module.xxhash, "xxh3_128", lambda: pytest.fail("weights hashed again"))
+        assert fingerprint(model) == fp
+    weight = model.get_decoder().layers[0].self_attn.k_proj.weight
+    with torch.no_grad():
+        weight[0, 0] += 1e-3
+    assert fingerprint(model) != fp
+    with torch.no_grad():
+        weight[0, 0] -= 1e-3
+    changed_back = fingerprint(model)
+    assert changed_back == fingerprint(copy.deepcopy(model))
+
+
 def test_import_cattn_does_not_import_transformers_and_chat_session_is_lazy():
     code = "import sys, cattn; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
