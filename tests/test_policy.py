@@ -145,6 +145,7 @@ def test_belady_evicts_furthest_next_use_and_never_used_first():
         p.touch(k, 0.0)
     for k in ("a", "b", "c"):
         p.start(k, 0.0)
+        p.touch(k, 0.0)  # the job loaded its history
     assert p.next_use("a") == 3 and p.next_use("b") == 4 and p.next_use("c") == math.inf
     assert p.victim("disk", {"a", "b", "c"}) == "c"
     assert p.victim("dram", {"a", "b"}) == "b"
@@ -160,6 +161,7 @@ def test_belady_heap_path_matches_scan():
     for k in keys:
         p.touch(k, 0.0)
         p.start(k, 0.0)
+        p.touch(k, 0.0)
     # next uses: k49 soonest ... k0 furthest
     assert p.victim("disk", set(keys)) == "k0"          # heap
     assert p.victim("dram", {"k10", "k20"}) == "k10"    # scan
@@ -187,3 +189,19 @@ def test_make_policy_by_name_and_errors():
         make_policy("belady")
     with pytest.raises(ValueError, match="ttl"):
         make_policy("lru", ttl=3.0)
+
+
+@pytest.mark.parametrize("name", ["scheduler", "belady"])
+def test_a_started_session_stays_until_its_history_is_loaded(name):
+    # the store is told a job started before the job loads its history: a prefetch for a queued
+    # job must not push that history down in between
+    p = make_policy(name, accesses=["a", "b", "a"])
+    for k in ("a", "b", "c"):
+        p.touch(k, 0.0)
+    p.update_queue(["a", "b"], prefetch_window=2, eviction_window=2)
+    p.start("a", 1.0)
+    p.update_queue(["b"], prefetch_window=2, eviction_window=2)
+    assert p.victim("dram", {"a"}, incoming="b") is None
+    assert p.victim("dram", {"a", "c"}) == "c"  # c: no job to come
+    p.touch("a", 2.0)  # loaded: its job needs it no more than its next turn does
+    assert p.victim("dram", {"a"}, incoming="b") == "a"

@@ -1,30 +1,9 @@
-"""The pieces of the real replay that need no model: windows for the store's policy, the trace
-handed to the simulator, and the machine's cost model."""
+"""The pieces of the real replay that need no model: the trace handed to the simulator and the
+machine's cost model."""
 import pytest
 
 from cattn.replay.costmodel import ModelShape
-from cattn.replay.real import RealTurn, WindowedPolicy, rates, same_trace_for_the_simulator, this_machine
-from cattn.store.policy import make_policy
-
-
-def test_windowed_policy_adds_the_queue_windows_the_store_leaves_out():
-    pol = WindowedPolicy(make_policy("scheduler"))
-    for t, k in enumerate("abcd"):
-        pol.touch(k, float(t))
-    pol.windows = (1, 2)
-    pol.update_queue(["c", "b", "d"])  # what TieredStore.update_queue passes
-    assert pol.prefetch({"b", "c", "d"}) == ["c"]
-    assert pol.victim("disk", {"a", "b", "c", "d"}) == "a"   # outside the first two jobs, oldest
-    assert pol.victim("disk", {"b", "c", "d"}) == "d"
-    pol.update_queue(["c", "b", "d"], prefetch_window=3)    # explicit windows still win
-    assert pol.prefetch({"b", "c", "d"}) == ["c", "b", "d"]
-    assert pol.name == "scheduler"
-
-
-def test_windowed_belady_needs_start_in_trace_order():
-    pol = WindowedPolicy(make_policy("belady", accesses=["x", "y"]))
-    with pytest.raises(ValueError, match="job 0 of the trace is 'x'"):
-        pol.start("y", 0.0)
+from cattn.replay.real import RealTurn, rates, same_trace_for_the_simulator, this_machine
 
 
 def test_the_simulator_gets_the_same_order_and_token_counts():

@@ -129,16 +129,24 @@ def test_watermarks_demote_down_to_the_low_one():
     assert set(t.dram) == {"s1", "s2", "s3"} and t.dram_used == 70
 
 
-@pytest.mark.parametrize("model, b_up, a_up", [(sim.EXCLUSIVE, True, False), (sim.TIERED_STORE, False, True)])
-def test_store_prefetches_only_into_free_dram_below_the_high_watermark(model, b_up, a_up):
+@pytest.mark.parametrize("model", [sim.EXCLUSIVE, sim.TIERED_STORE])
+def test_prefetch_demotes_a_session_with_no_queued_job_to_stay_below_the_high_watermark(model):
     t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["b", "c"], model=model)
     for k, n in (("b", 40), ("c", 20)):
         t.save(k, n, 0.0)
         t._demote(k)
-    t.save("a", 60, 1.0)  # no queued job: the exclusive model demotes it for b; the store does not
+    t.save("a", 60, 1.0)  # no queued job
     t.prefetch(2.0)
-    assert ("b" in t.dram) == b_up and ("a" in t.dram) == a_up
-    assert "c" in t.dram  # 60 + 20 fits below the high watermark either way
+    t.advance(3.0)  # one read at a time: c's starts when b's ends, at 2.4
+    assert "b" in t.dram and "c" in t.dram and "a" not in t.dram and t.dram_used <= t.high_bytes
+    assert ("a" in t.disk) and t.counters["prefetches"] == 2
+    free = sim.TierModel(prefetch_evicts=False)
+    t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["b"], model=free)
+    t.save("b", 50, 0.0)
+    t._demote("b")
+    t.save("a", 60, 1.0)
+    t.prefetch(2.0)  # only into free DRAM: b does not fit
+    assert "a" in t.dram and "b" not in t.dram
 
 
 def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wait_for():
@@ -147,13 +155,16 @@ def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wa
         t.save(k, 100, 0.0)
         t._demote(k)
     t.expected_start = lambda key, now: {"a": 1.5, "b": 1.5, "c": 10.0, "d": 10.0}[key]
-    t.prefetch(0.0)  # 100 B at 100 B/s each: a ready at 1, b would be at 2 > 1.5 (skipped), then c and d
-    assert t.dram == {"a": 1.0, "c": 2.0, "d": 3.0} and "b" in t.disk
+    t.prefetch(0.0)  # 100 B at 100 B/s each: one read at a time, a first (ready at 1)
+    assert t.dram == {"a": 1.0}
+    t.advance(1.0)  # b would be ready at 2 > 1.5: skipped; c next
+    assert t.dram == {"a": 1.0, "c": 2.0} and "b" in t.disk
     t.started("b", 1.5, recomputed=True)
     assert t.counters["prefetch_skipped"] == 1
     t.started("c", 1.25, recomputed=True)  # c's job did not wait: the rest of its read is given back
+    assert t.read_free == pytest.approx(1.25) and t.counters["prefetch_late"] == 1
+    t.advance(2.0)  # so d's read starts at 1.25
     assert t.dram["d"] == pytest.approx(2.25) and t.read_free == pytest.approx(2.25)
-    assert t.counters["prefetch_late"] == 1
     late = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["a"], model=sim.TIERED_STORE)[0]
     late.save("a", 100, 0.0)
     late._demote("a")
@@ -161,6 +172,33 @@ def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wa
     late.prefetch(0.0)  # the store issues it anyway, and finishes it
     late.started("a", 0.5, recomputed=True)
     assert late.dram == {"a": 1.0} and late.read_free == 1.0
+
+
+def test_one_read_at_a_time_gives_up_a_long_read_for_two_short_ones():
+    t, q = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["big", "a", "b"])
+    for k, n in (("big", 300), ("a", 100), ("b", 100)):
+        t.save(k, n, 0.0)
+        t._demote(k)
+    t.expected_start = lambda key, now: {"big": 3.0, "a": 3.5, "b": 4.0}[key]
+    t.prefetch(0.0)
+    t.advance(5.0)
+    # soonest first would read big (done at 3) and then be too late for both a and b
+    assert t.dram == {"a": 1.0, "b": 2.0} and "big" in t.skipped and t.counters["prefetches"] == 2
+
+
+@pytest.mark.parametrize("one_at_a_time, kept", [(True, True), (False, False)])
+def test_one_read_at_a_time_claims_dram_only_when_its_read_starts(one_at_a_time, kept):
+    model = sim.TierModel(one_read_at_a_time=one_at_a_time)
+    t, q = tiers_for("scheduler", dram=200, disk=1000, queue_sessions=["x", "y"], model=model)
+    for k in "xy":
+        t.save(k, 100, 0.0)
+        t._demote(k)
+    t.save("idle", 100, 0.5)  # no queued job: the first to go when a prefetch needs room
+    t.prefetch(1.0)  # x's read: 1.0 to 2.0, into the free half of DRAM
+    # y's read would need idle's room; one at a time, it is decided when x's read ends
+    assert ("idle" in t.dram) == kept and ("y" in t.dram) != kept
+    t.advance(2.0)
+    assert set(t.dram) == {"x", "y"} and t.dram["y"] == pytest.approx(3.0)
 
 
 def test_a_turn_arriving_during_a_long_job_is_prefetched_at_its_arrival():
@@ -306,3 +344,22 @@ def test_cli_reports_the_bad_trace_line(tmp_path):
     trace.write_text('{"session": "a", "arrival": 0, "new_tokens": 1, "output_tokens": 1}\n{"session": "a"}\n')
     with pytest.raises(ValueError, match=r"t.jsonl:2: missing field\(s\) arrival, new_tokens, output_tokens"):
         main(["replay", "--trace", str(trace), "--no-progress", "--out", str(tmp_path), "--plots", str(tmp_path)])
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_the_next_read_starts_when_the_disk_frees_up_between_events(catch_up, monkeypatch):
+    if not catch_up:  # decide reads only when a job arrives, starts or is saved
+        monkeypatch.setattr(sim.SimTiers, "advance", lambda self, now: None)
+    # 2 bytes of KV per token; prefill and decode 0.01 s per token each; the disk reads 200 B/s
+    cost = CostModel(TINY, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, hbm_bytes_per_s=3.125e6,
+                                    disk_read_bytes_per_s=200.0))
+    jobs = number_turns([Job("a", 0.0, 50, 50), Job("b", 0.0, 50, 50)]                 # 200 B each, 0-2 s
+                        + [Job(f"z{i}", 0.0, 100, 100) for i in range(3)]              # a, b pushed down by 8 s
+                        + [Job("w", 7.0, 1, 400),                                      # 8.0 s to 12.1 s
+                           Job("a", 9.0, 1, 50), Job("b", 9.0, 1, 1)])                 # queued behind w
+    res = sim.simulate(jobs, "scheduler", 1000, 10**6, cost)
+    a1, b1 = res.records[-2:]
+    assert (a1.session, a1.tier, b1.session) == ("a", "dram", "b") and 12.5 < b1.start < 12.7
+    # a's read runs 9-10 s; b's starts when the disk is free at 10 s, when no job arrives or starts, and
+    # is done at 11 s. Decided at the next event (12.1 s) it would still be in flight when b starts
+    assert b1.tier == ("dram" if catch_up else "disk")

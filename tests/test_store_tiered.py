@@ -264,7 +264,7 @@ def test_lease_is_stable_while_the_session_changes():
 class QueuePolicy(LRU):
     """Prefetches the queued sessions that are on disk, soonest first."""
 
-    def update_queue(self, upcoming):
+    def update_queue(self, upcoming, **windows):
         self.upcoming = list(upcoming)
 
     def prefetch(self, on_disk):

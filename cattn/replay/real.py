@@ -22,43 +22,11 @@ from cattn.replay.report import percentile, summarize, write_json
 from cattn.replay.sim import RECOMPUTE, TIERED_STORE, simulate
 from cattn.replay.trace import number_turns
 from cattn.replay.workload import ArrivalConfig, schedule
-from cattn.store.policy import Policy, make_policy
+from cattn.store.policy import make_policy
 
 
 # small tiers for a small model: a few SmolLM2 sessions (46 KB of fp32 KV per token) in DRAM
 REAL_DRAM, REAL_DISK = 128 * 2**20, 512 * 2**20
-
-
-class WindowedPolicy(Policy):
-    """Hands ``inner`` the look-ahead windows the job queue computed with every queue update
-    (`TieredStore.update_queue` forwards the queued sessions only)."""
-
-    def __init__(self, inner: Policy):
-        self.inner, self.name = inner, inner.name
-        self.windows: tuple[int | None, int | None] = (None, None)
-
-    def touch(self, key, now):
-        self.inner.touch(key, now)
-
-    def forget(self, key):
-        self.inner.forget(key)
-
-    def start(self, key, now):
-        self.inner.start(key, now)
-
-    def prefetch(self, on_disk):
-        return self.inner.prefetch(on_disk)
-
-    def expired(self, candidates, now):
-        return self.inner.expired(candidates, now)
-
-    def victim(self, tier, candidates, incoming=None):
-        return self.inner.victim(tier, candidates, incoming)
-
-    def update_queue(self, upcoming, *, prefetch_window=None, eviction_window=None):
-        p, e = self.windows
-        self.inner.update_queue(upcoming, prefetch_window=p if prefetch_window is None else prefetch_window,
-                                eviction_window=e if eviction_window is None else eviction_window)
 
 
 @dataclass
@@ -98,7 +66,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
 
     fp = fingerprint(model)
     keys = {s: EntryKey("default", fp, s) for s in conversations}
-    pol = WindowedPolicy(make_policy(policy, accesses=[keys[s] for s in order]))
+    pol = make_policy(policy, accesses=[keys[s] for s in order])
     queue = JobQueue(dram_bytes, disk_bytes)
     for s in order:
         queue.push(Job(s, 0.0, 1, 0))
@@ -116,10 +84,11 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
                 s = job.session
                 if kv_tokens:
                     queue.mean_session_bytes = kv_per_token * sum(kv_tokens.values()) / len(kv_tokens)
-                pol.windows = queue.windows()
-                store.sync()  # background moves done: the policy is ours alone for `start`
-                pol.start(keys[s], time.time())
-                store.update_queue([keys[queue[i]] for i in range(len(queue))])
+                prefetch_window, eviction_window = queue.windows()
+                store.sync()  # the prefetches of the last queue are done (or could not be)
+                store.job_started(keys[s])
+                store.update_queue([keys[queue[i]] for i in range(len(queue))], prefetch_window=prefetch_window,
+                                   eviction_window=eviction_window)
                 if s not in sessions:
                     sessions[s] = ChatSession(model, tok, session_id=s, store=store)
                 k = sent[s]
@@ -210,7 +179,7 @@ def run_real(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress)
         wall = time.perf_counter() - t0
-        # the simulator's tiers behave as the store's: inclusive disk, watermarks, prefetch into free DRAM
+        # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
         cost = CostModel(shape, this_machine(shape, turns))
         simulated = summarize(simulate(same_trace_for_the_simulator(turns), policy,
                                        counters["dram"]["capacity_bytes"], disk, cost, tiers=TIERED_STORE), cost)

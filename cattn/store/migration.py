@@ -70,17 +70,19 @@ def _make_room_locked(st: StoreState, nbytes: int, mine: Entry | None, deadline:
 
 # ---- leaving a tier --------------------------------------------------------------------------------
 
-def _victim_locked(st: StoreState, tier: str, holds: Callable[[Entry], bool]) -> EntryKey | None:
-    """The policy's choice among the sessions that hold bytes in ``tier`` and may leave it, if any."""
-    cands = [k for k, e in st.entries.items() if not e.busy() and holds(e)]
-    key = st.policy.victim(tier, cands) if cands else None
+def _victim_locked(st: StoreState, tier: str, holds: Callable[[Entry], bool],
+                   incoming: EntryKey | None = None) -> EntryKey | None:
+    """The policy's choice among the sessions that hold bytes in ``tier`` and may leave it, if any
+    (with ``incoming``: only one the policy values less than that session)."""
+    cands = [k for k, e in st.entries.items() if not e.busy() and holds(e) and k != incoming]
+    key = st.policy.victim(tier, cands, incoming=incoming) if cands else None
     return key if key in cands else None
 
 
-def evict_dram_locked(st: StoreState) -> bool:
+def evict_dram_locked(st: StoreState, incoming: EntryKey | None = None) -> bool:
     """Move the policy's DRAM victim out of the pool: to the lower tier, or dropped if it cannot go
-    there. False if no session may leave."""
-    key = _victim_locked(st, "dram", lambda e: any(c.offset is not None for c in e.chunks.values()))
+    there. False if no session may leave (for ``incoming``: none the policy values less)."""
+    key = _victim_locked(st, "dram", lambda e: any(c.offset is not None for c in e.chunks.values()), incoming)
     if key is None:
         return False
     e = st.entries[key]
@@ -292,12 +294,24 @@ def _unfragment_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     return _free_persisted_locked(st, e) > 0
 
 
-def prefetch_one(st: StoreState, key: EntryKey) -> None:
-    """Read ``key``'s chunks into the pool in the background if they fit below the high watermark."""
+def prefetch_one(st: StoreState, key: EntryKey) -> float | None:
+    """Read ``key``'s chunks into the pool below the high watermark, first demoting sessions the policy
+    values less than ``key`` if that makes room (as the paper's scheduler does); the seconds the read
+    took, or None if it did not happen."""
     with st.lock:
         e = st.entries.get(key)
         if e is None or e.busy():
-            return
+            return None
         need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
-        if need and st.pool.used + need <= st.high_bytes and promote_locked(st, key, e, e.views, False):
+        while need and st.pool.used + need > st.high_bytes:
+            used = st.pool.used
+            if not evict_dram_locked(st, incoming=key) or st.pool.used >= used:
+                return None  # nothing the policy values less, or nothing could be freed
+            if st.entries.get(key) is not e or e.busy():  # changed while the victim was written
+                return None
+            need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
+        t0 = time.monotonic()
+        if need and promote_locked(st, key, e, e.views, False):
             st.counters["disk"]["prefetched"] += 1
+            return time.monotonic() - t0
+        return None

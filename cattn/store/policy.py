@@ -70,7 +70,8 @@ class Policy(ABC):
         """
 
     def start(self, key: Hashable, now: float) -> None:
-        """The job of ``key`` left the queue and started at time ``now``."""
+        """The job of ``key`` left the queue and started at time ``now``. Until ``key`` is next
+        touched (its history loaded, or saved), queue-aware policies keep it: the job needs it now."""
 
     def prefetch(self, on_disk: Iterable[Hashable]) -> list[Hashable]:
         """Sessions on disk to bring up to DRAM now, most urgent first."""
@@ -157,6 +158,7 @@ class Scheduler(LRU):
 
     def __init__(self, ttl: float | None = None):
         super().__init__()
+        self._running: set[Hashable] = set()  # started, history not loaded yet: needed before anything queued
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         self.ttl = ttl
@@ -170,8 +172,21 @@ class Scheduler(LRU):
         self.prefetch_window = n if prefetch_window is None else max(0, int(prefetch_window))
         self.eviction_window = n if eviction_window is None else max(0, int(eviction_window))
 
+    def touch(self, key, now):
+        super().touch(key, now)
+        self._running.discard(key)
+
+    def forget(self, key):
+        super().forget(key)
+        self._running.discard(key)
+
+    def start(self, key, now):
+        self._running.add(key)
+
     def _distance(self, key) -> float:
-        """How far back the key's next queued job is (inf: none queued)."""
+        """How far back the key's next queued job is (-1: its job is starting; inf: none queued)."""
+        if key in self._running:
+            return -1
         pos = self._queue.position(key)
         return math.inf if pos is None else pos
 
@@ -227,10 +242,13 @@ class Belady(Policy):
         self._live: set[Hashable] = set()
         self._heap: list[tuple[float, int, Hashable]] = []  # (-next use, tiebreak, key), lazily pruned
         self._tiebreak = count()
+        self._running: dict[Hashable, int] = {}  # started, history not loaded yet -> index of that job
         self.prefetch_window = 0
 
     def next_use(self, key) -> float:
-        """Index in the trace of ``key``'s next job (inf: none)."""
+        """Index in the trace of ``key``'s next job (inf: none; the current one while it starts)."""
+        if key in self._running:
+            return self._running[key]
         uses = self._uses.get(key)
         return uses[0] if uses else math.inf
 
@@ -241,18 +259,21 @@ class Belady(Policy):
         if key not in self._live:
             self._live.add(key)
             self._push(key)
+        elif self._running.pop(key, None) is not None:
+            self._push(key)  # its heap entry went stale while it started
 
     def forget(self, key):
         self._live.discard(key)
+        self._running.pop(key, None)
 
     def start(self, key, now):
         if self._cursor >= len(self._accesses) or self._accesses[self._cursor] != key:
             expected = self._accesses[self._cursor] if self._cursor < len(self._accesses) else None
             raise ValueError(f"belady: job {self._cursor} of the trace is {expected!r}, but {key!r} started")
         self._uses[key].popleft()
-        self._cursor += 1
         if key in self._live:
-            self._push(key)
+            self._running[key] = self._cursor
+        self._cursor += 1
 
     def update_queue(self, upcoming, *, prefetch_window=None, eviction_window=None):
         self.prefetch_window = len(upcoming) if prefetch_window is None else max(0, int(prefetch_window))

@@ -9,6 +9,7 @@ and the lower tier in `migration.py`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,9 +22,10 @@ from cattn.store.entries import Chunk, Entry, cut, token_ids_of
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
-                                   persist_locked, prefetch_one, promote_locked, read_ids_locked)
+                                   persist_locked, promote_locked, read_ids_locked)
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
+from cattn.store.readahead import ReadAhead
 from cattn.store.state import StoreState
 from cattn.store.tier import LowerTier
 
@@ -42,23 +44,28 @@ class TieredStore(KVStore):
         policy: chooses victims and prefetches; default `LRU`.
         high_watermark, low_watermark: fractions of ``dram_bytes``; past the high one a background
             thread demotes entries until the pool is at the low one.
-        io_threads: background threads for demotion and prefetch.
+        io_threads: background threads for demotion and prefetch (prefetches use one at a time).
         full_timeout_s: how long an allocation that finds every session pinned or in I/O waits for
             one to be released before it raises StoreFullError.
         pin: override pinning of the pool (default: when CUDA is available).
+        disk_read_bytes_per_s: the lower tier's read bandwidth, for prefetch deadlines
+            (`update_queue`'s ``starts_in``); default: measured on the prefetches.
     """
 
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
-                 full_timeout_s: float = 5.0, pin: bool | None = None):
+                 full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None):
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError(f"need 0 < low_watermark <= high_watermark <= 1, got {low_watermark}, {high_watermark}")
         if io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+        if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
+            raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
         self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark, low_watermark,
                                  full_timeout_s)
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
+        self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
 
     @property
     def policy(self) -> Policy:
@@ -113,7 +120,8 @@ class TieredStore(KVStore):
     def stats(self) -> dict:
         """Counters per tier. ``dram``/``disk``: hits, misses, bytes in/out, evictions, used and capacity
         bytes, entries; ``dram`` also dropped (evicted with no room below); ``disk`` also corrupt (files
-        found bad, dropped), write_errors, prefetched;
+        found bad, dropped), write_errors, prefetched, read_bytes_per_s (given, or measured on the
+        prefetches; 0 until known);
         ``transfer``: layer-wise loads and their seconds hidden behind compute vs exposed."""
         st = self._state
         with st.lock:
@@ -123,7 +131,8 @@ class TieredStore(KVStore):
                                            for e in st.entries.values()))
             if st.disk is not None:
                 out["disk"].update(used_bytes=st.disk_used, capacity_bytes=st.disk.capacity,
-                                   entries=sum(e.manifest is not None for e in st.entries.values()))
+                                   entries=sum(e.manifest is not None for e in st.entries.values()),
+                                   read_bytes_per_s=self._readahead.read_bytes_per_s or 0.0)
             return out
 
     # ---- zero-copy access --------------------------------------------------------------------------
@@ -230,12 +239,25 @@ class TieredStore(KVStore):
 
     # ---- scheduling hooks --------------------------------------------------------------------------
 
-    def update_queue(self, upcoming: Sequence[Hashable], **windows) -> list[EntryKey]:
-        """Tell the policy the sessions of the queued jobs (soonest first; ``windows``: the policy's
-        look-ahead windows), drop what it says has expired, then `prefetch`; returns the keys started."""
+    def update_queue(self, upcoming: Sequence[Hashable], *, prefetch_window: int | None = None,
+                     eviction_window: int | None = None, starts_in: Sequence[float] | None = None) -> list[EntryKey]:
+        """The job queue changed: tell the policy, drop what it says has expired, then `prefetch`.
+
+        Args:
+            upcoming: the session key of each queued job, soonest first (a session once per job).
+            prefetch_window, eviction_window: the policy's look-ahead windows, in jobs
+                (`cattn.replay.queue.JobQueue.windows`); None: the whole queue.
+            starts_in: seconds from now until each queued job is expected to start (one per entry of
+                ``upcoming``). With it, a prefetch the disk cannot finish in time is not read, and the
+                reads kept are the most that can be on time (`cattn.store.prefetch.on_time`).
+
+        Returns:
+            the prefetch plan: the keys to read from disk, in order.
+        """
         st = self._state
         with st.lock:
-            st.policy.update_queue(upcoming, **windows)
+            self._readahead.set_due_locked(upcoming, starts_in)  # checks starts_in before anything changes
+            st.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
             now = time.time()
             for key in st.policy.expired([k for k, e in st.entries.items() if not e.busy()], now):
                 if (e := st.entries.get(key)) is not None and not e.busy():
@@ -243,28 +265,22 @@ class TieredStore(KVStore):
         return self.prefetch()
 
     def job_started(self, key: EntryKey) -> None:
-        """Tell the policy that ``key``'s job left the queue and started."""
+        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
         with self._state.lock:
+            self._readahead.started_locked(key)
             self._state.policy.start(key, time.time())
 
     def prefetch(self) -> list[EntryKey]:
-        """Start reading the policy's `prefetch` choices from disk into DRAM in the background, without
-        evicting anything or crossing the high watermark; returns the keys started."""
-        st = self._state
-        if st.disk is None:
-            return []
-        with st.lock:
-            on_disk = [k for k, e in st.entries.items()
-                       if e.reading is None and any(c.offset is None for c, _, _ in e.views)]
-            allowed = set(on_disk)
-            chosen = [k for k in st.policy.prefetch(on_disk) if k in allowed]
-            for k in chosen:
-                self._submit_locked(prefetch_one, st, k)
-            return chosen
+        """Read the policy's `prefetch` choices from disk into DRAM in the background, one at a time
+        (`cattn.store.readahead`), below the high watermark, demoting only sessions the policy values
+        less than the one read; returns the plan (the keys to read, in order)."""
+        with self._state.lock:
+            return self._readahead.kick_locked()
 
     # ---- background work and shutdown --------------------------------------------------------------
 
     def _submit_locked(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in a background thread; `sync` waits for it."""
         def run():  # its `finally` waits for the lock the submitter holds, so `future` is bound by then
             try:
                 fn(*args)
