@@ -10,7 +10,7 @@ import transformers
 
 from cattn.hf import SUPPORTED_MODEL_TYPES, apply_cattn, fingerprint, is_patched, revert_cattn
 from cattn.hf.attention import CattnAttention
-from cattn.hf.cache import PagedLayout
+from cattn.hf.step import PagedLayout
 
 
 def test_unsupported_model_type_is_refused_with_the_supported_list():

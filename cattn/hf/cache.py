@@ -20,81 +20,16 @@ from __future__ import annotations
 
 import itertools
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
+from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
 from cattn.store.base import EntryKey, KVEntry, KVStore
 from cattn.store.lease import KVLease
-
-LAYOUT_ATTR = "_cattn_layout"
-
-
-@dataclass(frozen=True)
-class PagedLayout:
-    """What a paged cache needs to know about a patched model (set by `cattn.hf.apply_cattn`).
-
-    Attributes:
-        num_layers, num_kv_heads, head_dim: the KV shape per token and layer.
-        page_size: tokens per page.
-        sliding_window: the smallest sliding window of any layer, or None. cattn attends to the
-            whole history, which equals the model only while every sequence fits the window.
-    """
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    sliding_window: int | None
-
-    @staticmethod
-    def of(model) -> PagedLayout:
-        layout = getattr(model, LAYOUT_ATTR, None)
-        if layout is None:
-            raise ValueError(f"model: {type(model).__name__} is not patched; call cattn.hf.apply_cattn(model) first")
-        return layout
-
-
-@dataclass(frozen=True)
-class ForwardStep:
-    """One forward call's batch description, built at layer 0 and shared by every layer.
-
-    Attributes:
-        batch_size, q_len: the input's ``[B, T]``.
-        slot_mapping: ``[total_q] int32``, slot of each new (non-padding) token, row-major.
-        block_table: ``[B, max_pages] int32``.
-        kv_lens: ``[B] int32``, tokens per sequence including this step's.
-        cu_seqlens_q: ``[B + 1] int32``, prefix sums of the new tokens per sequence.
-        max_q_len: the most new tokens of any sequence.
-        token_index: ``[total_q] int64``, index of each new token in the flattened ``[B * T]``
-            input; None when the input has no padding (packing is then a view).
-    """
-
-    batch_size: int
-    q_len: int
-    slot_mapping: torch.Tensor
-    block_table: torch.Tensor
-    kv_lens: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    max_q_len: int
-    token_index: torch.Tensor | None
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H, D]`` -> ``[total_q, H, D]``: the new tokens, sequence after sequence."""
-        flat = x.reshape(-1, *x.shape[2:])
-        return flat if self.token_index is None else flat.index_select(0, self.token_index)
-
-    def unpack(self, out: torch.Tensor) -> torch.Tensor:
-        """``[total_q, H, D]`` -> ``[B, T, H * D]``, zeros at padding positions."""
-        flat = out.flatten(1)
-        if self.token_index is not None:
-            flat = flat.new_zeros(self.batch_size * self.q_len, flat.shape[1]).index_copy_(0, self.token_index, flat)
-        return flat.view(self.batch_size, self.q_len, -1)
-
 
 class PagedCache(Cache):
     """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.

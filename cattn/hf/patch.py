@@ -7,7 +7,7 @@ from torch import nn
 
 from cattn.hf import compat
 from cattn.hf.attention import CattnAttention
-from cattn.hf.cache import LAYOUT_ATTR, PagedLayout
+from cattn.hf.step import LAYOUT_ATTR, PagedLayout
 from cattn.ops import BACKENDS
 from cattn.rope import RopeSpec
 

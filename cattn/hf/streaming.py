@@ -12,17 +12,13 @@ import logging
 import statistics
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
-
 import torch
 
+from cattn.hf.step import ForwardStep
 from cattn.store.base import EntryKey, KVStore
 from cattn.store.lease import KVLease
 from cattn.store.migration import StoreFullError
 from cattn.store.transfer import LayerLoader, LayerSaver
-
-if TYPE_CHECKING:
-    from cattn.hf.cache import ForwardStep
 
 log = logging.getLogger(__name__)
 
