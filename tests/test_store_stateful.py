@@ -1,4 +1,4 @@
-"""TieredStore against a plain dict: save / load / truncate / delete / evict / restart sequences."""
+"""TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences."""
 import collections
 from pathlib import Path
 
@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from cattn.store.base import EntryKey, KVEntry
 from cattn.store.disk import DiskTier
+from cattn.store.policy import Scheduler
 from cattn.store.tiered import TieredStore
 
 L, H, D = 2, 2, 32
@@ -49,12 +50,12 @@ class StoreVsDict(RuleBasedStateMachine):
 
     def _open(self) -> TieredStore:
         disk = DiskTier(self.dir, self.disk_bytes) if self.disk_bytes else None
-        return TieredStore(self.dram_bytes, disk, high_watermark=0.8, low_watermark=0.5)
+        return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5)
 
     def _tally(self) -> None:
         """What this run exercised (reported by ``--hypothesis-show-statistics``)."""
         s = self.store.stats()
-        for tier, counter in (("dram", "evictions"), ("disk", "hits"), ("disk", "evictions")):
+        for tier, counter in (("dram", "evictions"), ("disk", "hits"), ("disk", "evictions"), ("disk", "prefetched")):
             self.seen[f"{tier} {counter}"] += s.get(tier, {}).get(counter, 0)
 
     def _drops(self) -> int:
@@ -115,6 +116,13 @@ class StoreVsDict(RuleBasedStateMachine):
             keep = torch.cat([torch.arange(min(keep_first, n)), torch.arange(min(keep_first + num_drop, n), n)])
             self.model[key] = _take(e, keep)
 
+    @rule(started=st.none() | st.sampled_from(KEYS), order=st.permutations(KEYS), n=st.integers(1, len(KEYS)))
+    def queue(self, started, order, n):
+        # the scheduler's hooks: prefetches (which may demote) run in the background from here on
+        if started is not None:
+            self.store.job_started(started)
+        self.store.update_queue(order[:n])
+
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key):
         self.store.delete(key)
@@ -122,12 +130,14 @@ class StoreVsDict(RuleBasedStateMachine):
         self.chunk_tokens[key] = 0
 
     @precondition(lambda self: self.disk_bytes)
-    @rule()
-    def restart(self):
+    @rule(queued=st.none() | st.permutations(KEYS))
+    def restart(self, queued):
         self.store.close()
         self._tally()
         self.drops_before = self._drops()
         self.store = self._open()
+        if queued is not None:  # everything is on disk now: prefetches race the loads below
+            self.store.update_queue(queued)
         for key in KEYS:
             self._check(key)
 
