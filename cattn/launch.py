@@ -1,19 +1,22 @@
 """Triton launchers: tile configuration, grids and workspaces. Arguments are already checked by `cattn.ops`.
 
-Configurations are chosen by rule, not autotuned, so that every configuration a
-launcher can pick is listed by `shipped_configs` and compiled for sm_90 in CI. The
-rule is what fits Hopper's 255 registers per thread without spills (checked with
-ptxas for every entry of `shipped_configs`): K is rotated in registers, so a K tile
-costs its cos/sin and fp32 halves on top of the usual Q, accumulator and pointers.
+Configurations come from the device's tuned file (`cattn.configs`, written by
+``bench/tune.py``) when it has the problem, else from the rule below, never from an
+autotuner at run time: every configuration a launcher can pick is listed by
+`shipped_configs` and passes the machine-code gate in CI (``bench/sass.py``: compiled for
+sm_90 as a real launch specialises it, no spills, no duplicated tensor-core work, no
+trigonometry, 16-byte cp.async K/V loads). The rule, 16-bit:
 
-- prefill/extend, 16-bit: rows (query tokens x GQA group) ``BLOCK_R`` = 128 for head_dim
-  <= 64, else 64; keys per tile ``BLOCK_N`` = 32 (16 past 128); 8 warps. fp32 (IEEE dots,
-  no tensor cores): 32 x 16 tiles, 16 x 16 past 128, 4 warps.
-- decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); ``BLOCK_N`` = 32 for
-  16-bit heads up to 128, else 16; fp32 takes 16 keys, with 8 warps up to 128-wide heads.
-  The number of KV splits fills about two waves of the GPU, and no split is shorter than
-  ``MIN_SPLIT_TOKENS`` tokens.
-- ``BLOCK_R`` never goes below the GQA group (padded to a power of two).
+- prefill/extend: 128 rows (query tokens x the GQA group) per program over 8 warps, so
+  each of the two warpgroups owns 64 distinct rows (with 64 rows, 8 warps would compute
+  the same QK^T twice); 64 keys per tile over 3 stages for heads up to 128 wide. A
+  256-wide head takes 64 rows on one warpgroup (4 warps) and 32 keys, which fits the
+  255-register budget. Rows never go below the GQA group (padded to a power of two).
+- decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); 64 keys per tile over
+  3 stages up to 128-wide heads, else 32 over 2. The number of KV splits fills about two
+  waves of the GPU, and no split is shorter than ``MIN_SPLIT_TOKENS`` tokens.
+- fp32 (IEEE dots, no tensor cores): 32 x 16 tiles (16 x 16 past 128-wide heads), 4 warps,
+  one stage; decode 16 keys.
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from cattn import configs
+from cattn.configs import TileConfig
 from cattn.kernels.decode import merge_splits_kernel, paged_decode_kernel
 from cattn.kernels.prefill import paged_prefill_kernel
 from cattn.kernels.write_kv import write_kv_kernel
 from cattn.rope import RopeSpec
+from cattn.rope_table import cos_sin_table
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 512
@@ -33,35 +39,38 @@ NEVER = 2**31 - 1
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    block_rows: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-def prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
+def rule_prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     d_pad = _pow2(head_dim)
     if dtype == torch.float32:
         rows, block_n, warps, stages = (32 if d_pad <= 128 else 16), 16, 4, 1
-    elif d_pad <= 64:
-        rows, block_n, warps, stages = 128, 32, 8, 2
     elif d_pad <= 128:
-        rows, block_n, warps, stages = 64, 32, 8, 2
+        rows, block_n, warps, stages = 128, 64, 8, 3
     else:
-        rows, block_n, warps, stages = 64, 16, 8, 2
+        rows, block_n, warps, stages = 64, 32, 4, 2
     return TileConfig(max(rows, _pow2(group)), block_n, warps, stages)
 
 
-def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
+def rule_decode_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:
         return TileConfig(_pow2(group), 16, 8 if _pow2(head_dim) <= 128 else 4, 1)
-    return TileConfig(_pow2(group), 32 if _pow2(head_dim) <= 128 else 16, 4, 2)
+    if _pow2(head_dim) <= 128:
+        return TileConfig(_pow2(group), 64, 4, 3)
+    return TileConfig(_pow2(group), 32, 4, 2)
+
+
+def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device=None) -> TileConfig:
+    """The device's tuned configuration for this problem, else the rule's."""
+    tuned = configs.tuned("prefill", device, dtype, head_dim, group) if device is not None else None
+    return tuned or rule_prefill_config(head_dim, group, dtype)
+
+
+def decode_config(head_dim: int, group: int, dtype: torch.dtype, device=None) -> TileConfig:
+    tuned = configs.tuned("decode", device, dtype, head_dim, group) if device is not None else None
+    return tuned or rule_decode_config(head_dim, group, dtype)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -75,17 +84,26 @@ def _num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.de
     return max(1, min(want, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS)))
 
 
-def _rope_args(rope: RopeSpec | None, head_dim: int, device):
-    """Kernel arguments of a rope: (inv_freq table [2, rotary_dim/2] fp32 whose row 1 serves sequences
-    longer than ``long_after`` tokens (longrope's long factors), attention scaling, long_after,
-    rotary_dim, half_pad, pass_pad, gptj)."""
+def _rope_args(rope: RopeSpec | None, head_dim: int, dtype: torch.dtype, num_positions: int, device) -> dict:
+    """Kernel arguments of a rope: its cos/sin table (`cattn.rope_table`) covering ``num_positions``,
+    the length past which a sequence reads the table's second set (longrope's long factors) and
+    that set's offset, and the constexprs of its shape."""
     if rope is None:
-        return torch.zeros(2, 1, dtype=torch.float32, device=device), 1.0, NEVER, 0, 16, _pow2(head_dim), False
-    long_after = NEVER if rope.original_max_position is None else rope.original_max_position
-    rot = rope.rotary_dim
-    table = rope.freq_table.to(device)  # no copy when the caller moved the spec (RopeSpec.to) already
-    return (table, float(rope.attention_scaling), long_after, rot, _pow2(rot // 2), _pow2(head_dim - rot),
-            rope.style == "gptj")
+        table, long_after, rot = torch.zeros(1, dtype=dtype, device=device), NEVER, 0
+    else:
+        table = cos_sin_table(rope, num_positions, dtype, device)
+        long_after = NEVER if rope.original_max_position is None else rope.original_max_position
+        rot = rope.rotary_dim
+    return dict(args=(table, long_after, table[0].numel() if rope is not None else 0),
+                constexprs=dict(ROT=rot, HALF_PAD=_pow2(rot // 2), PASS_PAD=_pow2(head_dim - rot),
+                                GPTJ=rope is not None and rope.style == "gptj"))
+
+
+def _score_args(sm_scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """(score_scale, cap_log2) of `attend_kv_range`: scores enter the softmax in base 2."""
+    if logit_softcap is None:
+        return sm_scale * LOG2E, 0.0
+    return sm_scale / logit_softcap, logit_softcap * LOG2E
 
 
 def launch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -100,7 +118,8 @@ def launch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope, *, sm_scale: float,
-                           causal: bool, out, max_q_len: int) -> torch.Tensor:
+                           causal: bool, out, max_q_len: int, sliding_window: int | None = None,
+                           logit_softcap: float | None = None) -> torch.Tensor:
     total_q, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group, batch = num_q_heads // num_kv_heads, block_table.shape[0]
@@ -108,33 +127,35 @@ def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens
     if total_q == 0:
         return out
     max_kv_len = block_table.shape[1] * page_size   # an upper bound known without reading kv_lens
-    inv_freq, rope_scaling, long_after, rot, half_pad, pass_pad, gptj = _rope_args(rope, head_dim, q.device)
-    shared = dict(GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), ROT=rot,
-                  HALF_PAD=half_pad, PASS_PAD=pass_pad, GPTJ=gptj,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    qk_scale_log2 = sm_scale * LOG2E
+    rope_args = _rope_args(rope, head_dim, q.dtype, max_kv_len, q.device)
+    score_scale, cap_log2 = _score_args(sm_scale, logit_softcap)
+    window = sliding_window or 0
+    shared = dict(GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
+                  WINDOWED=sliding_window is not None, SOFTCAP=logit_softcap is not None,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **rope_args["constexprs"])
     kc, vc = k_cache.stride(), v_cache.stride()
     if max_q_len == 1:
-        cfg = decode_config(head_dim, group, q.dtype)
-        splits = _num_splits(batch, num_kv_heads, max_kv_len, q.device)
+        cfg = decode_config(head_dim, group, q.dtype, q.device)
+        window_len = max_kv_len if sliding_window is None else min(max_kv_len, sliding_window)
+        splits = _num_splits(batch, num_kv_heads, window_len, q.device)
         d_pad = _pow2(head_dim)
         partial_out = torch.empty(total_q, num_q_heads, splits, d_pad, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(total_q, num_q_heads, splits, dtype=torch.float32, device=q.device)
         paged_decode_kernel[(batch, num_kv_heads, splits)](
-            q, k_cache, v_cache, partial_out, partial_lse, block_table, kv_lens, cu_seqlens_q, inv_freq,
-            rope_scaling, long_after, qk_scale_log2, splits, q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
-            block_table.stride(0), BLOCK_H=cfg.block_rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            q, k_cache, v_cache, partial_out, partial_lse, block_table, kv_lens, cu_seqlens_q, *rope_args["args"],
+            score_scale, cap_log2, window, splits, q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1],
+            vc[2], block_table.stride(0), BLOCK_H=cfg.block_rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **shared)
         merge_splits_kernel[(total_q, num_q_heads)](
             partial_out, partial_lse, out, splits, out.stride(0), out.stride(1), NUM_HEADS=num_q_heads,
             HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
         return out
-    cfg = prefill_config(head_dim, group, q.dtype)
+    cfg = prefill_config(head_dim, group, q.dtype, q.device)
     tokens_per_block = cfg.block_rows // group
     grid = (triton.cdiv(max_q_len, tokens_per_block), num_kv_heads, batch)
     paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_table, kv_lens, cu_seqlens_q, inv_freq, rope_scaling, long_after,
-        qk_scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
+        q, k_cache, v_cache, out, block_table, kv_lens, cu_seqlens_q, *rope_args["args"], score_scale, cap_log2,
+        window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
         block_table.stride(0), CAUSAL=causal, BLOCK_R=cfg.block_rows, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **shared)
     return out
@@ -142,7 +163,12 @@ def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens
 
 @dataclass(frozen=True)
 class ShippedConfig:
-    """One kernel configuration the launchers can pick, in the form `triton.compile` takes."""
+    """One kernel configuration the launchers can pick, in the form `triton.compile` takes.
+
+    ``divisible`` names the arguments a real launch on the shapes of ``name`` sees as multiples
+    of 16 (16-byte aligned pointers, strides of 16-multiple heads), which Triton's JIT
+    specialises on: the machine-code gate compiles with the same specialisation.
+    """
 
     name: str
     kernel: object
@@ -150,6 +176,7 @@ class ShippedConfig:
     constexprs: dict
     num_warps: int
     num_stages: int
+    divisible: tuple = ()
 
 
 def _signature(kernel, pointers: dict, scalars: dict, constexprs: dict) -> dict:
@@ -165,37 +192,74 @@ def _signature(kernel, pointers: dict, scalars: dict, constexprs: dict) -> dict:
     return sig
 
 
+def _attention_config(kind: str, dtype: torch.dtype, head_dim: int, group: int, cfg: TileConfig, *, name: str,
+                      rot: int | None = None, gptj: bool = False, causal: bool = True, window: bool = False,
+                      softcap: bool = False) -> ShippedConfig:
+    t = TRITON_TYPES[dtype]
+    rot = head_dim if rot is None else rot
+    ce = dict(GROUP=group, PAGE_SIZE=16, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), ROT=rot, HALF_PAD=_pow2(rot // 2),
+              PASS_PAD=_pow2(head_dim - rot), GPTJ=gptj, WINDOWED=window, SOFTCAP=softcap,
+              DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_N=cfg.block_n)
+    ptrs = dict(q_ptr=t, k_cache=t, v_cache=t, block_table="i32", kv_lens="i32", cu_seqlens_q="i32", cos_sin_ptr=t)
+    if kind == "prefill":
+        kernel, ptrs = paged_prefill_kernel, dict(ptrs, out_ptr=t)
+        ce.update(CAUSAL=causal, BLOCK_R=cfg.block_rows)
+    else:
+        kernel, ptrs = paged_decode_kernel, dict(ptrs, partial_out="fp32", partial_lse="fp32")
+        ce.update(BLOCK_H=cfg.block_rows)
+    scalars = dict(score_scale="fp32", cap_log2="fp32")
+    divisible = tuple(n for n in kernel.arg_names if n in ptrs or n == "table_set_stride"
+                      or (n.startswith("stride") and n != "stride_bt"))
+    return ShippedConfig(name, kernel, _signature(kernel, ptrs, scalars, ce), ce, cfg.num_warps, cfg.num_stages,
+                         divisible)
+
+
+def _tuned_configs() -> list[ShippedConfig]:
+    """Every entry of every shipped tuned file (`cattn.configs`)."""
+    by_name = {v: k for k, v in TRITON_TYPES.items()}
+    out = []
+    for path in configs.shipped_files():
+        for kind, entries in configs.load(path.name).items():
+            for key, cfg in entries.items():
+                t, d, g = key.split("_")
+                out.append(_attention_config(kind, by_name[t], int(d[1:]), int(g[1:]), cfg,
+                                             name=f"tuned[{path.stem}]_{kind}_{key}"))
+    return out
+
+
 def shipped_configs() -> list[ShippedConfig]:
-    """Every (kernel, tile configuration) the launchers pick for head_dim 64, 80, 128 and 256 with GQA
-    group 4, in bf16 and fp32 (fp32 takes the IEEE dot path), page size 16, neox RoPE over the whole head."""
-    configs = []
+    """Every (kernel, tile configuration) the launchers pick: by rule for head_dim 64, 80, 128 and 256
+    with GQA group 4, in bf16 and fp32, page size 16, neox RoPE over the whole head, causal; the
+    other code paths once each (non-causal, partial gptj rotary, no rope, sliding window with
+    softcapping, fp16); and every entry of the tuned files."""
+    out = []
     for dtype in (torch.bfloat16, torch.float32):
         t = TRITON_TYPES[dtype]
         for head_dim in (64, 80, 128, 256):
-            group, rot = 4, head_dim
-            shared = dict(GROUP=group, PAGE_SIZE=16, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), ROT=rot,
-                          HALF_PAD=_pow2(rot // 2), PASS_PAD=16, GPTJ=False,
-                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-            index = dict(block_table="i32", kv_lens="i32", cu_seqlens_q="i32", inv_freq_ptr="fp32")
-            scalars = dict(rope_scaling="fp32", qk_scale_log2="fp32")
-            cfg = prefill_config(head_dim, group, dtype)
-            ce = dict(shared, CAUSAL=True, BLOCK_R=cfg.block_rows, BLOCK_N=cfg.block_n)
-            ptrs = dict(index, q_ptr=t, k_cache=t, v_cache=t, out_ptr=t)
-            configs.append(ShippedConfig(f"prefill_{t}_d{head_dim}", paged_prefill_kernel,
-                                         _signature(paged_prefill_kernel, ptrs, scalars, ce), ce,
-                                         cfg.num_warps, cfg.num_stages))
-            cfg = decode_config(head_dim, group, dtype)
-            ce = dict(shared, BLOCK_H=cfg.block_rows, BLOCK_N=cfg.block_n)
-            ptrs = dict(index, q_ptr=t, k_cache=t, v_cache=t, partial_out="fp32", partial_lse="fp32")
-            configs.append(ShippedConfig(f"decode_{t}_d{head_dim}", paged_decode_kernel,
-                                         _signature(paged_decode_kernel, ptrs, scalars, ce), ce,
-                                         cfg.num_warps, cfg.num_stages))
+            pf, dc = rule_prefill_config(head_dim, 4, dtype), rule_decode_config(head_dim, 4, dtype)
+            out.append(_attention_config("prefill", dtype, head_dim, 4, pf, name=f"prefill_{t}_d{head_dim}"))
+            out.append(_attention_config("decode", dtype, head_dim, 4, dc, name=f"decode_{t}_d{head_dim}"))
             ce = dict(NUM_HEADS=32, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), SPLITS_PAD=64)
             ptrs = dict(partial_out="fp32", partial_lse="fp32", out_ptr=t)
-            configs.append(ShippedConfig(f"merge_{t}_d{head_dim}", merge_splits_kernel,
-                                         _signature(merge_splits_kernel, ptrs, {}, ce), ce, 4, 1))
+            out.append(ShippedConfig(f"merge_{t}_d{head_dim}", merge_splits_kernel,
+                                     _signature(merge_splits_kernel, ptrs, {}, ce), ce, 4, 1,
+                                     ("partial_out", "partial_lse", "out_ptr", "stride_ot", "stride_oh")))
             ce = dict(NUM_KV_HEADS=8, HEAD_DIM=head_dim, HEADS_PAD=8, D_PAD=_pow2(head_dim, 1), PAGE_SIZE=16)
             ptrs = dict(k_ptr=t, v_ptr=t, k_cache=t, v_cache=t, slot_mapping="i32")
-            configs.append(ShippedConfig(f"write_kv_{t}_d{head_dim}", write_kv_kernel,
-                                         _signature(write_kv_kernel, ptrs, {}, ce), ce, 4, 1))
-    return configs
+            out.append(ShippedConfig(f"write_kv_{t}_d{head_dim}", write_kv_kernel,
+                                     _signature(write_kv_kernel, ptrs, {}, ce), ce, 4, 1,
+                                     tuple(n for n in write_kv_kernel.arg_names if n in ptrs or n.startswith("stride"))))
+    bf16 = torch.bfloat16
+    d128 = rule_prefill_config(128, 4, bf16)
+    out += [
+        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_noncausal", causal=False),
+        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_gptj_half", rot=64, gptj=True),
+        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_norope", rot=0),
+        _attention_config("prefill", torch.float16, 128, 4, rule_prefill_config(128, 4, torch.float16),
+                          name="prefill_fp16_d128"),
+        _attention_config("prefill", bf16, 256, 2, rule_prefill_config(256, 2, bf16),
+                          name="prefill_bf16_d256_window_softcap", window=True, softcap=True),
+        _attention_config("decode", bf16, 256, 2, rule_decode_config(256, 2, bf16),
+                          name="decode_bf16_d256_window_softcap", window=True, softcap=True),
+    ]
+    return out + _tuned_configs()

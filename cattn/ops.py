@@ -8,6 +8,7 @@ them itself and checked them once per step (`check_batch`) passes
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -126,8 +127,8 @@ def check_batch(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_seqlens_q: 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, rope: RopeSpec | None, *,
-                    sm_scale: float | None = None, causal: bool = True, out: torch.Tensor | None = None,
-                    backend: str = "auto", max_q_len: int | None = None,
+                    sm_scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, out: torch.Tensor | None = None, backend: str = "auto", max_q_len: int | None = None,
                     check_indices: bool = True) -> torch.Tensor:
     """Attention of new query tokens over a paged, pre-RoPE KV cache; RoPE is applied inside.
 
@@ -147,6 +148,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         rope: the model's `RopeSpec`, or None for no rotation.
         sm_scale: softmax scale, default ``head_dim ** -0.5``.
         causal: mask keys after each query's position (bottom-right aligned).
+        sliding_window: None, or each query at position p sees only keys at positions k with
+            ``p - k < sliding_window`` (HF's convention).
+        logit_softcap: None, or scores become ``softcap * tanh(score / softcap)`` before masking
+            (Gemma 2); ``score`` already includes ``sm_scale``.
         out: optional ``[total_q, num_q_heads, head_dim]`` output buffer of q's dtype.
         backend: ``"auto"`` (Triton on CUDA tensors, torch on CPU), ``"triton"`` or ``"torch"``.
         max_q_len: the largest ``q_len`` if the caller knows it (saves a host read).
@@ -178,6 +183,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _expect(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, ValueError,
                 f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
         _expect(out.stride(-1) == 1, ValueError, "out must be contiguous in head_dim (stride(-1) == 1)")
+    _expect(sliding_window is None or (type(sliding_window) is int and sliding_window >= 1), ValueError,
+            f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    _expect(logit_softcap is None or (isinstance(logit_softcap, (int, float)) and not isinstance(logit_softcap, bool)
+                                      and math.isfinite(logit_softcap) and logit_softcap > 0), ValueError,
+            f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
     chosen = _pick_backend(backend, q.device)
     if chosen == "triton":
         _expect(q.dtype in KERNEL_DTYPES, TypeError, f"q dtype must be one of {KERNEL_DTYPES} for backend 'triton', got {q.dtype}")
@@ -185,13 +195,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, num_pages, page_size, q.shape[0])
     if chosen == "torch":
         return reference.paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope,
-                                         sm_scale=sm_scale, causal=causal, out=out)
+                                         sm_scale=sm_scale, causal=causal, sliding_window=sliding_window,
+                                         logit_softcap=logit_softcap, out=out)
     from cattn.launch import launch_paged_attention
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     return launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope,
                                   sm_scale=sm_scale if sm_scale is not None else head_dim ** -0.5,
-                                  causal=causal, out=out, max_q_len=max_q_len)
+                                  causal=causal, out=out, max_q_len=max_q_len, sliding_window=sliding_window,
+                                  logit_softcap=None if logit_softcap is None else float(logit_softcap))
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:

@@ -1,33 +1,46 @@
 """The inner loop shared by prefill/extend and decode: online softmax over a range of paged keys.
 
-Q arrives rotated and split into its parts (see `cattn.kernels.rope`); each K tile is
-gathered through the block table, rotated in registers at its own positions (token i
-of the cache has position i) and consumed by the same rows of Q. The rows of a program
-are the query heads of ONE KV head (times some tokens), so every K/V tile loaded here
-serves the whole GQA group.
+Q arrives rotated and joined (see `cattn.kernels.rope`); each K tile is gathered through
+the block table, rotated in registers from the cos/sin table at its own positions (token
+i of the cache has position i), joined the same way and consumed by one dot. The rows of
+a program are the query heads of ONE KV head (times some tokens), so every K/V tile
+loaded here serves the whole GQA group.
 """
 import triton
 import triton.language as tl
 
-from cattn.kernels.rope import pair_dims, rope_cos_sin, rotate
+from cattn.kernels.rope import pair_dims, rotate_joined, table_cos_sin
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def softcapped(scores, score_scale, cap_log2):
+    """``cap * tanh(scores * sm_scale / cap)`` in base-2 units; tanh from exp2 (no libdevice call)."""
+    x = scores * score_scale
+    e = tl.math.exp2(x * (2.0 * LOG2E))
+    return (1.0 - 2.0 / (e + 1.0)) * cap_log2
 
 
 @triton.jit
 def attend_kv_range(
-    acc, m_i, l_i, q1, q2, q3, q_pos,
+    acc, m_i, l_i, q_rot, q_rest, q_pos,
     k_cache, v_cache, block_table_row, kv_len, k_head_offset, v_head_offset,
     stride_kp, stride_kt, stride_vp, stride_vt,
-    inv_freq_ptr, rope_scaling, qk_scale_log2, lo, hi,
+    cos_sin_set, score_scale, cap_log2, window, lo, hi,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr, GPTJ: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold keys ``[lo, hi)`` into ``(acc, m_i, l_i)``; ``MASKED`` tiles check ``kv_len`` and causality.
+    """Fold keys ``[lo, hi)`` into ``(acc, m_i, l_i)``; ``MASKED`` tiles check ``kv_len``, causality and
+    the sliding window (a key is visible when ``q_pos - window < key <= q_pos``).
 
     acc: ``[ROWS, D_PAD]`` fp32 unnormalised output; m_i, l_i: ``[ROWS]`` fp32 running max (base 2)
-    and denominator; q1, q2: ``[ROWS, HALF_PAD]`` rotated query pairs, q3 ``[ROWS, PASS_PAD]`` the
-    unrotated rest, in the dot dtype; q_pos ``[ROWS]`` int32 query positions.
+    and denominator; q_rot ``[ROWS, 2*HALF_PAD]`` rotated, joined query pairs and q_rest
+    ``[ROWS, PASS_PAD]`` the unrotated rest, in the dot dtype; q_pos ``[ROWS]`` int32 positions.
+    score_scale: ``sm_scale * log2(e)``, or ``sm_scale / softcap`` with ``SOFTCAP`` (then
+    ``cap_log2 = softcap * log2(e)``).
     """
     dtype = v_cache.dtype.element_ty
     HALF: tl.constexpr = ROT // 2
@@ -46,19 +59,23 @@ def attend_kv_range(
             row_ok = in_len[:, None] & pair_ok[None, :]
             k1 = tl.load(k_rows[:, None] + first[None, :], mask=row_ok, other=0.0).to(tl.float32)
             k2 = tl.load(k_rows[:, None] + second[None, :], mask=row_ok, other=0.0).to(tl.float32)
-            cos, sin = rope_cos_sin(keys, inv_freq_ptr, rope_scaling, HALF, HALF_PAD)
-            k1, k2 = rotate(k1, k2, cos, sin)
-            scores = tl.dot(q1, tl.trans(k1.to(dtype)), scores, input_precision=DOT_PRECISION)
-            scores = tl.dot(q2, tl.trans(k2.to(dtype)), scores, input_precision=DOT_PRECISION)
+            cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD)
+            k_rot = rotate_joined(k1, k2, cos, sin, dtype)
+            scores = tl.dot(q_rot, tl.trans(k_rot), scores, input_precision=DOT_PRECISION)
         if PASS > 0:
-            k3 = tl.load(k_rows[:, None] + rest[None, :], mask=in_len[:, None] & (rest[None, :] < HEAD_DIM),
-                         other=0.0)
-            scores = tl.dot(q3, tl.trans(k3), scores, input_precision=DOT_PRECISION)
-        scores = scores * qk_scale_log2
+            k_rest = tl.load(k_rows[:, None] + rest[None, :], mask=in_len[:, None] & (rest[None, :] < HEAD_DIM),
+                             other=0.0)
+            scores = tl.dot(q_rest, tl.trans(k_rest), scores, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            scores = softcapped(scores, score_scale, cap_log2)
+        else:
+            scores = scores * score_scale
         if MASKED:
             visible = in_len[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                visible = visible & (keys[None, :] > q_pos[:, None] - window)
             scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
@@ -74,13 +91,14 @@ def attend_kv_range(
 
 @triton.jit
 def load_rotated_q(
-    q_rows, row_ok, q_pos, inv_freq_ptr, rope_scaling,
+    q_rows, row_ok, q_pos, cos_sin_set,
     HEAD_DIM: tl.constexpr, ROT: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
     GPTJ: tl.constexpr,
 ):
     """Load query rows (``q_rows``: pointer per row to its head's dim 0) and rotate them at ``q_pos``.
 
-    Returns q1, q2 ``[ROWS, HALF_PAD]`` and q3 ``[ROWS, PASS_PAD]`` in q's dtype (zeros where absent).
+    Returns q_rot ``[ROWS, 2*HALF_PAD]`` (rotated pairs joined, as K is) and q_rest ``[ROWS, PASS_PAD]``,
+    in q's dtype (zeros where absent).
     """
     dtype = q_rows.dtype.element_ty
     HALF: tl.constexpr = ROT // 2
@@ -89,8 +107,8 @@ def load_rotated_q(
     mask = row_ok[:, None] & pair_ok[None, :]
     q1 = tl.load(q_rows[:, None] + first[None, :], mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_rows[:, None] + second[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HALF > 0:
-        cos, sin = rope_cos_sin(q_pos, inv_freq_ptr, rope_scaling, HALF, HALF_PAD)
-        q1, q2 = rotate(q1, q2, cos, sin)
-    q3 = tl.load(q_rows[:, None] + rest[None, :], mask=row_ok[:, None] & (rest[None, :] < HEAD_DIM), other=0.0)
-    return q1.to(dtype), q2.to(dtype), q3
+    cos, sin = table_cos_sin(cos_sin_set, q_pos, ROT, HALF_PAD)
+    q_rot = rotate_joined(q1, q2, cos, sin, dtype)
+    q_rest = tl.load(q_rows[:, None] + rest[None, :], mask=row_ok[:, None] & (rest[None, :] < HEAD_DIM),
+                     other=0.0)
+    return q_rot, q_rest

@@ -2,8 +2,8 @@
 
 Grid: (query blocks, KV heads, sequences). A program's ``BLOCK_R`` rows are
 ``BLOCK_R // GROUP`` consecutive query tokens times the ``GROUP`` query heads that
-share one KV head. Keys every row may see run unmasked first; the diagonal band
-(causal) and the partial last tile run masked.
+share one KV head. Keys every row may see run unmasked; the diagonal band (causal), the
+partial last tile and the lower edge of a sliding window run masked.
 """
 import triton
 import triton.language as tl
@@ -13,12 +13,13 @@ from cattn.kernels.attend import attend_kv_range, load_rotated_q
 
 @triton.jit
 def paged_prefill_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, block_table, kv_lens, cu_seqlens_q, inv_freq_ptr, rope_scaling, long_after,
-    qk_scale_log2,
+    q_ptr, k_cache, v_cache, out_ptr, block_table, kv_lens, cu_seqlens_q, cos_sin_ptr, long_after, table_set_stride,
+    score_scale, cap_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
     HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr, GPTJ: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block, kv_head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -29,8 +30,8 @@ def paged_prefill_kernel(
     if first_token >= q_len:
         return
     kv_len = tl.load(kv_lens + seq)
-    # longrope: sequences past the switch length use the long factors (row 1 of the table)
-    inv_freq_ptr += (kv_len > long_after).to(tl.int32) * (ROT // 2)
+    # longrope: sequences past the switch length read the long factors' table set
+    cos_sin_set = cos_sin_ptr + (kv_len > long_after).to(tl.int64) * table_set_stride
 
     rows = tl.arange(0, BLOCK_R)
     token = first_token + rows // GROUP
@@ -38,30 +39,45 @@ def paged_prefill_kernel(
     row_ok = (rows < BLOCK_TOKENS * GROUP) & (token < q_len)
     q_pos = kv_len - q_len + token
     q_rows = q_ptr + (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
-    q1, q2, q3 = load_rotated_q(q_rows, row_ok, q_pos, inv_freq_ptr, rope_scaling, HEAD_DIM, ROT, HALF_PAD,
-                                PASS_PAD, GPTJ)
+    q_rot, q_rest = load_rotated_q(q_rows, row_ok, q_pos, cos_sin_set, HEAD_DIM, ROT, HALF_PAD, PASS_PAD, GPTJ)
 
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    last_token = tl.minimum(first_token + BLOCK_TOKENS, q_len) - 1
+    first_pos = kv_len - q_len + first_token
+    last_pos = kv_len - q_len + tl.minimum(first_token + BLOCK_TOKENS, q_len) - 1
     if CAUSAL:
         # keys <= the block's first position are visible to every row; the band up to its last is not
-        full_end = (kv_len - q_len + first_token + 1) // BLOCK_N * BLOCK_N
-        kv_end = kv_len - q_len + last_token + 1
+        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+        kv_end = last_pos + 1
     else:
         full_end = kv_len // BLOCK_N * BLOCK_N
         kv_end = kv_len
+    # [lo, full_lo) masked (the window's lower edge), [full_lo, full_hi) unmasked, [full_hi, kv_end) masked
+    lo = 0
+    full_lo = 0
+    if WINDOWED:
+        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N, lo), kv_end)
+    full_hi = tl.minimum(tl.maximum(full_end, full_lo), kv_end)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
     k_off, v_off = kv_head * stride_kh, kv_head * stride_vh
+    if WINDOWED:
+        acc, m_i, l_i = attend_kv_range(
+            acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
+            stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, lo, full_lo,
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, CAUSAL, WINDOWED, SOFTCAP,
+            DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q1, q2, q3, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
-        stride_kp, stride_kt, stride_vp, stride_vt, inv_freq_ptr, rope_scaling, qk_scale_log2, 0, full_end,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, False, CAUSAL, DOT_PRECISION)
+        acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
+        stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_lo, full_hi,
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, False, CAUSAL, WINDOWED, SOFTCAP,
+        DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
-        acc, m_i, l_i, q1, q2, q3, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
-        stride_kp, stride_kt, stride_vp, stride_vt, inv_freq_ptr, rope_scaling, qk_scale_log2, full_end, kv_end,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, CAUSAL, DOT_PRECISION)
+        acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
+        stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_hi, kv_end,
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, CAUSAL, WINDOWED, SOFTCAP,
+        DOT_PRECISION)
 
     out = acc / l_i[:, None]
     d = tl.arange(0, D_PAD)

@@ -1,9 +1,11 @@
-"""RoPE in registers: the angles of a tile of positions, and the rotation of a pair of halves.
+"""RoPE in registers from a cos/sin table (see `cattn.rope_table`): no trigonometry in any loop.
 
 A head is split into three parts that are loaded separately: the first and second
 member of each rotated pair (``x1``, ``x2``; dims ``i`` and ``i + rotary_dim/2`` in
-neox style, ``2i`` and ``2i+1`` in gptj style) and the unrotated rest. A dot product
-over a head is the sum over the parts, so Q.K never needs the halves put back together.
+neox style, ``2i`` and ``2i+1`` in gptj style) and the unrotated rest. After rotation
+the two halves are joined side by side, ``[x1 | x2]``, for Q and K alike, so Q.K over the
+rotated dims is one dot over the whole rotated width (one wgmma chain, fewer registers
+than two half-width dots); the unrotated rest, if any, adds a second dot.
 """
 import triton
 import triton.language as tl
@@ -21,15 +23,23 @@ def pair_dims(HALF_PAD: tl.constexpr, HALF: tl.constexpr, GPTJ: tl.constexpr):
 
 
 @triton.jit
-def rope_cos_sin(positions, inv_freq_ptr, attention_scaling, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """cos and sin ``[len(positions), HALF_PAD]`` fp32 of ``position * inv_freq`` (fp32, as HF computes)."""
+def table_cos_sin(cos_sin_set, positions, ROT: tl.constexpr, HALF_PAD: tl.constexpr):
+    """cos and sin ``[len(positions), HALF_PAD]`` fp32 read from the rows ``positions`` of a table set
+    ``[num_positions, ROT]`` (cos in the first ``ROT/2`` columns, sin in the rest; scaling included)."""
+    HALF: tl.constexpr = ROT // 2
     i = tl.arange(0, HALF_PAD)
-    inv_freq = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
-    angle = positions.to(tl.float32)[:, None] * inv_freq[None, :]
-    return tl.cos(angle) * attention_scaling, tl.sin(angle) * attention_scaling
+    row = cos_sin_set + positions.to(tl.int64)[:, None] * ROT + i[None, :]
+    ok = (i < HALF)[None, :]
+    cos = tl.load(row, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF, mask=ok, other=0.0).to(tl.float32)
+    return cos, sin
 
 
 @triton.jit
-def rotate(x1, x2, cos, sin):
-    """Rotate each pair ``(x1, x2)`` by its angle; fp32 in, fp32 out."""
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+def rotate_joined(x1, x2, cos, sin, dtype: tl.constexpr):
+    """Rotate each pair ``(x1, x2)`` (fp32 ``[R, HALF_PAD]``) and return ``[x1' | x2']`` ``[R, 2*HALF_PAD]``
+    in ``dtype``, the operand of one dot over the rotated dims."""
+    r1 = (x1 * cos - x2 * sin).to(dtype)
+    r2 = (x2 * cos + x1 * sin).to(dtype)
+    joined = tl.join(r1, r2)                                     # [R, HALF_PAD, 2]
+    return tl.reshape(tl.permute(joined, (0, 2, 1)), (x1.shape[0], 2 * x1.shape[1]))
