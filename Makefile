@@ -2,7 +2,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test
+# The kernels also run under the GPU machine's Triton (3.6.0, whose interpreter needs numpy < 2.4),
+# in a virtual environment of their own so that the main one keeps the newest Triton.
+TRITON36_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cattn/triton36
+KERNEL_TESTS := tests/test_paged_attention.py tests/test_window_softcap.py tests/test_write_kv.py \
+	tests/test_configs.py tests/test_compile.py
+
+.PHONY: setup demo test test-triton36
 setup:
 	# torch is pinned here, not in pyproject, so that a CPU machine takes the CPU build
 	$(PIP) "torch==2.13.0" -e ".[hf,test,bench]"
@@ -14,3 +20,10 @@ demo: setup
 
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest
+	$(MAKE) test-triton36
+
+test-triton36:
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.0" \
+		"numpy<2.4" einops xxhash tqdm pytest hypothesis
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 $(TRITON36_VENV)/bin/python -m pytest -p no:cacheprovider $(KERNEL_TESTS)

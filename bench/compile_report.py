@@ -1,26 +1,28 @@
-"""Compile every shipped kernel configuration for Hopper (sm_90) on any machine, GPU or not, and
-report registers, shared memory and spills per configuration.
+"""Compile every shipped kernel configuration for Hopper (sm_90) on any machine, GPU or not, as a real
+launch specialises it, run the machine-code gate on it, and estimate its key loop with the static pipe
+model. ESTIMATES FROM STATIC CODE, NOT MEASUREMENTS (the model: `bench.pipe_model`).
 
-    python -m bench.compile_report [--out PATH] [--jobs N]
+    python -m bench.compile_report [--out PATH] [--jobs N] [--only SUBSTR] [--no-hints]
 
-Shared memory comes from Triton's compile metadata; registers, spills and stack from the
-``ptxas -v`` log of the compile itself (Triton's own ptxas and flags; every run compiles into a
-fresh cache so that ptxas always runs). The interpreter (``TRITON_INTERPRET=1``) never
-compiles, so this script switches it off before importing Triton.
+Per configuration: registers, shared memory, spills (Triton's own ptxas log), the static counts of
+each key loop per warp (instructions, tensor-core instructions, cp.async loads, exp2), the gate's
+verdict (`bench.sass`), and for the cheapest key loop (the unmasked one) the pipe clocks, the bound
+and the figure of merit: prefill TFLOP/s-equivalent after the tutorial's calibration, decode K+V
+TB/s the SMs could consume. ``--no-hints`` compiles without the runtime's specialisation, to show
+what the gate would reject.
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: the kernels must be JITFunctions
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+if __package__ in (None, ""):   # run as a file path: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import sass  # noqa: E402  (sets TRITON_INTERPRET=0 before triton is imported)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -28,19 +30,11 @@ from functools import lru_cache  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from bench.common import format_table, results_dir, write_json  # noqa: E402
+from bench.pipe_model import estimate  # noqa: E402
 
-ARCH = 90
-SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90 (227 KiB)
-PTXAS_FIELDS = {
-    "registers": r"Used (\d+) registers",
-    "spill_stores": r"(\d+) bytes spill stores",
-    "spill_loads": r"(\d+) bytes spill loads",
-    "stack_bytes": r"(\d+) bytes stack frame",
-}
+USE_HINTS = True
 
 
 @lru_cache(maxsize=None)
@@ -49,109 +43,98 @@ def shipped_configs() -> list:
     return configs()
 
 
-def ptxas_path(arch: int = ARCH) -> str:
-    """The ptxas Triton itself runs for ``arch`` (its bundled binaries differ by CUDA release)."""
-    from triton.backends.nvidia import compiler as nvidia
-    try:
-        return nvidia.get_ptxas(arch).path
-    except (AttributeError, TypeError):           # older Triton: one bundled ptxas
-        return nvidia.get_ptxas().path
+def loop_summary(body: list, num_warps: int) -> dict:
+    c = sass.counts(body)
+    pick = lambda *prefixes: {op: v for op, v in sorted(c.items()) if op.startswith(prefixes)}  # noqa: E731
+    return {"instructions": c["total"], "tensor": pick("HGMMA", "HMMA"), "loads": pick("LDG", "LDGSTS", "UTMALDG"),
+            "mufu": pick("MUFU"), "tensor_flop": sass.tensor_flop(body, num_warps)}
 
 
-def ptxas_version() -> str:
-    banner = subprocess.run([ptxas_path(), "--version"], capture_output=True, text=True).stdout
-    found = re.search(r"release [\d.]+, V[\d.]+", banner)
-    return found.group(0) if found else banner.strip().splitlines()[-1]
-
-
-def parse_ptxas_log(log: str) -> dict:
-    stats = {}
-    for key, pattern in PTXAS_FIELDS.items():
-        found = re.findall(pattern, log)
-        stats[key] = max(int(v) for v in found) if found else None
-    return stats
-
-
-def ptxas_stats(ptx: str) -> dict:
-    """Registers, spills and stack of the (single) kernel in ``ptx``, from ``ptxas -v``."""
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas_path(), "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    log = run.stdout + run.stderr
-    if run.returncode:
-        raise RuntimeError(f"ptxas failed ({run.returncode}): {log.strip()[-500:]}")
-    return parse_ptxas_log(log)
-
-
-def compile_config(index: int) -> dict:
-    """Compile ``shipped_configs()[index]`` for sm_90; returns its row of the report (or its error)."""
-    cfg = shipped_configs()[index]
+def report_row(cfg, use_hints: bool = True) -> dict:
     row = {"name": cfg.name, "kernel": cfg.kernel.__name__, "num_warps": cfg.num_warps,
-           "num_stages": cfg.num_stages, "constexprs": dict(cfg.constexprs)}
+           "num_stages": cfg.num_stages, "constexprs": {k: str(v) for k, v in cfg.constexprs.items()},
+           "hints": use_hints}
     start = time.perf_counter()
     try:
-        # Triton prints the log of its own ptxas run when asked: the flags it builds with change the
-        # register allocation, so that log is the truth. Only a Triton too old to print it makes
-        # this script rerun ptxas -v on the PTX (with default flags; recorded in ptxas_log).
-        with contextlib.redirect_stdout(io.StringIO()) as log:
-            compiled = triton.compile(ASTSource(fn=cfg.kernel, signature=cfg.signature, constexprs=cfg.constexprs),
-                                      target=GPUTarget("cuda", ARCH, 32),
-                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        row["shared_bytes"] = int(compiled.metadata.shared)
-        stats = parse_ptxas_log(log.getvalue())
-        row["ptxas_log"] = "compile" if stats["registers"] is not None else "rerun"
-        row.update(stats if stats["registers"] is not None else ptxas_stats(compiled.asm["ptx"]))
+        code = sass.compile_config(cfg, use_hints=use_hints)
+        row.update(registers=code.registers, spill_stores=code.spill_stores, spill_loads=code.spill_loads,
+                   stack_bytes=code.stack_bytes, shared_bytes=code.shared_bytes)
+        row["violations"] = sass.gate(cfg, code)
+        loops = sass.key_loops(code.instructions)
+        row["key_loops"] = [loop_summary(body, cfg.num_warps) for body in loops]
+        work = sass.tile_work(cfg)
+        if work and loops:
+            main = min(loops, key=len)
+            row["estimate"] = estimate(main, cfg.num_warps, work, cfg.constexprs["HEAD_DIM"], cfg.constexprs["GROUP"])
         row["error"] = None
-        if row["shared_bytes"] > SMEM_LIMIT:
-            row["error"] = f"needs {row['shared_bytes']} bytes of shared memory, sm_90 allows {SMEM_LIMIT}"
     except Exception as exc:  # one failing configuration must not hide the others' report
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()[-800:]}"
+        row["violations"] = [row["error"]]
+    row["gate"] = "pass" if not row["violations"] else "FAIL"
     row["compile_s"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def compile_all(jobs: int) -> list[dict]:
-    """Compile every configuration into a fresh cache, so that every one runs ptxas and logs it."""
-    count = len(shipped_configs())
+def _row(index: int) -> dict:
+    return report_row(shipped_configs()[index], USE_HINTS)
+
+
+def compile_all(indices: list[int], jobs: int) -> list[dict]:
+    """Compile into a fresh cache, so that every configuration runs ptxas and logs it."""
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         if jobs <= 1:
-            return [compile_config(i) for i in range(count)]
-        # forked workers inherit the imported kernels and the cache setting
-        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            return list(pool.map(compile_config, range(count)))
+            return [_row(i) for i in indices]
+        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:   # workers inherit the kernels
+            return list(pool.map(_row, indices))
 
 
-COLUMNS = [("name", "configuration", "s"), ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
-           ("registers", "regs", "d"), ("shared_bytes", "smem B", "d"), ("spill_stores", "spill st B", "d"),
-           ("spill_loads", "spill ld B", "d"), ("stack_bytes", "stack B", "d"), ("compile_s", "compile s", ".1f")]
+def flat(row: dict) -> dict:
+    loop = min(row.get("key_loops") or [{}], key=lambda x: x.get("instructions", 1 << 30))
+    est = row.get("estimate") or {}
+    merit = est.get("tflops_calibrated")
+    if merit is None and est.get("kv_bytes_per_s"):
+        merit = est["kv_bytes_per_s"] / 1e12
+    return dict(row, loops=len(row.get("key_loops") or []), instr=loop.get("instructions"),
+                tensor=" ".join(f"{v}x{k.split('.')[1]}" for k, v in loop.get("tensor", {}).items()) or "-",
+                cp16=sum(v for k, v in loop.get("loads", {}).items() if k.startswith("LDGSTS") and k.endswith("128")),
+                ex2=loop.get("mufu", {}).get("MUFU.EX2"), bound=est.get("bound"), merit=merit,
+                unit="TFLOP/s" if est.get("tflops_calibrated") is not None else ("TB/s" if merit else ""))
+
+
+COLUMNS = [("name", "configuration", "s"), ("num_warps", "warps", "d"), ("num_stages", "st", "d"),
+           ("registers", "regs", "d"), ("shared_bytes", "smem B", "d"), ("spill_stores", "spill B", "d"),
+           ("loops", "loops", "d"), ("instr", "instr/tile", "d"), ("tensor", "tensor instr/tile", "s"),
+           ("cp16", "cp.async16", "d"), ("ex2", "EX2", "d"), ("bound", "bound", "s"), ("merit", "estimate", ".2f"),
+           ("unit", "unit", "s"), ("gate", "gate", "s")]
 
 
 def main(argv=None) -> int:
+    global USE_HINTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="JSON path (default: bench/results/compile_sm90.json, or $OUT/...)")
+    parser.add_argument("--out", help="JSON path (default: results folder / compile_sm90.json)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--only", default="", help="comma-separated substrings of configuration names")
+    parser.add_argument("--no-hints", action="store_true", help="compile without the runtime's specialisation")
     args = parser.parse_args(argv)
-
+    USE_HINTS = not args.no_hints
+    indices = [i for i, c in enumerate(shipped_configs())
+               if not args.only or any(s in c.name for s in args.only.split(","))]
     start = time.perf_counter()
-    rows = compile_all(args.jobs)
+    rows = compile_all(indices, args.jobs)
     wall = time.perf_counter() - start
-    print(format_table(rows, COLUMNS))
+    print(format_table([flat(r) for r in rows], COLUMNS))
     for row in rows:
-        if row["error"]:
-            print(f"FAILED {row['name']}: {row['error']}", file=sys.stderr)
-    spilling = [r["name"] for r in rows if r.get("spill_stores") or r.get("spill_loads")]
-    print(f"\n{len(rows)} configurations for sm_{ARCH} in {wall:.1f} s with {args.jobs} jobs; "
-          f"{sum(bool(r['error']) for r in rows)} failed; spilling: {', '.join(spilling) or 'none'}")
-    path = write_json("compile_sm90.json", {"target": f"cuda sm_{ARCH}", "ptxas": ptxas_version(),
-                                            "wall_s": round(wall, 1), "jobs": args.jobs, "configs": rows},
+        for v in row["violations"]:
+            print(f"GATE {row['name']}: {v}", file=sys.stderr)
+    print(f"\n{len(rows)} configurations for sm_{sass.ARCH} (triton {triton.__version__}) in {wall:.1f} s; "
+          f"{sum(r['gate'] != 'pass' for r in rows)} fail the gate. The estimates are static-code estimates, "
+          "not measurements (bench/pipe_model.py).")
+    path = write_json("compile_sm90.json", {"target": f"cuda sm_{sass.ARCH}", "triton": triton.__version__,
+                                            "hints": USE_HINTS, "wall_s": round(wall, 1), "configs": rows},
                       path=args.out or results_dir() / "compile_sm90.json")
     print(f"wrote {path}")
-    return 1 if any(r["error"] for r in rows) else 0
+    return 1 if any(r["gate"] != "pass" for r in rows) else 0
 
 
 if __name__ == "__main__":

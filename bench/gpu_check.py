@@ -2,6 +2,8 @@
 
     python -m bench.gpu_check [--budget-s 450] [--skip-pytest]
 
+0. Tunes the tile configurations (`bench.tune`) when ``cattn/configs`` has no file for this GPU,
+   within ``--tune-budget-s``, writing it there and under the results folder.
 1. Checks every kernel against the float64 reference on the GPU, on shapes the interpreter
    cannot reach (GQA 32/8 with head_dim 128, contexts up to 20K, decode over many splits),
    plus head_dim 64/80/96/256, GQA 1 and 7, page sizes 5 and 12, gptj, partial and longrope.
@@ -156,6 +158,18 @@ def pytest_kernel_files(timeout_s: float) -> dict:
         return {"returncode": None, "summary": f"timed out after {timeout_s:.0f} s", "tail": out.splitlines()[-10:]}
 
 
+def tune_part(budget_s: float, out_dir, jobs: int) -> dict:
+    """Tune this GPU's configurations first, unless it has a tuned file already (or tuning is off)."""
+    from bench import tune
+    from cattn import configs
+
+    name = configs.device_file_name(torch.cuda.get_device_name())
+    if budget_s <= 0 or (configs.HERE / name).exists():
+        return {"skipped": f"cattn/configs/{name} {'exists' if budget_s > 0 else 'not asked for'}"}
+    payload = tune.run(budget_s, [configs.HERE, out_dir], jobs)
+    return {"file": name, "prefill": payload.get("prefill"), "decode": payload.get("decode")}
+
+
 def ttft_part(budget_s: float) -> dict:
     """`bench.ttft` in its own process, so that its 16 GB model and pinned pool leave with it; it stops
     starting histories at ``budget_s`` and is killed 45 s later."""
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting new parts after this")
     parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--tune-budget-s", type=float, default=120, help="time for bench.tune when this GPU has "
+                                                                        "no tuned file (0: never tune)")
     parser.add_argument("--ttft-budget-s", type=float, default=90, help="time for bench.ttft (0: skip it)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the correctness checks (their kernel compiles run in parallel)")
@@ -221,6 +237,7 @@ def main(argv=None) -> int:
         report["parts"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
         write_json("gpu_check.json", report, path=out_dir / "gpu_check.json")
 
+    part("tune", lambda: tune_part(args.tune_budget_s, out_dir, args.workers))
     part("correctness", lambda: correctness("cuda", args.workers))
     part("benchmarks", lambda: kernels.run(kernels.GPU_SHAPES))
     timings = report["parts"]["benchmarks"]

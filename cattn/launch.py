@@ -10,13 +10,14 @@ trigonometry, 16-byte cp.async K/V loads). The rule, 16-bit:
 - prefill/extend: 128 rows (query tokens x the GQA group) per program over 8 warps, so
   each of the two warpgroups owns 64 distinct rows (with 64 rows, 8 warps would compute
   the same QK^T twice); 64 keys per tile over 3 stages for heads up to 128 wide. A
-  256-wide head takes 64 rows on one warpgroup (4 warps) and 32 keys, which fits the
-  255-register budget. Rows never go below the GQA group (padded to a power of two).
+  256-wide head takes 64 rows on one warpgroup (4 warps) and 16 keys over 3 stages.
+  Rows never go below the GQA group (padded to a power of two).
 - decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); 64 keys per tile over
   3 stages up to 128-wide heads, else 32 over 2. The number of KV splits fills about two
   waves of the GPU, and no split is shorter than ``MIN_SPLIT_TOKENS`` tokens.
 - fp32 (IEEE dots, no tensor cores): 32 x 16 tiles (16 x 16 past 128-wide heads), 4 warps,
-  one stage; decode 16 keys.
+  one stage; decode 16 keys, 8 warps for 128-wide (padded) heads, else 4 (8 warps over a
+  64-wide fp32 tile split its rows into 8-byte loads).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import triton
 from cattn import configs
 from cattn.configs import TileConfig
 from cattn.kernels.decode import merge_splits_kernel, paged_decode_kernel
-from cattn.kernels.prefill import paged_prefill_kernel
+from cattn.kernels.prefill import paged_prefill_kernel, rotate_q_kernel
 from cattn.kernels.write_kv import write_kv_kernel
 from cattn.rope import RopeSpec
 from cattn.rope_table import cos_sin_table
@@ -50,16 +51,22 @@ def rule_prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileCo
     elif d_pad <= 128:
         rows, block_n, warps, stages = 128, 64, 8, 3
     else:
-        rows, block_n, warps, stages = 64, 32, 4, 2
+        rows, block_n, warps, stages = 64, 16, 4, 3
     return TileConfig(max(rows, _pow2(group)), block_n, warps, stages)
 
 
 def rule_decode_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:
-        return TileConfig(_pow2(group), 16, 8 if _pow2(head_dim) <= 128 else 4, 1)
+        return TileConfig(_pow2(group), 16, 8 if _pow2(head_dim) == 128 else 4, 1)
     if _pow2(head_dim) <= 128:
         return TileConfig(_pow2(group), 64, 4, 3)
     return TileConfig(_pow2(group), 32, 4, 2)
+
+
+def pre_rotates_q(head_dim: int, dtype: torch.dtype) -> bool:
+    """256-wide 16-bit heads rotate Q in a pass of their own (`rotate_q_kernel`): Q read from memory feeds
+    the tensor cores from shared memory, which frees the registers the tile needs."""
+    return dtype != torch.float32 and _pow2(head_dim) > 128
 
 
 def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device=None) -> TileConfig:
@@ -119,7 +126,8 @@ def launch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope, *, sm_scale: float,
                            causal: bool, out, max_q_len: int, sliding_window: int | None = None,
-                           logit_softcap: float | None = None) -> torch.Tensor:
+                           logit_softcap: float | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """``config`` forces a tile configuration (``bench/tune.py`` times candidates this way)."""
     total_q, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group, batch = num_q_heads // num_kv_heads, block_table.shape[0]
@@ -135,7 +143,7 @@ def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **rope_args["constexprs"])
     kc, vc = k_cache.stride(), v_cache.stride()
     if max_q_len == 1:
-        cfg = decode_config(head_dim, group, q.dtype, q.device)
+        cfg = config or decode_config(head_dim, group, q.dtype, q.device)
         window_len = max_kv_len if sliding_window is None else min(max_kv_len, sliding_window)
         splits = _num_splits(batch, num_kv_heads, window_len, q.device)
         d_pad = _pow2(head_dim)
@@ -150,13 +158,23 @@ def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens
             partial_out, partial_lse, out, splits, out.stride(0), out.stride(1), NUM_HEADS=num_q_heads,
             HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
         return out
-    cfg = prefill_config(head_dim, group, q.dtype, q.device)
+    cfg = config or prefill_config(head_dim, group, q.dtype, q.device)
     tokens_per_block = cfg.block_rows // group
     grid = (triton.cdiv(max_q_len, tokens_per_block), num_kv_heads, batch)
+    q_in, pre_rotated = q, pre_rotates_q(head_dim, q.dtype)
+    if pre_rotated:
+        c = shared
+        q_in = torch.empty(total_q, num_q_heads, 2 * c["HALF_PAD"] + c["PASS_PAD"], dtype=q.dtype, device=q.device)
+        heads_pad = triton.next_power_of_2(num_q_heads)
+        block_t = max(1, 64 // heads_pad)
+        rotate_q_kernel[(triton.cdiv(max_q_len, block_t), batch)](
+            q, q_in, kv_lens, cu_seqlens_q, *rope_args["args"], q.stride(0), q.stride(1), NUM_HEADS=num_q_heads,
+            HEADS_PAD=heads_pad, HEAD_DIM=head_dim, ROT=c["ROT"], HALF_PAD=c["HALF_PAD"], PASS_PAD=c["PASS_PAD"],
+            GPTJ=c["GPTJ"], BLOCK_T=block_t, num_warps=4)
     paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_table, kv_lens, cu_seqlens_q, *rope_args["args"], score_scale, cap_log2,
-        window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
-        block_table.stride(0), CAUSAL=causal, BLOCK_R=cfg.block_rows, BLOCK_N=cfg.block_n,
+        q_in, k_cache, v_cache, out, block_table, kv_lens, cu_seqlens_q, *rope_args["args"], score_scale, cap_log2,
+        window, q_in.stride(0), q_in.stride(1), out.stride(0), out.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1],
+        vc[2], block_table.stride(0), CAUSAL=causal, PRE_ROTATED=pre_rotated, BLOCK_R=cfg.block_rows, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **shared)
     return out
 
@@ -203,7 +221,7 @@ def _attention_config(kind: str, dtype: torch.dtype, head_dim: int, group: int, 
     ptrs = dict(q_ptr=t, k_cache=t, v_cache=t, block_table="i32", kv_lens="i32", cu_seqlens_q="i32", cos_sin_ptr=t)
     if kind == "prefill":
         kernel, ptrs = paged_prefill_kernel, dict(ptrs, out_ptr=t)
-        ce.update(CAUSAL=causal, BLOCK_R=cfg.block_rows)
+        ce.update(CAUSAL=causal, BLOCK_R=cfg.block_rows, PRE_ROTATED=pre_rotates_q(head_dim, dtype))
     else:
         kernel, ptrs = paged_decode_kernel, dict(ptrs, partial_out="fp32", partial_lse="fp32")
         ce.update(BLOCK_H=cfg.block_rows)
@@ -250,6 +268,10 @@ def shipped_configs() -> list[ShippedConfig]:
                                      _signature(write_kv_kernel, ptrs, {}, ce), ce, 4, 1,
                                      tuple(n for n in write_kv_kernel.arg_names if n in ptrs or n.startswith("stride"))))
     bf16 = torch.bfloat16
+    ce = dict(NUM_HEADS=32, HEADS_PAD=32, HEAD_DIM=256, ROT=256, HALF_PAD=128, PASS_PAD=16, GPTJ=False, BLOCK_T=2)
+    ptrs = dict(q_ptr="bf16", q_rot_ptr="bf16", kv_lens="i32", cu_seqlens_q="i32", cos_sin_ptr="bf16")
+    out.append(ShippedConfig("rotate_q_bf16_d256", rotate_q_kernel, _signature(rotate_q_kernel, ptrs, {}, ce), ce, 4, 1,
+                             ("q_ptr", "q_rot_ptr", "cos_sin_ptr", "table_set_stride", "stride_qt", "stride_qh")))
     d128 = rule_prefill_config(128, 4, bf16)
     out += [
         _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_noncausal", causal=False),

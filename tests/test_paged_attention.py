@@ -152,7 +152,7 @@ def test_page_sizes_with_mixed_batch(dtype, page_size):
 # ---- GQA ratios x head dims, through both kernels ---------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128, 80, 96])
+@pytest.mark.parametrize("head_dim", [64, 128, 80, 96, 256])
 @pytest.mark.parametrize("group", [1, 4, 7])
 def test_gqa_and_head_dims(dtype, head_dim, group):
     rope = default_rope(head_dim)

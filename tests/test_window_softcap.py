@@ -93,3 +93,12 @@ def test_table_is_hf_cos_sin_and_grows():
     assert cos_sin_table(rope, MIN_POSITIONS, torch.float32, torch.device("cpu")) is small   # cached
     grown = cos_sin_table(rope, MIN_POSITIONS + 1, torch.float32, torch.device("cpu"))
     assert grown.shape[1] == 2 * MIN_POSITIONS and torch.equal(grown[:, :MIN_POSITIONS], small)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("style, rotary_dim", [("neox", 256), ("gptj", 128)])
+def test_head_dim_256_pre_rotated_q_with_window_and_softcap(dtype, style, rotary_dim):
+    """Gemma's shape: 256-wide heads (Q rotated in its own pass for 16-bit), a window and a softcap."""
+    rope = default_rope(rotary_dim, style)
+    batch = make_batch([19, 1, 6], [19, 70, 40], num_kv_heads=1, group=2, head_dim=256, page_size=16, dtype=dtype)
+    check(batch, rope, sliding_window=24, logit_softcap=30.0)

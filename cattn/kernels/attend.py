@@ -9,9 +9,9 @@ loaded here serves the whole GQA group.
 import triton
 import triton.language as tl
 
-from cattn.kernels.rope import pair_dims, rotate_joined, table_cos_sin
+from cattn.kernels.rope import load_pairs, rotate_joined, table_cos_sin
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -45,7 +45,6 @@ def attend_kv_range(
     dtype = v_cache.dtype.element_ty
     HALF: tl.constexpr = ROT // 2
     PASS: tl.constexpr = HEAD_DIM - ROT
-    first, second, pair_ok = pair_dims(HALF_PAD, HALF, GPTJ)
     rest = ROT + tl.arange(0, PASS_PAD)
     d = tl.arange(0, D_PAD)
     for start in range(lo, hi, BLOCK_N):
@@ -56,9 +55,7 @@ def attend_kv_range(
         v_rows = v_cache + page * stride_vp + (keys % PAGE_SIZE) * stride_vt + v_head_offset
         scores = tl.zeros([q_pos.shape[0], BLOCK_N], dtype=tl.float32)
         if HALF > 0:
-            row_ok = in_len[:, None] & pair_ok[None, :]
-            k1 = tl.load(k_rows[:, None] + first[None, :], mask=row_ok, other=0.0).to(tl.float32)
-            k2 = tl.load(k_rows[:, None] + second[None, :], mask=row_ok, other=0.0).to(tl.float32)
+            k1, k2 = load_pairs(k_rows, in_len, HALF, HALF_PAD, GPTJ)
             cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD)
             k_rot = rotate_joined(k1, k2, cos, sin, dtype)
             scores = tl.dot(q_rot, tl.trans(k_rot), scores, input_precision=DOT_PRECISION)
@@ -102,11 +99,8 @@ def load_rotated_q(
     """
     dtype = q_rows.dtype.element_ty
     HALF: tl.constexpr = ROT // 2
-    first, second, pair_ok = pair_dims(HALF_PAD, HALF, GPTJ)
     rest = ROT + tl.arange(0, PASS_PAD)
-    mask = row_ok[:, None] & pair_ok[None, :]
-    q1 = tl.load(q_rows[:, None] + first[None, :], mask=mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows[:, None] + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    q1, q2 = load_pairs(q_rows, row_ok, HALF, HALF_PAD, GPTJ)
     cos, sin = table_cos_sin(cos_sin_set, q_pos, ROT, HALF_PAD)
     q_rot = rotate_joined(q1, q2, cos, sin, dtype)
     q_rest = tl.load(q_rows[:, None] + rest[None, :], mask=row_ok[:, None] & (rest[None, :] < HEAD_DIM),

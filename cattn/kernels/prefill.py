@@ -4,6 +4,11 @@ Grid: (query blocks, KV heads, sequences). A program's ``BLOCK_R`` rows are
 ``BLOCK_R // GROUP`` consecutive query tokens times the ``GROUP`` query heads that
 share one KV head. Keys every row may see run unmasked; the diagonal band (causal), the
 partial last tile and the lower edge of a sliding window run masked.
+
+``PRE_ROTATED`` programs read Q already rotated and joined by `rotate_q_kernel` (a
+workspace ``[total_q, num_q_heads, 2*HALF_PAD + PASS_PAD]``): Q loaded from memory can feed
+the tensor cores from shared memory instead of registers, which is what lets 256-wide heads
+fit the register file.
 """
 import triton
 import triton.language as tl
@@ -19,7 +24,7 @@ def paged_prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
     HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr, GPTJ: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, PRE_ROTATED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block, kv_head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -39,7 +44,13 @@ def paged_prefill_kernel(
     row_ok = (rows < BLOCK_TOKENS * GROUP) & (token < q_len)
     q_pos = kv_len - q_len + token
     q_rows = q_ptr + (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
-    q_rot, q_rest = load_rotated_q(q_rows, row_ok, q_pos, cos_sin_set, HEAD_DIM, ROT, HALF_PAD, PASS_PAD, GPTJ)
+    if PRE_ROTATED:
+        joined = tl.arange(0, 2 * HALF_PAD)
+        q_rot = tl.load(q_rows[:, None] + joined[None, :], mask=row_ok[:, None], other=0.0)
+        rest = 2 * HALF_PAD + tl.arange(0, PASS_PAD)
+        q_rest = tl.load(q_rows[:, None] + rest[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        q_rot, q_rest = load_rotated_q(q_rows, row_ok, q_pos, cos_sin_set, HEAD_DIM, ROT, HALF_PAD, PASS_PAD, GPTJ)
 
     acc = tl.zeros([BLOCK_R, D_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -84,3 +95,33 @@ def paged_prefill_kernel(
     out_rows = out_ptr + (q_start + token).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def rotate_q_kernel(
+    q_ptr, q_rot_ptr, kv_lens, cu_seqlens_q, cos_sin_ptr, long_after, table_set_stride, stride_qt, stride_qh,
+    NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+    HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr, GPTJ: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Rotate each query token at its position; store ``[rotated pairs joined | rest]`` (zero padded) into
+    ``q_rot_ptr [total_q, NUM_HEADS, 2*HALF_PAD + PASS_PAD]``. Grid: (token blocks, sequences)."""
+    block, seq = tl.program_id(0), tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    if block * BLOCK_T >= q_len:
+        return
+    kv_len = tl.load(kv_lens + seq)
+    cos_sin_set = cos_sin_ptr + (kv_len > long_after).to(tl.int64) * table_set_stride
+    rows = tl.arange(0, BLOCK_T * HEADS_PAD)
+    token = block * BLOCK_T + rows // HEADS_PAD
+    head = rows % HEADS_PAD
+    row_ok = (token < q_len) & (head < NUM_HEADS)
+    q_rows = q_ptr + (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
+    q_rot, q_rest = load_rotated_q(q_rows, row_ok, kv_len - q_len + token, cos_sin_set, HEAD_DIM, ROT, HALF_PAD,
+                                   PASS_PAD, GPTJ)
+    width: tl.constexpr = 2 * HALF_PAD + PASS_PAD
+    out_rows = q_rot_ptr + ((q_start + token).to(tl.int64) * NUM_HEADS + head) * width
+    joined = tl.arange(0, 2 * HALF_PAD)
+    tl.store(out_rows[:, None] + joined[None, :], q_rot, mask=row_ok[:, None])
+    rest = 2 * HALF_PAD + tl.arange(0, PASS_PAD)
+    tl.store(out_rows[:, None] + rest[None, :], q_rest, mask=row_ok[:, None])

@@ -12,14 +12,20 @@ import triton.language as tl
 
 
 @triton.jit
-def pair_dims(HALF_PAD: tl.constexpr, HALF: tl.constexpr, GPTJ: tl.constexpr):
-    """Head dims of the first and second member of each rotated pair, and the mask of real pairs."""
+def load_pairs(rows, row_ok, HALF: tl.constexpr, HALF_PAD: tl.constexpr, GPTJ: tl.constexpr):
+    """The two members of each rotated pair of ``rows`` (a pointer per row to its head's dim 0), fp32
+    ``[R, HALF_PAD]`` each, zeros where absent. Both styles load contiguous runs, so the loads stay
+    16-byte vectors: neox two halves, gptj the whole rotated run, de-interleaved in registers."""
     i = tl.arange(0, HALF_PAD)
     if GPTJ:
-        first, second = 2 * i, 2 * i + 1
+        j = tl.arange(0, 2 * HALF_PAD)
+        both = tl.load(rows[:, None] + j[None, :], mask=row_ok[:, None] & (j < 2 * HALF)[None, :], other=0.0)
+        x1, x2 = tl.split(tl.reshape(both, (both.shape[0], HALF_PAD, 2)))
     else:
-        first, second = i, i + HALF
-    return first, second, i < HALF
+        mask = row_ok[:, None] & (i < HALF)[None, :]
+        x1 = tl.load(rows[:, None] + i[None, :], mask=mask, other=0.0)
+        x2 = tl.load(rows[:, None] + HALF + i[None, :], mask=mask, other=0.0)
+    return x1.to(tl.float32), x2.to(tl.float32)
 
 
 @triton.jit
