@@ -254,7 +254,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     _check_tensor(x, "x", 3, "[T, num_heads, head_dim]")
     _check_tensor(positions, "positions", 1, "[T]")
     _expect(positions.shape[0] == x.shape[0], ValueError, f"positions has {positions.shape[0]} entries for {x.shape[0]} tokens")
-    _expect(not positions.is_floating_point(), TypeError, f"positions must be integers, got {positions.dtype}")
+    _expect(not (positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool), TypeError,
+            f"positions must be integers, got {positions.dtype}")
+    _check_float_dtype(x, "x", "torch")
     _expect(positions.device == x.device, ValueError, f"positions is on {positions.device}, expected {x.device}")
     _expect(isinstance(rope, RopeSpec), TypeError, f"rope must be a RopeSpec, got {type(rope).__name__}")
     _expect(rope.rotary_dim <= x.shape[2], ValueError, f"rope.rotary_dim {rope.rotary_dim} exceeds head_dim {x.shape[2]}")
