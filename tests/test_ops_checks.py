@@ -263,7 +263,7 @@ def call_attention_on(backend: str, args: dict, **kwargs):
                                  **{**a, **kwargs})
 
 
-# (case id, cache shape, q shape, name of the zero dimension in the message, argument named)
+# (case id, cache shape, q shape, message: the tensor and its zero dimension)
 ZERO_SIZE_CASES = [
     ("page_size", (NUM_PAGES, 0, HKV, D), (4, HQ, D), "k_cache page_size must be positive"),
     ("num_kv_heads", (NUM_PAGES, PAGE, 0, D), (4, HQ, D), "k_cache num_kv_heads must be positive"),
