@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 # The kernels also run under the GPU machine's Triton (3.6.0, whose interpreter needs numpy < 2.4),
 # in a virtual environment of their own so that the main one keeps the newest Triton.
 TRITON36_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cattn/triton36
-KERNEL_TESTS := tests/test_paged_attention.py tests/test_window_softcap.py tests/test_write_kv.py \
+KERNEL_TESTS := tests/test_paged_attention.py tests/test_window_softcap.py tests/test_write_kv.py tests/test_strided_indices.py \
 	tests/test_configs.py tests/test_compile.py
 
 .PHONY: setup demo test test-triton36

@@ -9,6 +9,7 @@ them itself and checked them once per step (`check_batch`) passes
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -18,11 +19,15 @@ from cattn.rope import RopeSpec
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The torch backend also takes float64 (the oracle's dtype); neither takes integer, bool, complex or fp8.
+TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels in its interpreter: the values its own TRITON_INTERPRET parser
+    (``getenv_bool``) takes as true."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -47,6 +52,10 @@ def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
 
 def _check_caches(k_cache, v_cache, device) -> None:
     _check_tensor(k_cache, "k_cache", 4, "[num_pages, page_size, num_kv_heads, head_dim]")
+    for dim, size in zip(("page_size", "num_kv_heads", "head_dim"), k_cache.shape[1:]):
+        # an empty pool (num_pages 0) is valid; an empty page, head count or head is not (page ids divide by it)
+        _expect(size > 0, ValueError, f"k_cache {dim} must be positive, got shape {tuple(k_cache.shape)} "
+                                      "[num_pages, page_size, num_kv_heads, head_dim]")
     _check_tensor(v_cache, "v_cache", 4, "[num_pages, page_size, num_kv_heads, head_dim]")
     _expect(v_cache.shape == k_cache.shape, ValueError,
             f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
@@ -63,16 +72,46 @@ def _check_index(t, name: str, ndim: int, layout: str, device) -> None:
     _expect(t.device == device, ValueError, f"{name} is on {t.device}, expected {device}")
 
 
+def _check_float_dtype(t: torch.Tensor, name: str, backend: str) -> None:
+    """The backend computes in ``t``'s dtype: integer, bool, complex and fp8 are refused by both."""
+    allowed = KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES
+    _expect(t.dtype in allowed, TypeError, f"{name} dtype must be one of {allowed} for backend {backend!r}, got {t.dtype}")
+
+
+def _check_sm_scale(sm_scale, head_dim: int) -> float:
+    """``sm_scale`` as the float the kernels take. A real number (int, float, numpy scalar), finite and
+    positive; None means ``head_dim ** -0.5``. bool, complex and tensors are refused: a tensor would
+    need a host read to become the kernel's scalar argument, so the caller converts it, knowingly."""
+    if sm_scale is None:
+        return head_dim ** -0.5
+    _expect(isinstance(sm_scale, numbers.Real) and not isinstance(sm_scale, bool), TypeError,
+            f"sm_scale must be a real number (int or float), got {type(sm_scale).__name__}")
+    try:
+        value = float(sm_scale)
+    except OverflowError:   # an int past float's range
+        value = math.inf
+    _expect(math.isfinite(value) and value > 0, ValueError, f"sm_scale must be finite and positive, got {sm_scale}")
+    return value
+
+
+def _contiguous_indices(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels read index tensors as dense rows (only block_table's row stride is passed), so a
+    strided view is copied here, on its device and without a host sync, before the range checks:
+    the checks then check exactly the memory the kernel reads."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, *, backend: str = "auto", check_indices: bool = True) -> None:
     """Scatter new pre-RoPE keys and values into the paged caches, in place.
 
     Args:
-        k: ``[T, num_kv_heads, head_dim]`` new keys, *before* RoPE.
+        k: ``[T, num_kv_heads, head_dim]`` new keys, *before* RoPE; fp16/bf16/fp32 (torch backend: or fp64).
         v: ``[T, num_kv_heads, head_dim]`` new values.
         k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, dtype of k.
         v_cache: same shape and dtype as k_cache.
         slot_mapping: ``[T]`` int32/int64, ``page * page_size + offset`` of each token; -1 skips it.
+            Any strides (a strided view is copied on its device first).
     """
     _check_tensor(k, "k", 3, "[T, num_kv_heads, head_dim]")
     _check_tensor(v, "v", 3, "[T, num_kv_heads, head_dim]")
@@ -87,15 +126,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _check_index(slot_mapping, "slot_mapping", 1, "[T]", k.device)
     _expect(slot_mapping.shape[0] == k.shape[0], ValueError,
             f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
+    chosen = _pick_backend(backend, k.device)
+    _check_float_dtype(k, "k", chosen)
+    (slot_mapping,) = _contiguous_indices(slot_mapping)
     if check_indices and slot_mapping.numel():
         num_slots = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = slot_mapping.min().item(), slot_mapping.max().item()
         _expect(lo >= -1 and hi < num_slots, ValueError,
                 f"slot_mapping entries must be in [-1, {num_slots}) (num_pages * page_size), got [{lo}, {hi}]")
-    if _pick_backend(backend, k.device) == "torch":
+    if chosen == "torch":
         return reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
     from cattn.launch import launch_write_kv
-    launch_write_kv(k, v, k_cache, v_cache, slot_mapping)
+    launch_write_kv(k, v, k_cache, v_cache, slot_mapping)   # a copy: exact in bf16 under the interpreter too
 
 
 def check_batch(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -138,15 +180,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Prefill (``q_len == kv_len``), extend and decode (every ``q_len == 1``) share this entry.
 
     Args:
-        q: ``[total_q, num_q_heads, head_dim]`` fp16/bf16/fp32 queries *before* RoPE.
+        q: ``[total_q, num_q_heads, head_dim]`` fp16/bf16/fp32 queries *before* RoPE (the torch backend
+            also takes fp64). Under ``TRITON_INTERPRET=1`` the Triton backend computes bf16 in fp32.
         k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` pre-RoPE keys, q's dtype;
             ``num_q_heads`` must be a multiple of ``num_kv_heads`` (GQA).
         v_cache: values, same shape and dtype as ``k_cache``.
-        block_table: ``[B, max_pages]`` int32, page ids of each sequence in order.
-        kv_lens: ``[B]`` int32, tokens cached per sequence.
-        cu_seqlens_q: ``[B + 1]`` int32, prefix sums of the query lengths.
+        block_table: ``[B, max_pages]`` int32/int64, page ids of each sequence in order.
+        kv_lens: ``[B]`` int32/int64, tokens cached per sequence.
+        cu_seqlens_q: ``[B + 1]`` int32/int64, prefix sums of the query lengths. The index tensors
+            may have any strides (a strided view is copied on its device first).
         rope: the model's `RopeSpec`, or None for no rotation.
-        sm_scale: softmax scale, default ``head_dim ** -0.5``.
+        sm_scale: softmax scale, a finite positive int or float (not bool, complex or a tensor),
+            default ``head_dim ** -0.5``.
         causal: mask keys after each query's position (bottom-right aligned).
         sliding_window: None, or each query at position p sees only keys at positions k with
             ``p - k < sliding_window`` (HF's convention).
@@ -161,6 +206,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ``[total_q, num_q_heads, head_dim]`` in q's dtype (``out`` if given).
     """
     _check_tensor(q, "q", 3, "[total_q, num_q_heads, head_dim]")
+    _expect(q.shape[1] > 0, ValueError, f"q num_q_heads must be positive, got shape {tuple(q.shape)}")
     _check_caches(k_cache, v_cache, q.device)
     num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
     _expect(q.shape[2] == head_dim, ValueError, f"q head_dim {q.shape[2]} must equal k_cache head_dim {head_dim}")
@@ -188,9 +234,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _expect(logit_softcap is None or (isinstance(logit_softcap, (int, float)) and not isinstance(logit_softcap, bool)
                                       and math.isfinite(logit_softcap) and logit_softcap > 0), ValueError,
             f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    sm_scale = _check_sm_scale(sm_scale, head_dim)
     chosen = _pick_backend(backend, q.device)
-    if chosen == "triton":
-        _expect(q.dtype in KERNEL_DTYPES, TypeError, f"q dtype must be one of {KERNEL_DTYPES} for backend 'triton', got {q.dtype}")
+    _check_float_dtype(q, "q", chosen)
+    block_table, kv_lens, cu_seqlens_q = _contiguous_indices(block_table, kv_lens, cu_seqlens_q)
     if check_indices:
         max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, num_pages, page_size, q.shape[0])
     if chosen == "torch":
@@ -200,10 +247,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     from cattn.launch import launch_paged_attention
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
-    return launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope,
-                                  sm_scale=sm_scale if sm_scale is not None else head_dim ** -0.5,
-                                  causal=causal, out=out, max_q_len=max_q_len, sliding_window=sliding_window,
-                                  logit_softcap=None if logit_softcap is None else float(logit_softcap))
+    bf16_as_fp32 = q.dtype == torch.bfloat16 and _interpreting()
+    if bf16_as_fp32:
+        # The interpreter multiplies bf16 bit patterns, not values: run on fp32 copies (the caches are
+        # copied whole, acceptable at the interpreter's sizes) and round the output to bf16 once.
+        bf16_out, q, k_cache, v_cache, out = out, q.float(), k_cache.float(), v_cache.float(), None
+    attended = launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope,
+                                      sm_scale=sm_scale, causal=causal, out=out, max_q_len=max_q_len,
+                                      sliding_window=sliding_window,
+                                      logit_softcap=None if logit_softcap is None else float(logit_softcap))
+    if bf16_as_fp32:
+        return attended.to(torch.bfloat16) if bf16_out is None else bf16_out.copy_(attended)
+    return attended
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
@@ -211,7 +266,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     _check_tensor(x, "x", 3, "[T, num_heads, head_dim]")
     _check_tensor(positions, "positions", 1, "[T]")
     _expect(positions.shape[0] == x.shape[0], ValueError, f"positions has {positions.shape[0]} entries for {x.shape[0]} tokens")
-    _expect(not positions.is_floating_point(), TypeError, f"positions must be integers, got {positions.dtype}")
+    _expect(not (positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool), TypeError,
+            f"positions must be integers, got {positions.dtype}")
+    _check_float_dtype(x, "x", "torch")
     _expect(positions.device == x.device, ValueError, f"positions is on {positions.device}, expected {x.device}")
     _expect(isinstance(rope, RopeSpec), TypeError, f"rope must be a RopeSpec, got {type(rope).__name__}")
     _expect(rope.rotary_dim <= x.shape[2], ValueError, f"rope.rotary_dim {rope.rotary_dim} exceeds head_dim {x.shape[2]}")

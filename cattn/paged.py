@@ -7,10 +7,20 @@ token ``i`` of a sequence lives in page ``pages[i // page_size]`` at offset
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+
+def _count(value, name: str, *, least: int = 0) -> int:
+    """``value`` as an int ``>= least``: ints and numpy ints; bool, float and tensors are refused."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
+    return int(value)
 
 
 class PoolExhaustedError(RuntimeError):
@@ -21,10 +31,7 @@ class PagePool:
     """A free list over ``num_pages`` pages of ``page_size`` tokens."""
 
     def __init__(self, num_pages: int, page_size: int = 16):
-        if num_pages <= 0:
-            raise ValueError(f"num_pages must be positive, got {num_pages}")
-        if page_size <= 0:
-            raise ValueError(f"page_size must be positive, got {page_size}")
+        num_pages, page_size = _count(num_pages, "num_pages", least=1), _count(page_size, "page_size", least=1)
         self.num_pages, self.page_size = num_pages, page_size
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low page ids first
         self._used = set()
@@ -34,6 +41,8 @@ class PagePool:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        """``n`` free page ids (low ids first); raises `PoolExhaustedError` and changes nothing if too few."""
+        n = _count(n, "n")
         if n > len(self._free):
             raise PoolExhaustedError(f"page pool exhausted: asked for {n} pages, {len(self._free)} of "
                                      f"{self.num_pages} free (page_size={self.page_size})")
@@ -42,11 +51,20 @@ class PagePool:
         return pages
 
     def free(self, pages: Sequence[int]) -> None:
+        """Return ``pages`` to the pool, all or none: every id is checked (an int in range, allocated,
+        listed once) before any is freed, so a bad list leaves the pool as it was."""
+        pages = list(pages)
         for p in pages:
+            if not isinstance(p, numbers.Integral) or isinstance(p, bool):
+                raise TypeError(f"pages: page ids must be ints, got {type(p).__name__}")
+            if not 0 <= p < self.num_pages:
+                raise ValueError(f"pages: page {p} is out of range [0, {self.num_pages})")
             if p not in self._used:
                 raise ValueError(f"pages: page {p} is not allocated (double free?)")
-            self._used.remove(p)
-            self._free.append(p)
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"pages: a page is listed more than once (double free): {pages}")
+        self._used.difference_update(pages)
+        self._free.extend(int(p) for p in pages)
 
 
 @dataclass
@@ -71,6 +89,7 @@ class PagedSequences:
     def append_slots(self, seq_id: Hashable, n: int) -> list[int]:
         """Reserve ``n`` new token slots at the end of ``seq_id`` (created if new); returns their slots
         (``page * page_size + offset``). Raises `PoolExhaustedError` before changing anything."""
+        n = _count(n, "n")
         seq = self.seqs.get(seq_id) or SequencePages()
         ps = self.page_size
         need = -(-(seq.num_tokens + n) // ps) - len(seq.pages)
@@ -109,9 +128,8 @@ class PagedSequences:
         Returns the number of tokens actually dropped (``>= num_drop`` unless the
         sequence had fewer tokens after ``keep_first``).
         """
+        num_drop, keep_first = _count(num_drop, "num_drop"), _count(keep_first, "keep_first")
         seq = self.seqs[seq_id]
-        if num_drop < 0 or keep_first < 0:
-            raise ValueError(f"num_drop and keep_first must be >= 0, got {num_drop} and {keep_first}")
         ps = self.page_size
         keep_first = min(keep_first, seq.num_tokens)
         droppable = seq.num_tokens - keep_first

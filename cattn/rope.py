@@ -8,6 +8,8 @@ fp32, cos/sin multiplied by `attention_scaling`.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal
@@ -39,13 +41,38 @@ class RopeSpec:
     original_max_position: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.inv_freq, torch.Tensor) or self.inv_freq.ndim != 1:
-            raise TypeError("inv_freq must be a 1-D tensor [rotary_dim // 2]")
+        """Every field is checked here, once, so that kernels and the reference never see a bad spec.
+        (Reads inv_freq on the host to check it is finite: a spec is built once per model.)"""
+        _check_freqs(self.inv_freq, "inv_freq")
+        scaling = self.attention_scaling
+        if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+            raise TypeError(f"attention_scaling must be a real number, got {type(scaling).__name__}")
+        try:
+            finite = math.isfinite(float(scaling))
+        except OverflowError:   # an int past float's range
+            finite = False
+        if not (finite and scaling > 0):
+            raise ValueError(f"attention_scaling must be finite and positive, got {scaling}")
         if self.style not in ("neox", "gptj"):
             raise ValueError(f"style must be 'neox' or 'gptj', got {self.style!r}")
-        object.__setattr__(self, "inv_freq", self.inv_freq.detach().float().contiguous())
+        if (self.long_inv_freq is None) != (self.original_max_position is None):
+            raise ValueError("long_inv_freq and original_max_position go together (longrope): got "
+                             f"long_inv_freq={'None' if self.long_inv_freq is None else 'a tensor'}, "
+                             f"original_max_position={self.original_max_position!r}")
         if self.long_inv_freq is not None:
+            _check_freqs(self.long_inv_freq, "long_inv_freq")
+            if self.long_inv_freq.shape != self.inv_freq.shape:
+                raise ValueError(f"long_inv_freq must have inv_freq's shape {tuple(self.inv_freq.shape)}, "
+                                 f"got {tuple(self.long_inv_freq.shape)}")
+            omp = self.original_max_position
+            if not isinstance(omp, numbers.Integral) or isinstance(omp, bool):
+                raise TypeError(f"original_max_position must be an int, got {type(omp).__name__}")
+            if omp <= 0:
+                raise ValueError(f"original_max_position must be positive, got {omp}")
+            object.__setattr__(self, "original_max_position", int(omp))
             object.__setattr__(self, "long_inv_freq", self.long_inv_freq.detach().float().contiguous())
+        object.__setattr__(self, "attention_scaling", float(scaling))
+        object.__setattr__(self, "inv_freq", self.inv_freq.detach().float().contiguous())
 
     @property
     def rotary_dim(self) -> int:
@@ -65,6 +92,10 @@ class RopeSpec:
         to its long factors past ``original_max_position``, exactly as HF does)."""
         if self.long_inv_freq is None or seq_len <= self.original_max_position:
             return self
+        return self._long_regime
+
+    @cached_property
+    def _long_regime(self) -> RopeSpec:
         return replace(self, inv_freq=self.long_inv_freq, long_inv_freq=None, original_max_position=None)
 
     def to(self, device: torch.device | str) -> RopeSpec:
@@ -107,6 +138,20 @@ class RopeSpec:
     def from_model(cls, model, *, style: RopeStyle = "neox") -> RopeSpec:
         """Build from an HF model (or its config); refuses ``dynamic`` rope."""
         return cls.from_config(getattr(model, "config", model), style=style)
+
+
+def _check_freqs(freqs, name: str) -> None:
+    """A ``[rotary_dim // 2]`` tensor of finite real floating-point frequencies, at least one."""
+    if not isinstance(freqs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [rotary_dim // 2], got {type(freqs).__name__}")
+    if freqs.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D tensor [rotary_dim // 2], got shape {tuple(freqs.shape)}")
+    if freqs.numel() == 0:
+        raise ValueError(f"{name} must hold at least one frequency (no rotation is rope=None)")
+    if not freqs.is_floating_point():     # integer, bool and complex frequencies are refused, not converted
+        raise TypeError(f"{name} must be a real floating-point tensor, got {freqs.dtype}")
+    if not bool(torch.isfinite(freqs.float()).all()):
+        raise ValueError(f"{name} must be finite, got {freqs.tolist()}")
 
 
 def _default_inv_freq(config, params: dict) -> torch.Tensor:

@@ -43,10 +43,50 @@ def test_pool_rejects_double_free_and_foreign_pages():
     assert pool.num_free == 3
 
 
-@pytest.mark.parametrize("num_pages, page_size, name", [(0, 16, "num_pages"), (4, 0, "page_size")])
-def test_pool_rejects_bad_sizes(num_pages, page_size, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("num_pages, page_size, name, exc", [
+    (0, 16, "num_pages", ValueError), (-3, 16, "num_pages", ValueError), (4, 0, "page_size", ValueError),
+    (4, -16, "page_size", ValueError), (True, 16, "num_pages", TypeError), (4, True, "page_size", TypeError),
+    (4.0, 16, "num_pages", TypeError), (4, 16.0, "page_size", TypeError), (torch.tensor(4), 16, "num_pages", TypeError),
+])
+def test_pool_rejects_bad_sizes(num_pages, page_size, name, exc):
+    with pytest.raises(exc, match=name):
         PagePool(num_pages, page_size)
+
+
+def test_pool_takes_numpy_ints():
+    np = pytest.importorskip("numpy")
+    pool = PagePool(np.int64(4), page_size=np.int32(8))
+    assert (pool.num_pages, pool.page_size) == (4, 8) and type(pool.page_size) is int
+    pool.free(pool.allocate(np.int64(2))[:1])
+    assert pool.num_free == 3
+
+
+@pytest.mark.parametrize("n, exc", [(-1, ValueError), (True, TypeError), (1.0, TypeError), (torch.tensor(1), TypeError)])
+def test_pool_allocate_rejects_bad_counts(n, exc):
+    pool = PagePool(4)
+    with pytest.raises(exc, match=r"\bn\b"):
+        pool.allocate(n)
+    assert pool.num_free == 4
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ([1, 1], ValueError, "listed more than once"),       # the same page twice in one call
+    ([1, 2], ValueError, "page 2 is not allocated"),      # the second was never handed out
+    ([1, 4], ValueError, r"page 4 is out of range \[0, 4\)"),
+    ([1, -1], ValueError, r"page -1 is out of range"),    # would index from the end of a table
+    ([1, True], TypeError, "page ids must be ints, got bool"),
+    ([1, 0.0], TypeError, "page ids must be ints, got float"),
+])
+def test_pool_free_is_all_or_nothing(bad, exc, match):
+    """A bad list frees nothing: the good pages in it stay allocated and can be freed afterwards."""
+    pool = PagePool(4)
+    pages = pool.allocate(2)                  # [0, 1]
+    with pytest.raises(exc, match=match) as info:
+        pool.free(bad)
+    assert "pages" in str(info.value)
+    assert pool.num_free == 2 and sorted(pool.allocate(2)) == [2, 3]
+    pool.free(pages)                          # 0 and 1 are still allocated, exactly once
+    assert pool.num_free == 2
 
 
 # ---- PagedSequences ---------------------------------------------------------------------------
@@ -78,13 +118,28 @@ def test_append_slots_exhaustion_changes_nothing():
     assert "new" not in seqs.seqs and seqs.pool.num_free == 1
 
 
-def test_truncate_rejects_negative_counts():
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"num_drop": -1}, ValueError, "num_drop"), ({"num_drop": 4, "keep_first": -2}, ValueError, "keep_first"),
+    ({"num_drop": True}, TypeError, "num_drop"), ({"num_drop": 4, "keep_first": False}, TypeError, "keep_first"),
+    ({"num_drop": 4.0}, TypeError, "num_drop"), ({"num_drop": torch.tensor(4)}, TypeError, "num_drop"),
+])
+def test_truncate_rejects_bad_counts(kwargs, exc, name):
     seqs = PagedSequences(PagePool(4, page_size=4))
     seqs.append_slots("a", 10)
-    for kwargs in ({"num_drop": -1}, {"num_drop": 4, "keep_first": -2}):
-        with pytest.raises(ValueError, match="num_drop and keep_first"):
-            seqs.truncate("a", **kwargs)
-    assert seqs.seqs["a"].num_tokens == 10
+    with pytest.raises(exc, match=name):
+        seqs.truncate("a", **kwargs)
+    assert seqs.seqs["a"].num_tokens == 10 and seqs.pool.num_free == 1
+
+
+@pytest.mark.parametrize("n, exc", [(-1, ValueError), (True, TypeError), (2.0, TypeError), (torch.tensor(2), TypeError)])
+def test_append_slots_rejects_bad_counts(n, exc):
+    seqs = PagedSequences(PagePool(4, page_size=4))
+    seqs.append_slots("a", 3)
+    with pytest.raises(exc, match=r"\bn\b"):
+        seqs.append_slots("a", n)
+    with pytest.raises(exc, match=r"\bn\b"):
+        seqs.append_slots("new", n)
+    assert seqs.seqs["a"].num_tokens == 3 and "new" not in seqs.seqs and seqs.pool.num_free == 3
 
 
 # ---- truncation equivalence -------------------------------------------------------------------

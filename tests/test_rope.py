@@ -185,11 +185,93 @@ def test_dynamic_rope_is_refused(source):
             RopeSpec.from_model(transformers.LlamaForCausalLM(config))
 
 
-def test_spec_validates_its_fields():
-    with pytest.raises(ValueError, match="style"):
-        RopeSpec(torch.ones(4), style="rotate")
-    with pytest.raises(TypeError, match="inv_freq"):
-        RopeSpec(torch.ones(2, 2))
+INV = torch.tensor([1.0, 0.1, 0.01])
+# (case id, RopeSpec kwargs, exception, message: each names the field)
+BAD_SPECS = [
+    ("style", dict(inv_freq=INV, style="rotate"), ValueError, "style must be 'neox' or 'gptj'"),
+    ("inv_freq-2d", dict(inv_freq=torch.ones(2, 2)), TypeError, r"inv_freq must be a 1-D tensor"),
+    ("inv_freq-list", dict(inv_freq=[1.0, 0.1]), TypeError, "inv_freq must be a torch.Tensor"),
+    ("inv_freq-empty", dict(inv_freq=torch.ones(0)), ValueError, "inv_freq must hold at least one frequency"),
+    ("inv_freq-int", dict(inv_freq=torch.ones(3, dtype=torch.int64)), TypeError, "inv_freq must be a real floating-point"),
+    ("inv_freq-bool", dict(inv_freq=torch.ones(3, dtype=torch.bool)), TypeError, "inv_freq must be a real floating-point"),
+    ("inv_freq-complex", dict(inv_freq=INV.to(torch.complex64)), TypeError, "inv_freq must be a real floating-point"),
+    ("inv_freq-nan", dict(inv_freq=torch.tensor([1.0, float("nan")])), ValueError, "inv_freq must be finite"),
+    ("inv_freq-inf", dict(inv_freq=torch.tensor([float("inf"), 1.0])), ValueError, "inv_freq must be finite"),
+    ("scaling-bool", dict(inv_freq=INV, attention_scaling=True), TypeError, "attention_scaling must be a real number"),
+    ("scaling-complex", dict(inv_freq=INV, attention_scaling=1j), TypeError, "attention_scaling must be a real number"),
+    ("scaling-tensor", dict(inv_freq=INV, attention_scaling=torch.tensor(1.0)), TypeError,
+     "attention_scaling must be a real number"),
+    ("scaling-str", dict(inv_freq=INV, attention_scaling="1.0"), TypeError, "attention_scaling must be a real number"),
+    ("scaling-zero", dict(inv_freq=INV, attention_scaling=0.0), ValueError, "attention_scaling must be finite and positive"),
+    ("scaling-negative", dict(inv_freq=INV, attention_scaling=-1.0), ValueError, "attention_scaling must be finite and positive"),
+    ("scaling-nan", dict(inv_freq=INV, attention_scaling=float("nan")), ValueError, "attention_scaling must be finite"),
+    ("scaling-inf", dict(inv_freq=INV, attention_scaling=float("inf")), ValueError, "attention_scaling must be finite"),
+    ("scaling-huge-int", dict(inv_freq=INV, attention_scaling=10**400), ValueError, "attention_scaling must be finite"),
+    ("long-without-switch", dict(inv_freq=INV, long_inv_freq=INV / 2), ValueError,
+     "long_inv_freq and original_max_position go together"),
+    ("switch-without-long", dict(inv_freq=INV, original_max_position=64), ValueError,
+     "long_inv_freq and original_max_position go together"),
+    ("long-length", dict(inv_freq=INV, long_inv_freq=INV[:2], original_max_position=64), ValueError,
+     r"long_inv_freq must have inv_freq's shape \(3,\), got \(2,\)"),
+    ("long-nan", dict(inv_freq=INV, long_inv_freq=torch.tensor([1.0, float("nan"), 0.1]), original_max_position=64),
+     ValueError, "long_inv_freq must be finite"),
+    ("long-int", dict(inv_freq=INV, long_inv_freq=torch.ones(3, dtype=torch.int32), original_max_position=64),
+     TypeError, "long_inv_freq must be a real floating-point"),
+    ("long-2d", dict(inv_freq=INV, long_inv_freq=INV[None], original_max_position=64), TypeError,
+     "long_inv_freq must be a 1-D tensor"),
+    ("switch-zero", dict(inv_freq=INV, long_inv_freq=INV / 2, original_max_position=0), ValueError,
+     "original_max_position must be positive, got 0"),
+    ("switch-negative", dict(inv_freq=INV, long_inv_freq=INV / 2, original_max_position=-64), ValueError,
+     "original_max_position must be positive"),
+    ("switch-float", dict(inv_freq=INV, long_inv_freq=INV / 2, original_max_position=64.0), TypeError,
+     "original_max_position must be an int, got float"),
+    ("switch-bool", dict(inv_freq=INV, long_inv_freq=INV / 2, original_max_position=True), TypeError,
+     "original_max_position must be an int, got bool"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [c[1:] for c in BAD_SPECS], ids=[c[0] for c in BAD_SPECS])
+def test_spec_validates_every_field_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RopeSpec(**kwargs)
+
+
+def test_spec_normalises_valid_fields():
+    """fp64/fp16 frequencies become fp32 (as HF computes angles), ints and numpy scalars plain Python."""
+    np = pytest.importorskip("numpy")
+    spec = RopeSpec(INV.double(), attention_scaling=np.float32(1.5), long_inv_freq=INV.half(),
+                    original_max_position=np.int64(64))
+    assert spec.inv_freq.dtype == spec.long_inv_freq.dtype == torch.float32
+    assert type(spec.attention_scaling) is float and spec.attention_scaling == 1.5
+    assert type(spec.original_max_position) is int and spec.original_max_position == 64
+    assert RopeSpec(INV, attention_scaling=2).attention_scaling == 2.0
+
+
+def _longrope_batch(kv_len: int, q_len: int, num_kv_heads: int = 1, group: int = 2, page: int = 8):
+    num_pages = -(-kv_len // page)
+    k_cache = torch.randn(num_pages, page, num_kv_heads, HEAD_DIM)
+    v_cache = torch.randn(num_pages, page, num_kv_heads, HEAD_DIM)
+    return (torch.randn(q_len, num_kv_heads * group, HEAD_DIM), k_cache, v_cache,
+            torch.randperm(num_pages).to(torch.int32)[None], torch.tensor([kv_len], dtype=torch.int32),
+            torch.tensor([0, q_len], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("kv_len, q_len", [(64, 1), (64, 10), (65, 1), (65, 10), (90, 40)])
+def test_longrope_backends_agree_on_the_switch(kv_len, q_len):
+    """Both backends take the long factors for a whole sequence once kv_len > original_max_position
+    (64), for every query and key of it, including those at positions below 64, as HF does when
+    its forward call reaches that length; at kv_len 64 both keep the short factors."""
+    spec = RopeSpec.from_config(phi3_longrope_config())
+    regime = RopeSpec(spec.long_inv_freq if kv_len > 64 else spec.inv_freq, spec.attention_scaling)
+    other = RopeSpec(spec.inv_freq if kv_len > 64 else spec.long_inv_freq, spec.attention_scaling)
+    batch = _longrope_batch(kv_len, q_len)
+    as64 = [t.double() if t.is_floating_point() else t for t in batch]
+    want = cattn.reference.paged_attention(*as64, regime)
+    not_want = cattn.reference.paged_attention(*as64, other)
+    assert (want - not_want).abs().max() > 1e-3          # the regimes differ: the test can tell them apart
+    for backend in ("torch", "triton"):
+        got = cattn.paged_attention(*batch, spec, backend=backend)
+        torch.testing.assert_close(got.double(), want, atol=5e-6, rtol=5e-6)
 
 
 def test_at_length_is_identity_without_long_factors():
