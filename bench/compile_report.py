@@ -32,9 +32,11 @@ from multiprocessing import get_context  # noqa: E402
 import triton  # noqa: E402
 
 from bench.common import format_table, results_dir, write_json  # noqa: E402
-from bench.pipe_model import estimate  # noqa: E402
+from bench.pipe_model import SMS, ctas_per_sm, decode_shape, estimate  # noqa: E402
 
 USE_HINTS = True
+# the decode shapes of the benchmarks (GQA 32/8, head_dim 128): (name, batch, kv_len)
+DECODE_SHAPES = [("decode B32 kv16K", 32, 16384), ("decode B8 kv64K", 8, 65536)]
 
 
 @lru_cache(maxsize=None)
@@ -71,8 +73,27 @@ def report_row(cfg, use_hints: bool = True) -> dict:
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()[-800:]}"
         row["violations"] = [row["error"]]
     row["gate"] = "pass" if not row["violations"] else "FAIL"
+    if not row.get("error"):
+        row["decode_shapes"] = decode_shapes(row)
     row["compile_s"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def decode_shapes(row: dict) -> list[dict]:
+    """The benchmark decode shapes on an H100/H200-sized GPU under this configuration (bf16 d128 only)."""
+    from cattn.launch import MIN_SPLIT_TOKENS
+    est = row.get("estimate") or {}
+    if row["kernel"] != "paged_decode_kernel" or "kv_bytes_per_s" not in est or "d128" not in row["name"] \
+            or "bf16" not in row["name"]:
+        return []
+    resident = ctas_per_sm(row["registers"], row["num_warps"], row["shared_bytes"])
+    out = []
+    for name, batch, kv_len in DECODE_SHAPES:   # the launcher's split rule, with SMS multiprocessors
+        want = -(-2 * SMS // (batch * 8))
+        splits = max(1, min(want, -(-kv_len // MIN_SPLIT_TOKENS)))
+        out.append({"shape": name, "splits": splits, "ctas_per_sm": resident,
+                    **decode_shape(est["kv_bytes_per_s"], batch * 8 * splits, resident)})
+    return out
 
 
 def _row(index: int) -> dict:
@@ -127,6 +148,12 @@ def main(argv=None) -> int:
     for row in rows:
         for v in row["violations"]:
             print(f"GATE {row['name']}: {v}", file=sys.stderr)
+    for row in rows:
+        for shape in row.get("decode_shapes", []):
+            print(f"{row['name']} on {shape['shape']}: {shape['splits']} splits, {shape['ctas']} CTAs on "
+                  f"{shape['slots']} slots ({shape['ctas_per_sm']}/SM, {shape['waves']} waves); the SMs could consume "
+                  f"{shape['sm_kv_bytes_per_s'] / 1e12:.2f} TB/s of K+V: "
+                  f"{'memory-bound' if shape['memory_bound'] else 'NOT memory-bound'} (estimate)")
     print(f"\n{len(rows)} configurations for sm_{sass.ARCH} (triton {triton.__version__}) in {wall:.1f} s; "
           f"{sum(r['gate'] != 'pass' for r in rows)} fail the gate. The estimates are static-code estimates, "
           "not measurements (bench/pipe_model.py).")

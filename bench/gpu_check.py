@@ -148,7 +148,7 @@ def correctness(device: str, workers: int) -> dict:
 def pytest_kernel_files(timeout_s: float) -> dict:
     env = dict(os.environ, CATTN_TEST_DEVICE="cuda", TRITON_INTERPRET="0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_write_kv.py",
-           "tests/test_paged_attention.py"]
+           "tests/test_paged_attention.py", "tests/test_window_softcap.py", "tests/test_strided_indices.py"]
     try:
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         tail = (run.stdout + run.stderr).strip().splitlines()
@@ -188,9 +188,9 @@ def ttft_part(budget_s: float) -> dict:
 
 # The performance goals, set on an H200: (shape, metric, floor, peers cattn must beat).
 # The floor of the extend shape is FlexAttention's H200 figure; this run's flex row is printed beside it.
-GOALS = [("extend q512 kv16K", "tflops", 420.0, ("unfused",)),
-         ("decode B32 kv16K", "gbps", 3000.0, ()),
-         ("decode B8 kv64K", "gbps", 3000.0, ())]
+GOALS = [("extend q512 kv16K", "tflops", 420.0, ("unfused", "flex")),
+         ("decode B32 kv16K", "gbps", 3600.0, ("flex",)),
+         ("decode B8 kv64K", "gbps", 3600.0, ("flex",))]
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

@@ -92,3 +92,22 @@ def estimate(body: list[tuple], num_warps: int, work: dict, head_dim: int, group
         rate = kv_bytes / cycles * SMS * CLOCK_HZ
         out.update(kv_bytes_per_s=round(rate / 1e12, 2) * 1e12, memory_bound=rate >= HBM_BYTES_S)
     return out
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Resident CTAs per SM: 65,536 registers (allocated per warp in units of 8 per thread), 228 KiB of
+    shared memory (1 KiB reserved per CTA), 64 warps."""
+    regs = -(-registers // 8) * 8
+    by_regs = 65536 // (regs * 32 * num_warps)
+    by_smem = 233472 // (shared_bytes + 1024) if shared_bytes else 32
+    return max(0, min(by_regs, by_smem, 64 // num_warps, 32))
+
+
+def decode_shape(kv_bytes_per_s: float, ctas: int, resident: int) -> dict:
+    """A decode grid of ``ctas`` programs on SMs holding ``resident`` each: waves, and whether the SMs can
+    consume K/V faster than the device copy (memory-bound). Every wave is memory-bound when its CTAs
+    keep enough bytes in flight, which the 2-3 cp.async stages of each CTA do at these sizes; a
+    partial last wave costs its share of bytes, not a whole wave, when it is memory-bound."""
+    slots = resident * SMS
+    return {"ctas": ctas, "slots": slots, "waves": round(ctas / slots, 2) if slots else None,
+            "sm_kv_bytes_per_s": kv_bytes_per_s, "memory_bound": kv_bytes_per_s >= HBM_BYTES_S}

@@ -8,7 +8,7 @@ import torch
 import cattn
 from cattn import RopeSpec, reference
 from cattn.rope_table import MIN_POSITIONS, build_table, cos_sin_table
-from tests.test_paged_attention import DTYPES, check, default_rope, make_batch
+from tests.test_paged_attention import DEVICE, DTYPES, check, default_rope, make_batch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,13 +67,15 @@ def test_positions_past_128k(dtype):
     cu = torch.tensor([0, 3], dtype=torch.int32)
     kv_lens = torch.tensor([kv_len], dtype=torch.int32)
     # a window keeps the interpreter's work small while every key read sits past 128K
-    out = cattn.paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu, rope, backend="triton",
-                                sliding_window=50)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    rope_on = rope.to(DEVICE)
+    out = cattn.paged_attention(on(q), on(k_cache), on(v_cache), on(block_table), on(kv_lens), on(cu), rope_on,
+                                backend="triton", sliding_window=50).cpu()
     expected = reference.paged_attention(q.double(), k_cache.double(), v_cache.double(), block_table, kv_lens, cu,
                                          rope, sliding_window=50)
     tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
-    assert cos_sin_table(rope, 1, dtype, q.device).shape[1] >= pages * page_size
+    assert cos_sin_table(rope_on, 1, dtype, DEVICE).shape[1] >= pages * page_size
 
 
 def test_table_is_hf_cos_sin_and_grows():
