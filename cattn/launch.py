@@ -15,9 +15,10 @@ trigonometry, 16-byte cp.async K/V loads). The rule, 16-bit:
 - decode: rows = the GQA group padded to 16 (``tl.dot``'s minimum); 64 keys per tile over
   3 stages up to 128-wide heads, else 32 over 2. The number of KV splits fills about two
   waves of the GPU, and no split is shorter than ``MIN_SPLIT_TOKENS`` tokens.
-- fp32 (IEEE dots, no tensor cores): 32 x 16 tiles on 8 warps (16 x 16 on 4 past 128-wide
-  heads; 32 x 16 on 4 warps spills under Triton 3.6), one stage; decode 16 keys, 8 warps for 128-wide (padded) heads, else 4 (8 warps over a
-  64-wide fp32 tile split its rows into 8-byte loads).
+- fp32 (IEEE dots, no tensor cores), one stage: prefill 32 x 16 tiles (16 x 16 past 128-wide
+  heads), decode 16 keys; 8 warps for 128-wide (padded) heads, else 4 (8 warps over a 64-wide
+  fp32 tile split its rows into 8-byte loads; 4 warps over 128-wide prefill spill under
+  Triton 3.6).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _pow2(n: int, least: int = 16) -> int:
 def rule_prefill_config(head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
     d_pad = _pow2(head_dim)
     if dtype == torch.float32:
-        rows, block_n, warps, stages = (32, 16, 8, 1) if d_pad <= 128 else (16, 16, 4, 1)
+        rows, block_n, warps, stages = 32 if d_pad <= 128 else 16, 16, 8 if d_pad == 128 else 4, 1
     elif d_pad <= 128:
         rows, block_n, warps, stages = 128, 64, 8, 3
     else:
