@@ -139,9 +139,9 @@ def _size(text: str, where: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _coerce(value, kind: str, where: str):
+def _coerce(value, kind: str, optional: bool, where: str):
     env = isinstance(value, _EnvValue)
-    if env and kind != "str" and value.strip().lower() in ("", "none"):
+    if env and optional and value.strip().lower() in ("", "none"):
         return None
     if kind == "size":
         if isinstance(value, str):
@@ -184,8 +184,8 @@ def _kind(name: str, annotation: str) -> str:
         return "size"
     for kind in ("bool", "int", "float", "str"):
         if annotation.startswith(kind):
-            return "strs" if annotation.startswith("tuple") else kind
-    return "strs"
+            return kind
+    return "strs"   # tuple[str, ...]
 
 
 def _section(cls, section: str, values: dict):
@@ -195,7 +195,8 @@ def _section(cls, section: str, values: dict):
         where = getattr(value, "name", None) or f"[{section}] {name}"
         if name not in fields:
             raise ValueError(f"store config: unknown key {where}; [{section}] knows {', '.join(fields)}")
-        kwargs[name] = _coerce(value, _kind(name, str(fields[name].type)), where)
+        annotation = str(fields[name].type)
+        kwargs[name] = _coerce(value, _kind(name, annotation), "None" in annotation, where)
     return cls(**kwargs)
 
 
