@@ -182,14 +182,25 @@ class RedisTier:
     def write_chunk(self, key: EntryKey, layout: KVLayout, chunk_id: str, token_ids: torch.Tensor,
                     payload: torch.Tensor) -> int:
         data, step = ff.bytes_of(payload), self.options.piece_bytes
-        header = self._header(key, layout, chunk_id, token_ids, xxhash.xxh3_64_intdigest(data))
+        # Checksum while the pieces go out (xxhash releases the GIL); the header, which records the
+        # checksum, follows them. A reader finds the header last written, so never a header over
+        # pieces it does not describe: a piece missing or from elsewhere fails the checksum.
+        checksum: list[int] = []
+        hasher = threading.Thread(target=lambda: checksum.append(xxhash.xxh3_64_intdigest(data)))
 
         def write(r):
             pipe = r.pipeline(transaction=False)
             for i in range(self._pieces(len(data))):   # memoryview slices: the pool's bytes go out uncopied
                 pipe.set(self._key(key, "c", chunk_id, str(i)), data[i * step:(i + 1) * step], px=self._px)
-            pipe.set(self._key(key, "c", chunk_id), header, px=self._px)
-            pipe.execute()
+            hasher.start()
+            try:
+                pipe.execute()
+            finally:
+                hasher.join()
+            r.set(self._key(key, "c", chunk_id), header(), px=self._px)
+
+        def header() -> bytes:
+            return self._header(key, layout, chunk_id, token_ids, checksum[0])
         try:
             with self.metrics.timed("write"):
                 self._call(write)
@@ -197,7 +208,7 @@ class RedisTier:
             self.metrics.add(write_errors=1)
             raise
         self.metrics.add(bytes_in=len(data))
-        return len(header) + len(data)
+        return self.chunk_nbytes(key, layout, chunk_id, token_ids.numel())
 
     def read_chunk(self, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int,
                    into: torch.Tensor | None = None) -> torch.Tensor:
