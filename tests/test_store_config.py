@@ -106,3 +106,12 @@ def test_file_then_environment_builds_the_store(tmp_path):
 def test_environment_alone_builds_a_dram_only_store():
     c = StoreConfig.load(None, environ={"CATTN_STORE_DRAM_BYTES": "1MiB"})
     assert c.disk is None and c.redis is None and c.store.dram_bytes == 1 << 20
+
+
+def test_demo_refuses_a_bad_store_config_before_loading_the_model(tmp_path):
+    from cattn.cli import main
+
+    path = tmp_path / "store.toml"
+    path.write_text("[store]\ndram_bytes = -1\n")
+    with pytest.raises(SystemExit, match=r"--store-config: .*\[store\] dram_bytes"):
+        main(["demo", "--store-config", str(path)])
