@@ -124,6 +124,11 @@ def test_values_written_with_ttl_expire(server, tmp_path):
     a.sync()
     keys = cli(server.port, "keys", "cattn:*").split()
     assert len(keys) == 3 and all(0 < int(cli(server.port, "pttl", k)) <= 30_000 for k in keys)
+    cli(server.port, "pexpire", next(k for k in keys if k.count(":") == 3), "5000")
+    a.save(EntryKey("t", MODEL, "ttl"), random_entry(3, offset=37), start=37)   # the next turn's manifest
+    a.sync()
+    keys = cli(server.port, "keys", "cattn:*").split()
+    assert len(keys) == 5 and all(5_000 < int(cli(server.port, "pttl", k)) <= 30_000 for k in keys)
     a.close(persist=False)
 
 

@@ -260,9 +260,23 @@ class RedisTier:
         return torch.frombuffer(bytearray(blob), dtype=torch.int64) if num_tokens else torch.empty(0, dtype=torch.int64)
 
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
+        names = []
+        if self._px is not None:   # the chunks it names live as long as it does (older turns' chunks too)
+            meta, _ = parse_frame(data)
+            layout = KVLayout.from_json(meta["layout"])
+            for chunk_id, m, _ in meta["chunks"]:
+                names.append(self._key(key, "c", chunk_id))
+                names += [self._key(key, "c", chunk_id, str(i)) for i in range(self._pieces(layout.payload_nbytes(m)))]
+
+        def write(r):
+            pipe = r.pipeline(transaction=False)
+            for name in names:
+                pipe.pexpire(name, self._px)
+            pipe.set(self._key(key, "m"), data, px=self._px)
+            pipe.execute()
         try:
             with self.metrics.timed("write"):
-                self._call(lambda r: r.set(self._key(key, "m"), data, px=self._px))
+                self._call(write)
         except RemoteTierError:
             self.metrics.add(write_errors=1)
             raise
