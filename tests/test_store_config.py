@@ -103,9 +103,18 @@ def test_file_then_environment_builds_the_store(tmp_path):
     store.close(persist=False)
 
 
-def test_environment_alone_builds_a_dram_only_store():
-    c = StoreConfig.load(None, environ={"CATTN_STORE_DRAM_BYTES": "1MiB"})
+def test_environment_alone_builds_a_dram_only_store_with_its_metrics_endpoint():
+    import urllib.request
+
+    c = StoreConfig.load(None, environ={"CATTN_STORE_DRAM_BYTES": "1MiB", "CATTN_METRICS_PORT": "0"})
     assert c.disk is None and c.redis is None and c.store.dram_bytes == 1 << 20
+    store = TieredStore.from_config(c)
+    port = store.metrics_server.server_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "cattn_dram_capacity_bytes 1.048576e+06" in text
+    store.close()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_demo_refuses_a_bad_store_config_before_loading_the_model(tmp_path):

@@ -39,7 +39,12 @@ _PREFIX, _SUM = struct.Struct("<8sIIQ"), struct.Struct("<Q")   # the disk format
 
 
 class RemoteTierError(OSError):
-    """The shared tier could not answer (timeout, connection, auth, cluster error): a miss, never data."""
+    """The shared tier could not answer (timeout, connection, auth, cluster error): a miss, never data.
+    ``reason`` is ``"timeout"`` or ``"server_error"``."""
+
+    def __init__(self, message: str, reason: str = "server_error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Absent(ff.FormatError):
@@ -145,12 +150,12 @@ class RedisTier:
                 except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
                     pass
         reason = "timeout" if isinstance(exc, redis.TimeoutError) else "server_error"
-        raise RemoteTierError(f"redis {reason}: {exc}") from exc
+        raise RemoteTierError(f"redis {reason}: {exc}", reason) from exc
 
     def _fail(self, exc: BaseException) -> None:
         """Count a failed read by reason (the caller re-raises)."""
         if isinstance(exc, RemoteTierError):
-            self.metrics.miss("timeout" if "redis timeout" in str(exc) else "server_error")
+            self.metrics.miss(exc.reason)
         elif isinstance(exc, _Absent):
             self.metrics.miss("absent")
         elif isinstance(exc, _Foreign):

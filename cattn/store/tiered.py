@@ -40,7 +40,8 @@ class TieredStore(KVStore):
 
     Args:
         dram_bytes: capacity of the host pool, allocated (and pinned, if CUDA is available) once.
-        disk: the lower tier (a `DiskTier`), or None to keep DRAM only (evictions then drop).
+        disk: the lower tier (a `DiskTier`; a shared `RedisTier`, or `DiskOverShared` of both), or None
+            to keep DRAM only (evictions then drop).
             Entries it holds are indexed at construction: a new process finds them.
         policy: chooses victims and prefetches; default `LRU`.
         high_watermark, low_watermark: fractions of ``dram_bytes``; past the high one a background
@@ -71,7 +72,7 @@ class TieredStore(KVStore):
 
     @classmethod
     def from_config(cls, config=None, **kwargs) -> TieredStore:
-        """A store as ``config`` says: a `cattn.store.config.StoreConfig`, a TOML/YAML file's path, or
+        """A store as ``config`` says: a `cattn.store.config.StoreConfig`, a TOML file's path, or
         None for the ``CATTN_*`` environment (see docs/store.md); ``kwargs`` override the store's options."""
         from cattn.store.config import build_store
 
@@ -364,3 +365,6 @@ class TieredStore(KVStore):
         self._executor.shutdown(wait=True)
         if st.disk is not None:
             st.disk.close()
+        if (server := getattr(self, "metrics_server", None)) is not None:   # from_config's [metrics]
+            server.shutdown()
+            server.server_close()
