@@ -220,3 +220,44 @@ def test_metrics_endpoint_serves_prometheus_text_matching_stats(server, tmp_path
     assert stats["redis"]["hits"] == 1 and stats["redis"]["misses_by_reason"]["absent"] == 1
     for s in (a, b):
         s.close(persist=False)
+
+
+def test_tls_with_a_ca_is_a_hit_without_it_a_miss(tmp_path):
+    """A server that speaks TLS only on its TLS port, with a CA made here for 127.0.0.1."""
+    import shutil
+
+    require_redis()
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not found: install the Debian package (apt-get install -y openssl)")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for cmd in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+                 "-subj", "/CN=cattn test CA"],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                 "-subj", "/CN=127.0.0.1"],
+                ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", "server.crt", "-days", "1", "-extfile", "san.ext"]):
+        subprocess.run(["openssl", *cmd], cwd=pki, check=True, capture_output=True, timeout=60)
+    from redis_servers import free_port
+
+    tls_port = free_port()
+    s = RedisServer(tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", str(pki / "server.crt"),
+                    "--tls-key-file", str(pki / "server.key"), "--tls-ca-cert-file", str(pki / "ca.crt"),
+                    "--tls-auth-clients", "no")
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        a = machine(tmp_path / "a", [url], tls=True, tls_ca_certs=str(pki / "ca.crt"))
+        key, entry = EntryKey("t", MODEL, "tls"), random_entry()
+        a.save(key, entry)
+        a.sync()
+        assert a.stats()["redis"]["write_errors"] == 0
+        b = machine(tmp_path / "b", [url], tls=True, tls_ca_certs=str(pki / "ca.crt"))
+        assert torch.equal(b.load(key).v, entry.v)
+        untrusted = machine(tmp_path / "c", [url], tls=True)       # the system CAs do not know this one
+        assert untrusted.lookup(key) is None
+        assert untrusted.stats()["redis"]["misses_by_reason"]["server_error"] == 1
+        for st in (a, b, untrusted):
+            st.close(persist=False)
+    finally:
+        s.stop()

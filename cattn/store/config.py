@@ -229,7 +229,8 @@ def _check(c: StoreConfig) -> None:
             ("redis.prefix", bool(re.fullmatch(r"[A-Za-z0-9._-]{1,64}", r.prefix)), "must be 1-64 of [A-Za-z0-9._-]"),
             ("redis.piece_bytes", 0 < r.piece_bytes <= 512 << 20, "must be in (0, 512MiB] (Redis's value limit)"),
             ("redis.capacity_bytes", r.capacity_bytes > 0, "must be > 0"),
-            ("redis.tls_ca_certs", r.tls_ca_certs is None or r.tls, "needs tls = true"),
+            ("redis.tls_ca_certs", r.tls_ca_certs is None or r.tls or all(u.startswith("rediss://") for u in r.urls),
+             "needs tls = true or rediss:// URLs"),
         ]
     if (m := c.metrics) is not None:
         rules += [("metrics.port", 0 <= m.port <= 65535, "must be in 0..65535"),

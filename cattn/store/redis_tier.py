@@ -81,9 +81,11 @@ def _client(o: RedisOptions):
 
     common = dict(username=o.username, password=o.password, socket_timeout=o.timeout_s,
                   socket_connect_timeout=o.timeout_s, retry=Retry(NoBackoff(), 0))
-    if o.tls:
-        common.update(ssl=True, ssl_ca_certs=o.tls_ca_certs)
+    tls = o.tls or o.urls[0].startswith("rediss://")
+    if tls:
+        common.update(ssl_ca_certs=o.tls_ca_certs)
     if o.cluster:
+        common.update(ssl=tls)
         from redis.cluster import ClusterNode, RedisCluster
 
         nodes = []
@@ -91,7 +93,8 @@ def _client(o: RedisOptions):
             parsed = redis.connection.parse_url(url)
             nodes.append(ClusterNode(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379)))
         return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **common)
-    return redis.Redis.from_url(o.urls[0], **common)
+    url = o.urls[0].replace("redis://", "rediss://", 1) if tls else o.urls[0]   # the scheme picks TLS
+    return redis.Redis.from_url(url, **common)
 
 
 class RedisTier:
