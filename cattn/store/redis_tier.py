@@ -19,11 +19,8 @@ fail at once. The client reconnects on the first call after that.
 from __future__ import annotations
 
 import logging
-import json
-import struct
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -32,69 +29,11 @@ from cattn.store import fileformat as ff
 from cattn.store.base import EntryKey
 from cattn.store.layout import KVLayout
 from cattn.store.metrics import TierMetrics
+from cattn.store.redis_client import RedisOptions, RemoteTierError, connect
+from cattn.store.redis_values import Absent, Foreign, check_key, manifest_of, parse_frame
 from cattn.store.tier import StoredEntry
 
 log = logging.getLogger(__name__)
-_PREFIX, _SUM = struct.Struct("<8sIIQ"), struct.Struct("<Q")   # the disk format's frame prefix and checksum
-
-
-class RemoteTierError(OSError):
-    """The shared tier could not answer (timeout, connection, auth, cluster error): a miss, never data.
-    ``reason`` is ``"timeout"`` or ``"server_error"``."""
-
-    def __init__(self, message: str, reason: str = "server_error"):
-        super().__init__(message)
-        self.reason = reason
-
-
-class _Absent(ff.FormatError):
-    """A key the manifest names is gone (expired, evicted by ``maxmemory``, removed)."""
-
-
-class _Foreign(ff.FormatError):
-    """A value that checks out but belongs to another session, chunk or layout."""
-
-
-@dataclass(frozen=True)
-class RedisOptions:
-    """How to reach Redis. ``urls``: one ``redis://`` / ``rediss://`` (TLS) URL for a server, or any
-    number of cluster nodes with ``cluster=True``. ``ttl_s``: expiry of every key (None: none)."""
-
-    urls: tuple[str, ...] = ("redis://127.0.0.1:6379/0",)
-    cluster: bool = False
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    tls_ca_certs: str | None = None
-    timeout_s: float = 1.0
-    retry_after_s: float = 1.0
-    ttl_s: float | None = None
-    prefix: str = "cattn"
-    piece_bytes: int = 32 << 20
-    capacity: int = 1 << 50
-
-
-def _client(o: RedisOptions):
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    common = dict(username=o.username, password=o.password, socket_timeout=o.timeout_s,
-                  socket_connect_timeout=o.timeout_s, retry=Retry(NoBackoff(), 0))
-    tls = o.tls or o.urls[0].startswith("rediss://")
-    if tls:
-        common.update(ssl_ca_certs=o.tls_ca_certs)
-    if o.cluster:
-        common.update(ssl=tls)
-        from redis.cluster import ClusterNode, RedisCluster
-
-        nodes = []
-        for url in o.urls:
-            parsed = redis.connection.parse_url(url)
-            nodes.append(ClusterNode(parsed.get("host", "127.0.0.1"), parsed.get("port", 6379)))
-        return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **common)
-    url = o.urls[0].replace("redis://", "rediss://", 1) if tls else o.urls[0]   # the scheme picks TLS
-    return redis.Redis.from_url(url, **common)
 
 
 class RedisTier:
@@ -132,7 +71,7 @@ class RedisTier:
                 raise RemoteTierError("redis marked down after a recent failure")
             if self._redis is None:
                 try:
-                    self._redis = _client(self.options)
+                    self._redis = connect(self.options)
                 except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
                     self._down(exc)
             client = self._redis
@@ -159,9 +98,9 @@ class RedisTier:
         """Count a failed read by reason (the caller re-raises)."""
         if isinstance(exc, RemoteTierError):
             self.metrics.miss(exc.reason)
-        elif isinstance(exc, _Absent):
+        elif isinstance(exc, Absent):
             self.metrics.miss("absent")
-        elif isinstance(exc, _Foreign):
+        elif isinstance(exc, Foreign):
             self.metrics.miss("foreign")
         else:
             self.metrics.miss("corrupt")
@@ -240,12 +179,12 @@ class RedisTier:
             names = [hkey] + [self._key(key, "c", chunk_id, str(i)) for i in range(npieces)]
             values = self._call(lambda r: _get_many(r, names))
         if values[0] is None:
-            raise _Absent(f"chunk {chunk_id} of session {key.session!r} is not in redis")
+            raise Absent(f"chunk {chunk_id} of session {key.session!r} is not in redis")
         meta, blob = parse_frame(values[0])
         check_key(meta, key, layout, "chunk")
         if (meta.get("chunk") != chunk_id or meta.get("num_tokens") != num_tokens or len(blob) != 8 * num_tokens
                 or meta.get("payload_nbytes") != nbytes):
-            raise _Foreign(f"chunk header does not match chunk {chunk_id} of {num_tokens} tokens")
+            raise Foreign(f"chunk header does not match chunk {chunk_id} of {num_tokens} tokens")
         if into is not None:
             pieces = values[1:]
             if meta.get("pieces") != npieces:   # written by a store with another piece size: fetch its pieces
@@ -255,7 +194,7 @@ class RedisTier:
                 names = [self._key(key, "c", chunk_id, str(i)) for i in range(want)]
                 pieces = self._call(lambda r: _get_many(r, names))
             if any(p is None for p in pieces):
-                raise _Absent(f"a piece of chunk {chunk_id} of session {key.session!r} is not in redis")
+                raise Absent(f"a piece of chunk {chunk_id} of session {key.session!r} is not in redis")
             out, pos, hasher = ff.bytes_of(into[:nbytes]), 0, xxhash.xxh3_64()
             for piece in pieces:
                 if pos + len(piece) > nbytes:
@@ -334,11 +273,11 @@ class RedisTier:
             with self.metrics.timed("read"):
                 raw = self._call(lambda r: r.get(mkey))
                 if raw is None:
-                    raise _Absent("no manifest")
+                    raise Absent("no manifest")
                 meta = manifest_of(raw, key)
         except (ff.FormatError, RemoteTierError) as exc:
             self._fail(exc)
-            if isinstance(exc, ff.FormatError) and not isinstance(exc, _Absent):
+            if isinstance(exc, ff.FormatError) and not isinstance(exc, Absent):
                 log.warning("session %r: manifest in redis unusable (%s); deleted", key.session, exc)
                 try:
                     self._call(lambda r: r.delete(mkey))
@@ -360,55 +299,3 @@ def _get_many(r, names: list[str]) -> list:
     for name in names:
         pipe.get(name)
     return pipe.execute()
-
-
-# ---- the disk format's frame, from bytes ---------------------------------------------------------
-
-def parse_frame(data: bytes) -> tuple[dict, bytes]:
-    """``(meta, blob)`` of a value that is one disk-format frame; FormatError if it is not exactly that."""
-    if len(data) < _PREFIX.size + _SUM.size:
-        raise ff.FormatError("value shorter than a frame")
-    magic, version, json_len, blob_len = _PREFIX.unpack_from(data)
-    if magic != ff.MAGIC:
-        raise ff.FormatError(f"bad magic {magic[:8]!r}")
-    if version != ff.FORMAT_VERSION:
-        raise ff.FormatError(f"format version {version}, this build reads {ff.FORMAT_VERSION}")
-    end = _PREFIX.size + json_len + blob_len
-    if end + _SUM.size != len(data):
-        raise ff.FormatError("frame length does not match the value")
-    if xxhash.xxh3_64_intdigest(memoryview(data)[:end]) != _SUM.unpack_from(data, end)[0]:
-        raise ff.FormatError("header checksum mismatch")
-    try:
-        meta = json.loads(data[_PREFIX.size:_PREFIX.size + json_len])
-    except ValueError as exc:
-        raise ff.FormatError(f"header json: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ff.FormatError("header json is not an object")
-    return meta, data[_PREFIX.size + json_len:end]
-
-
-def check_key(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) -> KVLayout:
-    """The frame's layout; `_Foreign` if it names another kind, key or layout."""
-    try:
-        return ff._check_meta(meta, key, layout, kind)
-    except ff.FormatError as exc:
-        raise _Foreign(str(exc)) from None
-
-
-def manifest_of(data: bytes, key: EntryKey) -> dict:
-    """A manifest value's meta, checked as `fileformat.read_manifest` checks a manifest file."""
-    meta, _ = parse_frame(data)
-    meta["layout"] = check_key(meta, key, None, "manifest")
-    try:
-        chunks = {c: (int(m), int(nb)) for c, m, nb in meta["chunks"]}
-        views = [(c, int(lo), int(hi)) for c, lo, hi in meta["views"]]
-        ok = (all(ff.CHUNK_ID.fullmatch(c) for c in chunks) and ff.CHUNK_ID.fullmatch(meta["incarnation"])
-              and isinstance(meta["created_ns"], int) and isinstance(meta["version"], int)
-              and all(c in chunks and 0 <= lo < hi <= chunks[c][0] for c, lo, hi in views)
-              and meta["num_tokens"] == sum(hi - lo for _, lo, hi in views))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ff.FormatError("manifest fields are inconsistent")
-    meta["chunks"], meta["views"] = chunks, views
-    return meta
