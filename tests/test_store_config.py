@@ -124,3 +124,17 @@ def test_demo_refuses_a_bad_store_config_before_loading_the_model(tmp_path):
     path.write_text("[store]\ndram_bytes = -1\n")
     with pytest.raises(SystemExit, match=r"--store-config: .*\[store\] dram_bytes"):
         main(["demo", "--store-config", str(path)])
+
+
+def test_real_replay_takes_the_store_from_a_config_file(tiny_model, byte_tokenizer, tmp_path):
+    from cattn.hf import apply_cattn
+    from cattn.replay.real import replay_real
+
+    model = apply_cattn(tiny_model("llama"), page_size=4)
+    path = tmp_path / "store.toml"
+    path.write_text(f'[store]\ndram_bytes = "2MiB"\n[disk]\npath = "{tmp_path / "disk"}"\ncapacity_bytes = "8MiB"\n')
+    conversations = {"c0": [("Hello", "Hi"), ("More", "Sure")], "c1": [("Ping", "Pong"), ("Again", "Yes")]}
+    turns, counters = replay_real(model, byte_tokenizer, conversations, ["c0", "c1", "c0", "c1"], "lru",
+                                  1 << 40, 1 << 40, progress=False, store_config=str(path))
+    assert counters["dram"]["capacity_bytes"] == 2 << 20 and counters["disk"]["capacity_bytes"] == 8 << 20
+    assert [t.tier for t in turns] == ["first", "first", "dram", "dram"] and all(t.reused_tokens for t in turns[2:])

@@ -104,7 +104,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
                     tier = "first"
                 elif after["dram"]["hits"] > before["dram"]["hits"]:
                     tier = "dram"
-                elif after["disk"]["hits"] > before["disk"]["hits"]:
+                elif after.get("disk", {}).get("hits", 0) > before.get("disk", {}).get("hits", 0):  # DRAM-only config
                     tier = "disk"
                 else:
                     tier = "miss"
