@@ -141,7 +141,7 @@ def test_write_timing_out_before_the_manifest_is_bounded_and_never_wrong(chat_mo
     shared.write_manifest = paused_first
     t0 = time.monotonic()
     first = turn_one(chat_model, a, "torn")
-    assert time.monotonic() - t0 < 2 * BOUND_S            # two commits, each at most one timeout
+    assert time.monotonic() - t0 < 2 * BOUND_S + 5.0      # two commits, each at most one timeout; the turn
     shared.write_manifest = write_manifest
     assert a.stats()["redis"]["write_errors"] >= 1
     time.sleep(0.6)
