@@ -48,7 +48,7 @@ def cluster(tmp_path_factory):
 
 
 def tier(urls, cluster=False, **kw) -> RedisTier:
-    return RedisTier(urls=tuple(urls), cluster=cluster, timeout_s=TIMEOUT_S, retry_after_s=0.5, **kw)
+    return RedisTier(urls=tuple(urls), cluster=cluster, **{"timeout_s": TIMEOUT_S, "retry_after_s": 0.5, **kw})
 
 
 def machine(root: Path, urls, cluster=False, dram=1 << 22, **kw) -> TieredStore:

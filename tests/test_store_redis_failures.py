@@ -127,6 +127,21 @@ def test_timeout_is_a_miss_within_the_timeout(chat_model, server, tmp_path):
     assert b.stats()["redis"]["misses_by_reason"]["timeout"] >= 1
 
 
+def test_a_read_timing_out_does_not_delete_the_shared_session(chat_model, server, tmp_path):
+    a = machine(tmp_path / "a", [server.url])
+    b = machine(tmp_path / "b", [server.url], retry_after_s=0)   # no grace period: B's drop could reach Redis
+    b._state.disk.write_through = False                          # and B writes nothing back
+    first = turn_one(chat_model, a, "kept")
+    turn, _, slowest = turn_two(chat_model, b, first, before_acquire=lambda: os.kill(server.proc.pid, signal.SIGSTOP))
+    os.kill(server.proc.pid, signal.SIGCONT)
+    assert turn.reused_tokens == 0 and slowest < BOUND_S
+    assert b.stats()["redis"]["misses_by_reason"]["timeout"] == 1
+    assert cli(server.port, "exists", "cattn:{default/%s/kept}:m" % first.key.model) == "1"
+    c = machine(tmp_path / "c", [server.url])
+    turn, _, _ = turn_two(chat_model, c, first)
+    assert turn.reused_tokens > 0
+
+
 def test_write_timing_out_before_the_manifest_is_bounded_and_never_wrong(chat_model, server, tmp_path):
     a = machine(tmp_path / "a", [server.url])
     shared = a._state.disk.shared

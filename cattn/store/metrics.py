@@ -39,8 +39,8 @@ class Histogram:
 
 
 class TierMetrics:
-    """Thread-safe counters of one tier: hits, partial hits, misses by reason, bytes in/out, errors,
-    read and write latency."""
+    """Thread-safe counters of one tier: hits, misses by reason, bytes in/out, errors, read and write
+    latency."""
 
     def __init__(self):
         self._lock = threading.Lock()
