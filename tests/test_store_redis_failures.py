@@ -244,8 +244,9 @@ def test_cluster_master_failing_over_is_a_miss_then_the_replica_serves(chat_mode
         assert turn.reused_tokens == 0 and slowest < BOUND_S
         missed = b.stats()["redis"]["misses_by_reason"]
         assert missed["server_error"] + missed["timeout"] >= 1
-        survivor = cluster.nodes[1]
-        cluster.wait(lambda: "cluster_state:ok" in cli(survivor.port, "cluster", "info"))
+        replica, survivor = cluster.nodes[3], cluster.nodes[1]
+        cluster.wait(lambda: cli(replica.port, "role").startswith("master")
+                     and "cluster_state:ok" in cli(survivor.port, "cluster", "info"))
         time.sleep(0.6)
         c = machine(tmp_path / "c", cluster.urls, cluster=True)
         turn, _, _ = turn_two(chat_model, c, first)           # the promoted replica serves the history
