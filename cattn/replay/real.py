@@ -55,7 +55,7 @@ def shape_of(model) -> ModelShape:
 
 
 def replay_real(model, tok, conversations, order: list[str], policy: str, dram_bytes: int, disk_bytes: int,
-                *, progress: bool = True) -> tuple[list[RealTurn], dict]:
+                *, progress: bool = True, store_config=None) -> tuple[list[RealTurn], dict]:
     """Run the turns in ``order`` (session ids; each occurrence is that session's next turn) through
     `ChatSession`s sharing one `TieredStore`; returns what each turn did and the store's counters."""
     from cattn.hf import fingerprint
@@ -72,7 +72,8 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
         queue.push(Job(s, 0.0, 1, 0))
     kv_per_token = shape_of(model).kv_bytes_per_token
     with tempfile.TemporaryDirectory(prefix="cattn-replay-") as root:
-        store = TieredStore(dram_bytes, DiskTier(root, disk_bytes), policy=pol)
+        store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), policy=pol) if store_config is None
+                 else TieredStore.from_config(store_config, policy=pol))   # the run's policy, the file's tiers
         sessions, sent, turns, kv_tokens = {}, {s: 0 for s in conversations}, [], {}
         bar = None
         if progress:
@@ -103,7 +104,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
                     tier = "first"
                 elif after["dram"]["hits"] > before["dram"]["hits"]:
                     tier = "dram"
-                elif after["disk"]["hits"] > before["disk"]["hits"]:
+                elif after.get("disk", {}).get("hits", 0) > before.get("disk", {}).get("hits", 0):  # DRAM-only config
                     tier = "disk"
                 else:
                     tier = "miss"
@@ -177,7 +178,8 @@ def run_real(args: argparse.Namespace) -> int:
     rows, started = [], time.perf_counter()
     for policy in policies:
         t0 = time.perf_counter()
-        turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress)
+        turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress,
+                                      store_config=getattr(args, "store_config", None))
         wall = time.perf_counter() - t0
         # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
         cost = CostModel(shape, this_machine(shape, turns))

@@ -7,8 +7,11 @@ from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.memory import MemoryStore
 from cattn.store.tiered import StoreFullError, TieredStore
+from cattn.store.redis_tier import RedisTier, RemoteTierError
+from cattn.store.shared import DiskOverShared
+from cattn.store.config import StoreConfig
 from cattn.store.transfer import LayerLoader, LayerSaver, copy_bandwidth, preload_layers
 
 __all__ = ["EntryKey", "KVEntry", "KVStore", "check_name", "DiskTier", "FormatError", "KVLayout", "KVLease",
            "PendingSave", "Segment", "MemoryStore", "StoreFullError", "TieredStore", "LayerLoader", "LayerSaver",
-           "copy_bandwidth", "preload_layers"]
+           "copy_bandwidth", "preload_layers", "RedisTier", "RemoteTierError", "DiskOverShared", "StoreConfig"]

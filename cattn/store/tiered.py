@@ -26,6 +26,7 @@ from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demot
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
 from cattn.store.readahead import ReadAhead
+from cattn.store.shared import adopt_locked, publish
 from cattn.store.state import StoreState
 from cattn.store.tier import LowerTier
 
@@ -39,7 +40,8 @@ class TieredStore(KVStore):
 
     Args:
         dram_bytes: capacity of the host pool, allocated (and pinned, if CUDA is available) once.
-        disk: the lower tier (a `DiskTier`), or None to keep DRAM only (evictions then drop).
+        disk: the lower tier (a `DiskTier`; a shared `RedisTier`, or `DiskOverShared` of both), or None
+            to keep DRAM only (evictions then drop).
             Entries it holds are indexed at construction: a new process finds them.
         policy: chooses victims and prefetches; default `LRU`.
         high_watermark, low_watermark: fractions of ``dram_bytes``; past the high one a background
@@ -66,6 +68,15 @@ class TieredStore(KVStore):
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
         self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
+        self._state.counters["dram"]["partial_hits"] = 0   # leases of fewer tokens than stored
+
+    @classmethod
+    def from_config(cls, config=None, **kwargs) -> TieredStore:
+        """A store as ``config`` says: a `cattn.store.config.StoreConfig`, a TOML file's path, or
+        None for the ``CATTN_*`` environment (see docs/store.md); ``kwargs`` override the store's options."""
+        from cattn.store.config import build_store
+
+        return build_store(config, **kwargs)
 
     @property
     def policy(self) -> Policy:
@@ -77,7 +88,7 @@ class TieredStore(KVStore):
     def lookup(self, key: EntryKey) -> torch.Tensor | None:
         st = self._state
         with st.lock:
-            e = st.entries.get(key)
+            e = st.entries.get(key) or self._find_shared_locked(key)
             if e is None or not read_ids_locked(st, key, e):
                 return None
             return token_ids_of(e.views)
@@ -133,7 +144,9 @@ class TieredStore(KVStore):
                 out["disk"].update(used_bytes=st.disk_used, capacity_bytes=st.disk.capacity,
                                    entries=sum(e.manifest is not None for e in st.entries.values()),
                                    read_bytes_per_s=self._readahead.read_bytes_per_s or 0.0)
-            return out
+        if hasattr(st.disk, "tier_stats"):   # the shared tier's own counters (no lock: it keeps its own)
+            out.update(st.disk.tier_stats())
+        return out
 
     # ---- zero-copy access --------------------------------------------------------------------------
 
@@ -145,7 +158,7 @@ class TieredStore(KVStore):
         """
         st = self._state
         with st.lock:
-            e = st.entries.get(key)
+            e = st.entries.get(key) or self._find_shared_locked(key)
             if e is None:
                 st.count_miss_locked()
                 return None
@@ -171,6 +184,8 @@ class TieredStore(KVStore):
                 pos += hi - lo
             ids = token_ids_of(views)
             st.counters["dram"]["bytes_out"] += e.layout.payload_nbytes(n)
+            if n < e.num_tokens:
+                st.counters["dram"]["partial_hits"] += 1
             st.policy.touch(key, time.time())
         return KVLease(ids, segments, e.layout, on_release=lambda: self._locked(st.unpin_locked, pinned),
                        on_transfer=st.record_transfer)
@@ -222,6 +237,8 @@ class TieredStore(KVStore):
             if st.pool.used > st.high_bytes and not st.demoting:
                 st.demoting = True
                 self._submit_locked(demote_to_low_watermark, st)
+            if getattr(st.disk, "write_through", False):  # a shared tier: the next turn may run elsewhere
+                self._submit_locked(publish, st, key)
 
     def _check_start_locked(self, key: EntryKey, layout: KVLayout, start: int) -> Entry | None:
         e = self._state.entries.get(key)
@@ -230,6 +247,20 @@ class TieredStore(KVStore):
             raise ValueError(f"start={start} but only {have} tokens of session {key.session!r} are stored")
         if e is not None and start > 0 and e.layout != layout:
             raise ValueError(f"layout {layout} differs from the stored {e.layout} of session {key.session!r}")
+        return e
+
+    def _find_shared_locked(self, key: EntryKey) -> Entry | None:
+        """A session this store does not index but a shared lower tier holds (saved by another machine);
+        releases the lock while it asks. None on a miss (counted by the tier)."""
+        st = self._state
+        if not hasattr(st.disk, "find"):
+            return None
+        with st.unlocked():
+            found = st.disk.find(key)
+        if found is None or key in st.entries:   # another thread may have indexed or saved it meanwhile
+            return st.entries.get(key)
+        e = adopt_locked(st, found)
+        st.policy.touch(key, time.time())
         return e
 
     def _locked(self, fn, *args) -> None:
@@ -334,3 +365,6 @@ class TieredStore(KVStore):
         self._executor.shutdown(wait=True)
         if st.disk is not None:
             st.disk.close()
+        if (server := getattr(self, "metrics_server", None)) is not None:   # from_config's [metrics]
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,112 @@
+"""A machine's disk in front of a tier shared by machines, and how a store adopts a shared session.
+
+`DiskOverShared(disk, shared)` is the lower tier of a store on one serving machine of
+many: every chunk and manifest goes to the local disk (the capacity the store
+accounts) and, written through, to the shared tier (`RedisTier`); reads try the disk
+first and the shared tier for what the disk lacks (a session another machine saved).
+The disk stays the fast, private copy; the shared tier is what lets the next turn of a
+session land on any machine. A write the shared tier refuses does not fail the local
+one: that session's next manifest is then kept out of the shared tier (its readers
+would find chunks missing), and the shared tier keeps its last complete one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from cattn.store.base import EntryKey
+from cattn.store.entries import Chunk, Entry
+from cattn.store.layout import KVLayout
+from cattn.store.migration import persist_locked
+from cattn.store.state import StoreState
+from cattn.store.tier import StoredEntry
+
+log = logging.getLogger(__name__)
+
+
+class DiskOverShared:
+    """A `LowerTier`: ``disk`` (a `DiskTier`) written and read first, ``shared`` (a `RedisTier`) beside it."""
+
+    write_through = True
+
+    def __init__(self, disk, shared):
+        self.disk, self.shared, self.capacity = disk, shared, disk.capacity
+        self._incomplete: set[EntryKey] = set()   # sessions whose chunk the shared tier refused
+        self._lock = threading.Lock()
+
+    def scan(self) -> tuple[list[StoredEntry], int]:
+        return self.disk.scan()
+
+    def chunk_nbytes(self, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> int:
+        return self.disk.chunk_nbytes(key, layout, chunk_id, num_tokens)
+
+    def write_chunk(self, key, layout, chunk_id, token_ids, payload) -> int:
+        nbytes = self.disk.write_chunk(key, layout, chunk_id, token_ids, payload)
+        try:
+            self.shared.write_chunk(key, layout, chunk_id, token_ids, payload)
+        except OSError as exc:
+            log.warning("session %r: the shared tier refused a chunk (%s); kept on the local disk", key.session, exc)
+            with self._lock:
+                self._incomplete.add(key)
+        return nbytes
+
+    def read_chunk(self, key, layout, chunk_id, num_tokens, into: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            return self.disk.read_chunk(key, layout, chunk_id, num_tokens, into)
+        except FileNotFoundError:   # a chunk another machine wrote: only the shared tier has it
+            return self.shared.read_chunk(key, layout, chunk_id, num_tokens, into)
+
+    def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
+        nbytes = self.disk.write_manifest(key, incarnation, data)
+        with self._lock:
+            incomplete = key in self._incomplete
+            self._incomplete.discard(key)
+        if not incomplete:
+            try:
+                self.shared.write_manifest(key, incarnation, data)
+            except OSError as exc:
+                log.warning("session %r: the shared tier refused a manifest (%s)", key.session, exc)
+        return nbytes
+
+    def remove(self, key: EntryKey, incarnation: str, chunk_ids: list[str], manifest: bool) -> None:
+        try:
+            self.disk.remove(key, incarnation, chunk_ids, manifest)
+        finally:
+            self.shared.remove(key, incarnation, chunk_ids, manifest)
+
+    def close(self) -> None:
+        try:
+            self.disk.close()
+        finally:
+            self.shared.close()
+
+    def find(self, key: EntryKey) -> StoredEntry | None:
+        return self.shared.find(key)
+
+    def tier_stats(self) -> dict:
+        return self.shared.tier_stats()
+
+
+def adopt_locked(st: StoreState, s: StoredEntry) -> Entry:
+    """Index a session found in the shared tier as a restart indexes the disk's (token ids unread)."""
+    e = Entry(s.layout, s.incarnation, s.created_ns, version=s.version, manifest=(s.version, s.manifest_nbytes))
+    e.chunks = {cid: Chunk(cid, m, None, extent_nbytes=s.layout.extent_nbytes(m), file_nbytes=nb)
+                for cid, (m, nb) in s.chunks.items()}
+    e.views = [(e.chunks[cid], lo, hi) for cid, lo, hi in s.views]
+    st.entries[s.key] = e
+    st.disk_used += e.disk_nbytes
+    return e
+
+
+def publish(st: StoreState, key: EntryKey) -> None:
+    """Write ``key``'s committed history through to the lower tier (a background task after each commit
+    when the tier is shared), after any I/O of it in flight; a failure is counted and logged, and the
+    session stays served from DRAM."""
+    with st.lock:
+        e = st.entries.get(key)
+        while e is not None and (e.io or e.reading is not None):
+            st.cond.wait()
+        if e is not None and st.entries.get(key) is e and not persist_locked(st, key, e):
+            log.info("session %r not written through to the shared tier", key.session)
