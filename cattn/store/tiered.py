@@ -18,6 +18,7 @@ import torch
 
 from cattn.store import fileformat as ff
 from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
+from cattn.store.device import DeviceTier
 from cattn.store.entries import Chunk, Entry, cut, token_ids_of
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
@@ -68,6 +69,9 @@ class TieredStore(KVStore):
         pin: override pinning of the pool (default: when CUDA is available).
         disk_read_bytes_per_s: the lower tier's read bandwidth, for prefetch deadlines
             (`update_queue`'s ``starts_in``); default: measured on the prefetches.
+        device: the tier above DRAM (`cattn.store.device`), a cache of sessions' first layers on the
+            accelerator; the store keeps it consistent (truncate, delete, edits, queue) and empties it at
+            `close`. ``store.device`` is what `ChatSession` takes resident layers from.
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
@@ -75,18 +79,22 @@ class TieredStore(KVStore):
 
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
-                 full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None):
+                 full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
+                 device: DeviceTier | None = None):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
             _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
                         disk_read_bytes_per_s)
+            if device is not None and not isinstance(device, DeviceTier):
+                raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
             self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
                                      low_watermark, full_timeout_s)
         except BaseException:
             if disk is not None:
                 disk.close()
             raise
+        self.device = device
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
         self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
@@ -129,6 +137,8 @@ class TieredStore(KVStore):
         check_key(key)
         if not isinstance(num_drop, int) or not isinstance(keep_first, int) or num_drop < 0 or keep_first < 0:
             raise ValueError(f"num_drop and keep_first must be ints >= 0, got {num_drop!r} and {keep_first!r}")
+        if self.device is not None:
+            self.device.truncate(key, num_drop, keep_first)
         st = self._state
         with st.lock:
             e = st.entries.get(key)
@@ -141,6 +151,8 @@ class TieredStore(KVStore):
 
     def delete(self, key: EntryKey) -> None:
         check_key(key)
+        if self.device is not None:
+            self.device.delete(key)
         st = self._state
         with st.lock:
             if (e := st.entries.get(key)) is not None:
@@ -163,7 +175,9 @@ class TieredStore(KVStore):
                 out["disk"].update(used_bytes=st.disk_used, capacity_bytes=st.disk.capacity,
                                    entries=sum(e.manifest is not None for e in st.entries.values()),
                                    read_bytes_per_s=self._readahead.read_bytes_per_s or 0.0)
-            return out
+        if self.device is not None:
+            out["device"] = self.device.stats()
+        return out
 
     # ---- zero-copy access --------------------------------------------------------------------------
 
@@ -250,6 +264,8 @@ class TieredStore(KVStore):
             st.retire_dead_locked(e)
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
+            if self.device is not None:  # resident tokens past ``start`` are no longer the history
+                self.device.trim(key, start)
             st.policy.touch(key, time.time())
             if st.pool.used > st.high_bytes and not st.demoting:
                 st.demoting = True
@@ -292,6 +308,8 @@ class TieredStore(KVStore):
         with st.lock:
             self._readahead.set_due_locked(upcoming, starts_in)  # checks starts_in before anything changes
             st.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
+            if self.device is not None:
+                self.device.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
             now = time.time()
             for key in st.policy.expired([k for k, e in st.entries.items() if not e.busy()], now):
                 if (e := st.entries.get(key)) is not None and not e.busy():
@@ -301,6 +319,8 @@ class TieredStore(KVStore):
     def job_started(self, key: EntryKey) -> None:
         """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
         check_key(key)
+        if self.device is not None:
+            self.device.job_started(key)
         with self._state.lock:
             self._readahead.started_locked(key)
             self._state.policy.start(key, time.time())
@@ -359,6 +379,8 @@ class TieredStore(KVStore):
         A session `flush` cannot write is dropped from the lower tier too (counted in ``dropped``), so
         that the next process never finds an older history of it after a clean shutdown."""
         self.sync()
+        if self.device is not None:
+            self.device.clear()
         st = self._state
         if persist:
             failed = self.flush()

@@ -1,0 +1,316 @@
+"""The top of the hierarchy: sessions' first layers kept in device pages between turns.
+
+A `DeviceTier` holds, per session, the K/V pages of its first ``r`` layers on the
+accelerator (a `Resident`), in the page layout the session's `PagedCache` attends
+over, so that the next turn attends to those layers in place and streams only layers
+``r..L-1`` from DRAM, behind the compute. ``r`` is the paper's pre-loading buffer
+(`cattn.store.preload_layers`): with that many layers already there, no layer waits.
+
+It is a cache of the DRAM tier, never the only copy: every token's KV is also saved
+to the host store, so anything it drops costs a copy, never a recompute or wrong KV.
+Under pressure a session first loses its last layers, one at a time, and only then
+leaves whole; the policy (any `Policy`: LRU, FIFO, scheduler-aware) picks which
+session. Before a turn allocates its pages, `make_room` releases resident pages until
+the device has the memory the turn needs: the tier never causes an out-of-memory error.
+On CPU the same code runs with the pages in host memory.
+
+A turn `take`s its session's resident layers (the cache owns them while it runs) and
+gives them back with `put`. Truncation and edits are metadata only: a `Resident` is a
+list of page ids over its tensors.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cattn.store.base import EntryKey, check_key
+from cattn.store.policy import LRU, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceTierConfig:
+    """How much device memory sessions may keep between turns, and how it is shared.
+
+    Attributes:
+        budget_bytes: bytes of resident pages in all; or
+        budget_fraction: a fraction of the device's free memory when the tier is made (CUDA only).
+        layers: keep this many first layers per session instead of the buffer rule's ``k`` (benchmarks,
+            tests); None: the rule, from measured copy and compute times.
+        headroom: extra page capacity (a fraction) a session's resident tensors get, so that the
+            next turns' new tokens fit in place.
+        reserve_bytes: device memory `make_room` keeps free beyond what a turn's pages need (activations).
+    """
+
+    budget_bytes: int | None = None
+    budget_fraction: float | None = None
+    layers: int | None = None
+    headroom: float = 0.5
+    reserve_bytes: int = 0
+
+    def __post_init__(self):
+        if (self.budget_bytes is None) == (self.budget_fraction is None):
+            raise ValueError("give exactly one of budget_bytes and budget_fraction")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes < 0):
+            raise ValueError(f"budget_bytes must be an int >= 0, got {self.budget_bytes!r}")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
+        if self.layers is not None and (not isinstance(self.layers, int) or self.layers < 0):
+            raise ValueError(f"layers must be an int >= 0 or None, got {self.layers!r}")
+        if not 0 <= self.headroom <= 8:
+            raise ValueError(f"headroom must be in [0, 8], got {self.headroom!r}")
+        if not isinstance(self.reserve_bytes, int) or self.reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be an int >= 0, got {self.reserve_bytes!r}")
+
+
+@dataclass(eq=False)
+class Resident:
+    """A session's first layers in device pages.
+
+    Attributes:
+        token_ids: ``[n] int64`` (host), the tokens whose K/V the pages hold, in order.
+        pages: ``ceil(n / page_size)`` page ids: token ``i`` is at page ``pages[i // page_size]``,
+            offset ``i % page_size``, of every tensor below.
+        k, v: per resident layer ``[capacity_pages, page_size, num_kv_heads, head_dim]`` pre-RoPE.
+    """
+
+    token_ids: torch.Tensor
+    pages: list[int]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1] if self.k else 1
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def layer_nbytes(self) -> int:
+        """Device bytes one resident layer holds (K and V, whole capacity)."""
+        return 2 * self.k[0].nbytes if self.k else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * self.layer_nbytes
+
+    def trim_tokens(self, n: int) -> None:
+        """Keep the first ``n`` tokens (metadata only)."""
+        self.token_ids = self.token_ids[:n]
+        self.pages = self.pages[:-(-n // self.page_size)] if n else []
+
+    def trim_layers(self, n: int) -> None:
+        """Keep the first ``n`` layers; the others' memory is released."""
+        del self.k[n:], self.v[n:]
+
+
+class DeviceTier:
+    """Sessions' first layers in device memory between turns; thread-safe.
+
+    Args:
+        config: a `DeviceTierConfig`, or an int: ``budget_bytes``.
+        device: where the pages live (``"cpu"`` runs the same code in host memory).
+        policy: picks the session that shrinks or leaves under pressure; default `LRU`.
+    """
+
+    def __init__(self, config: DeviceTierConfig | int, device: torch.device | str = "cpu", *,
+                 policy: Policy | None = None):
+        if isinstance(config, int) and not isinstance(config, bool):
+            config = DeviceTierConfig(budget_bytes=config)
+        if not isinstance(config, DeviceTierConfig):
+            raise TypeError(f"config must be a DeviceTierConfig or an int, got {type(config).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a cattn.store.policy.Policy, got {type(policy).__name__}")
+        self.config, self.device = config, torch.device(device)
+        if config.budget_bytes is not None:
+            self.budget = config.budget_bytes
+        elif self.device.type == "cuda":
+            self.budget = int(config.budget_fraction * torch.cuda.mem_get_info(self.device)[0])
+        else:
+            raise ValueError("budget_fraction needs a CUDA device; give budget_bytes on CPU")
+        self.policy = policy or LRU()
+        self._lock = threading.Lock()
+        self._resident: dict[EntryKey, Resident] = {}
+        # Taken by a turn's cache, with the tokens it held then: a truncate, a delete or an edit of those
+        # tokens meanwhile makes the pages stale, and `put` drops them.
+        self._taken: dict[EntryKey, int] = {}
+        self._stale: set[EntryKey] = set()
+        self.counters = dict(hits_full=0, hits_partial=0, misses=0, bytes_not_copied=0, layers_shrunk=0,
+                             demotions=0, released_for_room=0)
+
+    # ---- a turn -------------------------------------------------------------------------------
+    def take(self, key: EntryKey, token_ids: torch.Tensor, num_layers: int) -> Resident | None:
+        """The resident layers of ``key``'s first ``len(token_ids)`` tokens, out of the tier (the caller's
+        cache owns them until `put`), or None. A record whose tokens do not start with ``token_ids``
+        (``[n] int64``) is dropped: a miss, never wrong KV. ``num_layers``: the model's, for the hit kind."""
+        check_key(key)
+        n = token_ids.numel()
+        with self._lock:
+            res = self._resident.pop(key, None)
+            if res is not None:
+                self.policy.forget(key)
+            if res is None or n == 0 or res.num_tokens < n or not torch.equal(res.token_ids[:n], token_ids.cpu()):
+                self.counters["misses"] += 1
+                return None
+            res.trim_tokens(n)
+            self._taken[key] = n
+            self._stale.discard(key)
+            self.counters["hits_full" if res.num_layers >= num_layers else "hits_partial"] += 1
+            return res
+
+    def put(self, key: EntryKey, res: Resident, keep_layers: int) -> None:
+        """Keep ``res``'s first ``keep_layers`` layers (capped by the budget) as ``key``'s resident pages;
+        shrink or demote others, by the policy, to stay within the budget."""
+        check_key(key)
+        with self._lock:
+            self._taken.pop(key, None)
+            if key in self._stale:   # truncated or edited while its turn ran: the pages no longer match
+                self._stale.discard(key)
+                keep_layers = 0
+            old = self._resident.pop(key, None)
+            del old
+            if res.num_tokens == 0 or res.layer_nbytes == 0:
+                keep_layers = 0
+            else:
+                keep_layers = min(keep_layers, res.num_layers, self.budget // res.layer_nbytes)
+            res.trim_layers(keep_layers)
+            if not keep_layers:
+                self.policy.forget(key)
+                return
+            self._resident[key] = res
+            self.policy.touch(key, time.time())
+            self._within_budget_locked(key)
+
+    def layers_for(self, layer_nbytes: int, rule_layers: int) -> int:
+        """Layers a session may keep: the config's ``layers`` or the rule's, within the budget."""
+        want = rule_layers if self.config.layers is None else self.config.layers
+        return max(0, min(want, self.budget // max(layer_nbytes, 1)))
+
+    def make_room(self, nbytes: int) -> None:
+        """Release resident pages until the device has ``nbytes`` (plus ``reserve_bytes``) free: called
+        before a turn allocates its pages. On CPU there is no device limit to keep within."""
+        if self.device.type != "cuda":
+            return
+        need = nbytes + self.config.reserve_bytes
+        with self._lock:
+            while self._resident and torch.cuda.mem_get_info(self.device)[0] < need:
+                self._demote_locked(self._victim_locked(None))
+                self.counters["released_for_room"] += 1
+            torch.cuda.empty_cache()
+
+    def record_not_copied(self, nbytes: int) -> None:
+        with self._lock:
+            self.counters["bytes_not_copied"] += nbytes
+
+    # ---- what the store forwards --------------------------------------------------------------
+    def truncate(self, key: EntryKey, num_drop: int, keep_first: int = 0) -> None:
+        """Drop tokens ``[keep_first, keep_first + num_drop)``: page ids only, when the cut falls on page
+        boundaries (as a session's overflow drop does); otherwise the resident pages are dropped."""
+        check_key(key)
+        with self._lock:
+            if key in self._taken:
+                self._stale.add(key)
+            res = self._resident.get(key)
+            if res is None or num_drop <= 0 or keep_first >= res.num_tokens:
+                return
+            ps, n = res.page_size, res.num_tokens
+            stop = min(keep_first + num_drop, n)
+            if keep_first % ps or (stop % ps and stop != n):
+                self._drop_locked(key)
+                return
+            res.token_ids = torch.cat([res.token_ids[:keep_first], res.token_ids[stop:]])
+            res.pages = res.pages[:keep_first // ps] + res.pages[-(-stop // ps):]
+
+    def trim(self, key: EntryKey, num_tokens: int) -> None:
+        """The store's history of ``key`` now differs after its first ``num_tokens`` tokens (a save from there)."""
+        check_key(key)
+        with self._lock:
+            if self._taken.get(key, 0) > num_tokens:
+                self._stale.add(key)
+            res = self._resident.get(key)
+            if res is not None and res.num_tokens > num_tokens:
+                res.trim_tokens(num_tokens)
+                if num_tokens == 0:
+                    self._drop_locked(key)
+
+    def delete(self, key: EntryKey) -> None:
+        check_key(key)
+        with self._lock:
+            if key in self._taken:
+                self._stale.add(key)
+            if key in self._resident:
+                self._drop_locked(key)
+
+    def update_queue(self, upcoming: Sequence[Hashable], *, prefetch_window: int | None = None,
+                     eviction_window: int | None = None) -> None:
+        """Tell the policy of the job queue: sessions with no queued job shrink and leave first."""
+        with self._lock:
+            self.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
+
+    def job_started(self, key: EntryKey) -> None:
+        with self._lock:
+            self.policy.start(key, time.time())
+
+    def clear(self) -> None:
+        """Release every resident page (at shutdown: a restarted process starts with an empty tier)."""
+        with self._lock:
+            for key in list(self._resident):
+                self._drop_locked(key)
+
+    def resident_layers(self, key: EntryKey) -> int:
+        with self._lock:
+            res = self._resident.get(key)
+            return 0 if res is None else res.num_layers
+
+    def stats(self) -> dict:
+        """hits_full (every layer resident), hits_partial, misses, bytes_not_copied (history K/V a turn
+        did not copy thanks to residency), layers_shrunk, demotions (sessions that left whole),
+        released_for_room, used_bytes, capacity_bytes (the budget), entries, layers (resident, in all)."""
+        with self._lock:
+            return dict(self.counters, used_bytes=self._used_locked(), capacity_bytes=self.budget,
+                        entries=len(self._resident), layers=sum(r.num_layers for r in self._resident.values()))
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _used_locked(self) -> int:
+        return sum(r.nbytes for r in self._resident.values())
+
+    def _victim_locked(self, incoming: EntryKey | None) -> EntryKey:
+        """The policy's choice; ``incoming`` itself only when it is alone (then it shrinks too)."""
+        cands = [k for k in self._resident if k != incoming] or list(self._resident)
+        # The device tier's victims go down to DRAM, as DRAM's go down to disk: the policy's "dram" rule.
+        key = self.policy.victim("dram", cands)
+        return key if key in self._resident else cands[0]
+
+    def _within_budget_locked(self, incoming: EntryKey) -> None:
+        while self._resident and self._used_locked() > self.budget:
+            key = self._victim_locked(incoming)
+            res = self._resident[key]
+            if res.num_layers > 1:            # shrink before leaving whole: the last layers stream cheapest
+                res.trim_layers(res.num_layers - 1)
+                self.counters["layers_shrunk"] += 1
+            else:
+                self._demote_locked(key)
+
+    def _demote_locked(self, key: EntryKey) -> None:
+        self._drop_locked(key)
+        self.counters["demotions"] += 1
+
+    def _drop_locked(self, key: EntryKey) -> None:
+        self._resident.pop(key, None)
+        self.policy.forget(key)
