@@ -110,6 +110,13 @@ class Resident:
     def nbytes(self) -> int:
         return self.num_layers * self.layer_nbytes
 
+    def fits(self, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> bool:
+        """Whether these pages are in the layout a cache of that shape attends over (a model patched again
+        with another page size, or moved, cannot use them)."""
+        want = (page_size, num_kv_heads, head_dim)
+        return all(tuple(t.shape[1:]) == want and t.dtype == dtype and t.device == torch.device(device)
+                   for t in (*self.k, *self.v))
+
     def trim_tokens(self, n: int) -> None:
         """Keep the first ``n`` tokens (metadata only)."""
         self.token_ids = self.token_ids[:n]
