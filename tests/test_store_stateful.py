@@ -41,7 +41,7 @@ def _take(e: KVEntry, idx: torch.Tensor) -> KVEntry:
 
 class StoreVsDict(RuleBasedStateMachine):
     @initialize(dram_tokens=st.integers(CHUNK_TOKENS + 8, 2 * CHUNK_TOKENS), disk_kib=st.sampled_from([48, 96, 4096]),
-                use_disk=st.booleans(), device_pages=st.integers(4, 120))
+                use_disk=st.booleans(), device_pages=st.integers(3, 16))
     def start(self, dram_tokens, disk_kib, use_disk, device_pages):
         import tempfile
         self.dir = Path(tempfile.mkdtemp(prefix="cattn-store-"))
@@ -136,17 +136,22 @@ class StoreVsDict(RuleBasedStateMachine):
         self.model.pop(key, None)
         self.chunk_tokens[key] = 0
 
-    @rule(key=st.sampled_from(KEYS), layers=st.integers(1, L), seed=st.integers(0, 2**31))
-    def keep_resident(self, key, layers, seed):
+    @rule(pick=st.integers(0, len(KEYS) - 1), layers=st.integers(1, L), seed=st.integers(0, 2**31),
+          then_load=st.none() | st.integers(1, 80))
+    def keep_resident(self, pick, layers, seed, then_load):
         """A turn ends: its first ``layers`` layers' pages (the stored history's K/V, in scattered pages with
         headroom) go to the device tier, which may shrink or demote sessions to stay within budget."""
+        stored = [k for k in KEYS if k in self.model]
+        if not stored:
+            return
+        key = stored[pick % len(stored)]
         ids = self.store.lookup(key)
         if ids is None or key not in self.model or ids.numel() == 0:
             return
         want = self.model[key]
         n = want.num_tokens
-        pages = torch.randperm(2 * (-(-n // PAGE)), generator=torch.Generator().manual_seed(seed))[:-(-n // PAGE)]
-        cap = 2 * (-(-n // PAGE))
+        cap = -(-n // PAGE) + 2
+        pages = torch.randperm(cap, generator=torch.Generator().manual_seed(seed))[:-(-n // PAGE)]
         ks, vs = [], []
         for layer in range(layers):
             for src, out in ((want.k, ks), (want.v, vs)):
@@ -154,6 +159,31 @@ class StoreVsDict(RuleBasedStateMachine):
                 t.view(-1, H, D)[(pages[torch.arange(n) // PAGE] * PAGE + torch.arange(n) % PAGE)] = src[layer]
                 out.append(t)
         self.store.device.put(key, Resident(want.token_ids.clone(), pages.tolist(), ks, vs), keep_layers=layers)
+        if then_load is not None:   # the session's next turn comes at once (else other rules come between)
+            self.load_with_residency(key, then_load)
+
+    @rule(seed=st.integers(0, 2**31))
+    def every_session_resident(self, seed):
+        """Every stored session ends a turn wanting all its layers on the device: past the budget the tier
+        shrinks sessions layer by layer, then demotes them whole; each turn after still serves exactly."""
+        before = self.store.stats()["device"]
+        for i, key in enumerate(k for k in KEYS if k in self.model and self.model[k].num_tokens):
+            self.keep_resident(KEYS.index(key), L, seed + i, None)
+        after = self.store.stats()["device"]
+        event(f"device: pressure {'yes' if after['layers_shrunk'] > before['layers_shrunk'] else 'no'}")
+        for key in KEYS:
+            self.load_with_residency(key, None)
+
+    @rule(pick=st.integers(0, len(KEYS) - 1), seed=st.integers(0, 2**31), drop_pages=st.integers(1, 6),
+          keep_pages=st.integers(0, 2), partial_page=st.booleans())
+    def truncate_resident(self, pick, seed, drop_pages, keep_pages, partial_page):
+        """Context overflow of a resident session: whole pages (page ids only) or not (the pages go)."""
+        self.keep_resident(pick, L, seed, None)
+        stored = [k for k in KEYS if k in self.model]
+        if stored:
+            key = stored[pick % len(stored)]
+            self.truncate(key, PAGE * drop_pages - partial_page, PAGE * keep_pages)
+            self.load_with_residency(key, None)
 
     @rule(key=st.sampled_from(KEYS), num_tokens=st.none() | st.integers(1, 80))
     def load_with_residency(self, key, num_tokens):
