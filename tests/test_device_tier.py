@@ -190,3 +190,34 @@ def test_fully_resident_session_copies_nothing(deep_model):
     assert st["device"]["bytes_not_copied"] == sum(t.reused_tokens for t in s.turns) * 2 * 4 * H * D * 4
     assert prompt_ids(s)[:s.turns[-1].reused_tokens] == store.lookup(s.key).tolist()[:s.turns[-1].reused_tokens]
     store.close()
+
+
+def test_look_ahead_brings_demoted_sessions_back_from_dram():
+    """Scheduler-aware: a demoted session whose job is queued comes back up (its share of layers, exactly
+    its stored K/V), by demoting only a session with no queued job; LRU (no look-ahead) brings nothing."""
+    from cattn.store.base import KVEntry as Entry
+    for policy, expect in ((Scheduler(), True), (FIFO(), False)):
+        one_layer = 2 * 1 * PS * H * D * 4
+        device = DeviceTier(DeviceTierConfig(budget_bytes=2 * one_layer, headroom=0.0), policy=policy)
+        store = TieredStore(1 << 20, device=device)
+        kv = {}
+        for name in ("a", "b", "c"):
+            g = torch.Generator().manual_seed(ord(name))
+            kv[name] = Entry(torch.randint(0, 1000, (12,), generator=g), torch.randn(2, 12, H, D, generator=g),
+                             torch.randn(2, 12, H, D, generator=g))
+            store.save(key(name), kv[name])
+            r = resident(12, 2)
+            for layer in range(2):
+                r.k[layer].view(-1, H, D)[:12] = kv[name].k[layer]
+                r.v[layer].view(-1, H, D)[:12] = kv[name].v[layer]
+            device.put(key(name), r, 2)
+        assert device.resident_layers(key("a")) == 0 and device.stats()["demotions"] >= 1
+        store.update_queue([key("a")])
+        assert (device.resident_layers(key("a")) > 0) == expect
+        if expect:
+            got = device.take(key("a"), kv["a"].token_ids, 2)
+            slots = torch.tensor(got.pages)[torch.arange(12) // PS] * PS + torch.arange(12) % PS
+            assert torch.equal(got.k[0].view(-1, H, D)[slots], kv["a"].k[0])
+            assert torch.equal(got.v[got.num_layers - 1].view(-1, H, D)[slots], kv["a"].v[got.num_layers - 1])
+            assert device.stats()["prefetched"] == 1
+        store.close()

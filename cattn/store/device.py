@@ -127,6 +127,22 @@ class Resident:
         del self.k[n:], self.v[n:]
 
 
+def _resident_from(lease, layers: int, page_size: int, headroom: float, device: torch.device) -> Resident:
+    """The first ``layers`` layers of a `KVLease`'s history in fresh pages ``0..P-1`` on ``device``."""
+    n, lay = lease.num_tokens, lease.layout
+    pages = -(-n // page_size)
+    capacity = max(pages, int(pages * (1 + headroom)))
+    ks, vs = [], []
+    for layer in range(min(layers, lay.num_layers)):
+        for part, out in (("k", ks), ("v", vs)):
+            t = torch.empty(capacity, page_size, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype, device=device)
+            flat = t.view(-1, lay.num_kv_heads, lay.head_dim)
+            for seg in lease.segments:   # tokens in order: token i at slot i
+                flat[seg.start:seg.start + seg.num_tokens] = getattr(seg, part)[layer].to(device, non_blocking=True)
+            out.append(t)
+    return Resident(lease.token_ids.clone(), list(range(pages)), ks, vs)
+
+
 class DeviceTier:
     """Sessions' first layers in device memory between turns; thread-safe.
 
@@ -158,8 +174,12 @@ class DeviceTier:
         # tokens meanwhile makes the pages stale, and `put` drops them.
         self._taken: dict[EntryKey, int] = {}
         self._stale: set[EntryKey] = set()
+        # Sessions that left under pressure: their share (layers, page size, headroom) for a look-ahead
+        # prefetch to bring them back up from DRAM before their next job.
+        self._demoted: dict[EntryKey, tuple[int, int]] = {}
+        self._wanted: dict[EntryKey, int] = {}    # layers each resident session was given (before shrinking)
         self.counters = dict(hits_full=0, hits_partial=0, misses=0, bytes_not_copied=0, layers_shrunk=0,
-                             demotions=0, released_for_room=0)
+                             demotions=0, released_for_room=0, prefetched=0)
 
     # ---- a turn -------------------------------------------------------------------------------
     def take(self, key: EntryKey, token_ids: torch.Tensor, num_layers: int) -> Resident | None:
@@ -197,10 +217,12 @@ class DeviceTier:
             else:
                 keep_layers = min(keep_layers, res.num_layers, self.budget // res.layer_nbytes)
             res.trim_layers(keep_layers)
+            self._wanted[key] = keep_layers
             if not keep_layers:
                 self.policy.forget(key)
                 return
             self._resident[key] = res
+            self._demoted.pop(key, None)
             self.policy.touch(key, time.time())
             self._within_budget_locked(key)
 
@@ -270,6 +292,40 @@ class DeviceTier:
         with self._lock:
             self.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
 
+    def prefetch(self, store, in_dram: set[EntryKey]) -> list[EntryKey]:
+        """Bring demoted sessions that the policy wants up soon (the look-ahead window: `Policy.prefetch`)
+        back from the DRAM tier of ``store`` (a `TieredStore`; only sessions in ``in_dram``), their share of
+        layers copied into fresh pages; only by demoting sessions the policy values less. Returns the
+        sessions brought up."""
+        with self._lock:
+            cands = [k for k in self._demoted if k in in_dram]
+            wanted = [k for k in self.policy.prefetch(cands) if k in self._demoted] if cands else []
+        done = []
+        for key in wanted:
+            with self._lock:
+                share = self._demoted.get(key)
+            if share is None or key in self._taken:
+                continue
+            lease = store.acquire(key)
+            if lease is None or lease.num_tokens == 0:
+                if lease is not None:
+                    lease.release()
+                with self._lock:
+                    self._demoted.pop(key, None)
+                continue
+            with lease:
+                res = _resident_from(lease, share[0], share[1], self.config.headroom, self.device)
+            with self._lock:
+                if key in self._resident or key in self._taken or not self._room_for_locked(key, res.nbytes):
+                    continue
+                self._demoted.pop(key, None)
+                self._resident[key] = res
+                self._wanted[key] = res.num_layers
+                self.policy.touch(key, time.time())
+                self.counters["prefetched"] += 1
+                done.append(key)
+        return done
+
     def job_started(self, key: EntryKey) -> None:
         with self._lock:
             self.policy.start(key, time.time())
@@ -288,7 +344,8 @@ class DeviceTier:
     def stats(self) -> dict:
         """hits_full (every layer resident), hits_partial, misses, bytes_not_copied (history K/V a turn
         did not copy thanks to residency), layers_shrunk, demotions (sessions that left whole),
-        released_for_room, used_bytes, capacity_bytes (the budget), entries, layers (resident, in all)."""
+        released_for_room, prefetched (brought back up for a queued job), used_bytes, capacity_bytes (the
+        budget), entries, layers (resident, in all)."""
         with self._lock:
             return dict(self.counters, used_bytes=self._used_locked(), capacity_bytes=self.budget,
                         entries=len(self._resident), layers=sum(r.num_layers for r in self._resident.values()))
@@ -304,6 +361,24 @@ class DeviceTier:
         key = self.policy.victim("dram", cands)
         return key if key in self._resident else cands[0]
 
+    def _room_for_locked(self, incoming: EntryKey, nbytes: int) -> bool:
+        """Demote sessions the policy values less than ``incoming`` until ``nbytes`` more fit; False if
+        that is not enough (then nothing was demoted)."""
+        free, victims = self.budget - self._used_locked(), []
+        cands = set(self._resident)
+        while free < nbytes and cands:
+            key = self.policy.victim("dram", cands, incoming=incoming)
+            if key not in cands:
+                return False
+            victims.append(key)
+            cands.discard(key)
+            free += self._resident[key].nbytes
+        if free < nbytes:
+            return False
+        for key in victims:
+            self._demote_locked(key)
+        return True
+
     def _within_budget_locked(self, incoming: EntryKey) -> None:
         while self._resident and self._used_locked() > self.budget:
             key = self._victim_locked(incoming)
@@ -315,9 +390,12 @@ class DeviceTier:
                 self._demote_locked(key)
 
     def _demote_locked(self, key: EntryKey) -> None:
+        res = self._resident[key]
+        self._demoted[key] = (self._wanted.get(key, res.num_layers), res.page_size)
         self._drop_locked(key)
         self.counters["demotions"] += 1
 
     def _drop_locked(self, key: EntryKey) -> None:
         self._resident.pop(key, None)
+        self._wanted.pop(key, None)
         self.policy.forget(key)

@@ -314,7 +314,12 @@ class TieredStore(KVStore):
             for key in st.policy.expired([k for k, e in st.entries.items() if not e.busy()], now):
                 if (e := st.entries.get(key)) is not None and not e.busy():
                     st.remove_locked(key, e, evicted_from="disk" if e.disk_nbytes else "dram")
-        return self.prefetch()
+        plan = self.prefetch()
+        if self.device is not None:   # demoted sessions with a job soon come back up from DRAM (not disk)
+            with st.lock:
+                in_dram = {k for k, e in st.entries.items() if all(c.offset is not None for c, _, _ in e.views)}
+            self.device.prefetch(self, in_dram)
+        return plan
 
     def job_started(self, key: EntryKey) -> None:
         """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
