@@ -28,6 +28,7 @@ from concurrent.futures import Future
 import torch
 from transformers.cache_utils import Cache
 
+from cattn.hf.resident import check_resident, separate_layers
 from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
 from cattn.ops import check_batch
@@ -36,17 +37,6 @@ from cattn.store.base import EntryKey, KVEntry, KVStore
 from cattn.store.device import Resident
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, Segment
-
-def _check_resident(res: Resident, layout: PagedLayout, dtype: torch.dtype, device: torch.device) -> None:
-    want = (layout.page_size, layout.num_kv_heads, layout.head_dim)
-    for t in (*res.k, *res.v):
-        if tuple(t.shape[1:]) != want or t.dtype != dtype or t.device != device:
-            raise ValueError(f"resident: pages must be [pages, {want[0]}, {want[1]}, {want[2]}] {dtype} on {device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if res.num_layers > layout.num_layers or len(res.v) != res.num_layers \
-            or len(res.pages) != -(-res.num_tokens // layout.page_size):
-        raise ValueError("resident: layers, pages and tokens do not agree with each other or the model")
-
 
 class PagedCache(Cache):
     """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.
@@ -98,7 +88,7 @@ class PagedCache(Cache):
         num_pages = batch_size * -(-max_tokens // layout.page_size)
         if resident is not None:
             num_pages = max(num_pages, max(resident.pages, default=-1) + 1)
-            _check_resident(resident, layout, dtype, device)
+            check_resident(resident, layout, dtype, device)
         self.pool = PagePool(num_pages, layout.page_size)
         self.seqs = PagedSequences(self.pool)
         # Layers [0, separate) have tensors of their own (resident ones, or ones that may become resident);
@@ -107,8 +97,8 @@ class PagedCache(Cache):
         self.kv = torch.empty(layout.num_layers - separate, 2, num_pages, layout.page_size, layout.num_kv_heads,
                               layout.head_dim, dtype=dtype, device=device)
         self.resident_layers = 0 if resident is None else resident.num_layers
-        self.grown_bytes = 0     # resident pages copied into larger tensors (device to device)
-        self._k, self._v = self._separate_layers(resident, separate, num_pages, headroom, dtype, device)
+        self._k, self._v, self.grown_bytes = separate_layers(layout, resident, separate, num_pages, headroom,
+                                                             dtype, device)
         self._k += [self.kv[i, 0] for i in range(self.kv.shape[0])]
         self._v += [self.kv[i, 1] for i in range(self.kv.shape[0])]
         self._batch_size = batch_size
@@ -124,26 +114,6 @@ class PagedCache(Cache):
             if self.resident_layers < layout.num_layers:
                 self._resident_tokens = resident.num_tokens
         self._streaming = StoreStreaming(self._k, self._v)
-
-    def _separate_layers(self, resident, separate, num_pages, headroom, dtype, device):
-        lay = self.layout
-        if resident is not None and resident.num_layers and resident.capacity_pages >= num_pages:
-            capacity = resident.capacity_pages
-            k, v = list(resident.k), list(resident.v)
-        else:
-            capacity = max(num_pages, int(num_pages * (1 + headroom)))
-            k, v = [], []
-            for old_k, old_v in zip(resident.k, resident.v) if resident is not None else ():
-                # The session outgrew its resident tensors: one device-to-device copy into larger ones.
-                for old, out in ((old_k, k), (old_v, v)):
-                    out.append(old.new_empty(capacity, *old.shape[1:]))
-                    out[-1][:old.shape[0]] = old
-                    self.grown_bytes += old.nbytes
-        shape = (capacity, lay.page_size, lay.num_kv_heads, lay.head_dim)
-        while len(k) < separate:
-            k.append(torch.empty(shape, dtype=dtype, device=device))
-            v.append(torch.empty(shape, dtype=dtype, device=device))
-        return k, v
 
     # ---- what the cattn attention modules call -------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
