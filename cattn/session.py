@@ -313,6 +313,8 @@ class ChatSession:
                                             self.model.device):
             res = None   # pages of another layout (the model was patched again, or moved): stream them all
         cache = self._device_cache(device, res, max_tokens)
+        if cache.resident_layers == 0:
+            res = None
         if res is not None:
             got = self._load(cache, prompt, reused, res)
             if got:
@@ -337,7 +339,8 @@ class ChatSession:
             return PagedCache(self.model, max_tokens=max_tokens, resident=res, keep_layers=keep,
                               headroom=device.config.headroom)
         except torch.cuda.OutOfMemoryError:
-            del res
+            if res is not None:
+                res.trim_layers(0)   # its pages go too: this turn streams every layer
             device.clear()
             torch.cuda.empty_cache()
             return PagedCache(self.model, max_tokens=max_tokens)
