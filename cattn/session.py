@@ -407,9 +407,10 @@ class ChatSession:
         layers = self.layout.num_layers
         if self._layer_s_per_token is None:
             return layers
-        streamed = layers - cache.resident_layers
-        return preload_layers(streamed, lease.nbytes / layers / self._bandwidth(cache.kv.device),
-                              self._layer_s_per_token * new_tokens)
+        # Resident layers are the first of the rule's k: only the rest of them is copied ahead.
+        k = preload_layers(layers, lease.nbytes / layers / self._bandwidth(cache.kv.device),
+                           self._layer_s_per_token * new_tokens)
+        return max(0, k - cache.resident_layers)
 
     def _settle_saves(self) -> None:
         """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save
