@@ -1,4 +1,4 @@
-"""Time to first token after a long history: recomputed, resident on the GPU, or streamed from DRAM.
+"""Time to first token after a long history: recomputed, resident on the GPU, partly resident, or streamed.
 
     python -m bench.ttft [--histories 4096,16384,32768] [--new-tokens 256] [--repeats 5] [--budget-s 90]
     python -m bench.ttft --quick     # the same code path on CPU with a tiny Llama (what the tests run)
@@ -12,7 +12,14 @@ to the first token's id on the host:
 (c) dram: cattn, the history's KV in a `TieredStore`'s pinned pool: leased, copied into the pages
     layer by layer while the prefill runs (the first ``k`` layers before it, ``k`` from the buffer
     rule with the measured bandwidth and (b)'s per-layer time), the new tokens' KV saved back per
-    layer, as a `ChatSession` turn does.
+    layer, as a `ChatSession` turn does;
+(d) partial: cattn, the rule's first ``k`` layers' KV resident in device pages (what a `DeviceTier`
+    keeps between turns; attended in place), the other layers streamed from DRAM as in (c).
+
+Device memory held per session between turns: (b) all layers, (d) ``k`` of them, (c) none.
+Goal of (d): within 1.1x of (b) at every length, holding at most the rule's share (``k / L``) of (b)'s
+device memory. On CPU every copy is synchronous and memcpy-fast: the run checks the code path and the
+numbers (equal logits), not the saving, which is a GPU effect (copies behind compute over PCIe).
 
 Also reported: the pure copy time of the history's KV at the measured host->device bandwidth, the
 loader's hidden and exposed seconds, and whether (b) and (c) produce the same logits. Target: (c)
@@ -41,7 +48,9 @@ TINY_LLAMA3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, n
 COLUMNS = [("history", "history", "d"), ("recompute_ms", "(a) recompute ms", ".1f"),
            ("resident_ms", "(b) resident ms", ".1f"), ("dram_ms", "(c) DRAM ms", ".1f"),
            ("copy_ms", "copy ms", ".1f"), ("preload_layers", "k", "d"), ("hidden_ms", "hidden ms", ".1f"),
-           ("exposed_ms", "exposed ms", ".1f"), ("target_ms", "target ms", ".1f"), ("verdict", "target", "s")]
+           ("exposed_ms", "exposed ms", ".1f"), ("target_ms", "target ms", ".1f"), ("verdict", "target", "s"),
+           ("partial_ms", "(d) k resident ms", ".1f"), ("partial_mib", "(d) MiB held", ".1f"),
+           ("resident_mib", "(b) MiB held", ".1f"), ("partial_verdict", "(d) <= 1.1x (b)", "s")]
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: torch.device):
@@ -148,8 +157,10 @@ def one_history(model, store, history: int, new: int, repeats: int, bandwidth: f
                 future.result()
             hidden.append(cache.load_seconds()[0])
             exposed.append(cache.load_seconds()[1])
-        store.delete(key)
+        resident_held = cache.kv.nbytes      # (b): every layer's pages, for the history and the new tokens
         del cache
+        partial = partly_resident(model, store, key, history, new, preload, runs, fresh, ids, device)
+        store.delete(key)
     finally:
         revert_cattn(model)
 
@@ -161,14 +172,73 @@ def one_history(model, store, history: int, new: int, repeats: int, bandwidth: f
                same_first_token=bool(via_dram.argmax() == via_pages.argmax()),
                runs_ms={"recompute": [1e3 * s for s in recompute], "resident": [1e3 * s for s in resident_s],
                         "dram": [1e3 * s for s in dram_s]})
+    row.update(partial_ms=1e3 * statistics.median(partial["runs"][1:]), partial_bytes=partial["bytes"],
+               partial_mib=partial["bytes"] / 2**20, resident_bytes=resident_held, resident_mib=resident_held / 2**20,
+               partial_share=partial["bytes"] / resident_held, rule_share=preload / layers,
+               partial_equals_resident_max_abs=float((partial["logits"] - via_pages).abs().max()),
+               partial_same_first_token=bool(partial["logits"].argmax() == via_pages.argmax()))
+    row["runs_ms"]["partial"] = [1e3 * s for s in partial["runs"]]
     row["regime"] = "compute" if row["copy_ms"] <= row["resident_ms"] else "copy"
     row["target_ms"] = 1.1 * max(row["copy_ms"], row["resident_ms"])
     if device.type == "cuda":
         row["target_met"] = row["dram_ms"] <= row["target_ms"]
         row["verdict"] = "pass" if row["target_met"] else "FAIL"
+        row["partial_target_met"] = (row["partial_ms"] <= 1.1 * row["resident_ms"]
+                                     and row["partial_share"] <= row["rule_share"] + 1e-9)
+        row["partial_verdict"] = "pass" if row["partial_target_met"] else "FAIL"
     else:
         row["target_met"], row["verdict"] = None, "n/a (CPU)"   # CPU copies are synchronous: no overlap to judge
+        row["partial_target_met"], row["partial_verdict"] = None, "n/a (CPU)"
     return row
+
+
+def partly_resident(model, store, key, history: int, new: int, keep: int, runs, fresh, same_ids, device) -> dict:
+    """(d): the first ``keep`` layers of ``key``'s history resident in device pages, the rest streamed from
+    the store during the prefill. Each run gets a fresh cache over the same resident pages (as each turn
+    of a session does), built outside the clock; returns the runs' seconds, the resident bytes and the
+    logits on ``same_ids``."""
+    from cattn.hf import PagedCache
+
+    history_ids = store.lookup(key)[:history]     # (c) left its last run's new tokens after it
+    dtype = model.dtype
+    # The resident pages, as a turn leaves them: every layer loaded, the first ``keep`` kept (no headroom:
+    # the device memory held is exactly ``keep`` layers of the history's pages).
+    seed = PagedCache(model, max_tokens=history + new, device=device, dtype=dtype, keep_layers=keep, headroom=0.0)
+    seed.load_layerwise(store.acquire(key, history), preload=model.config.num_hidden_layers)
+    seed.finish()
+    state = {"res": seed.take_resident(history_ids, keep)}
+    del seed
+    held = state["res"].nbytes
+
+    def new_cache():
+        return PagedCache(model, max_tokens=history + new, device=device, dtype=dtype,
+                          resident=state["res"] if keep else None, headroom=0.0)
+
+    def turn(ids, cache):
+        if cache.resident_layers < model.config.num_hidden_layers:
+            cache.load_layerwise(store.acquire(key, history), preload=0)   # the rule's k are already there
+        cache.save_next_step(store, key, ids[0].cpu(), history)
+        out = first_token(model, ids, cache)
+        out.argmax().item()
+        return out
+
+    def end(cache):
+        for future in cache.finish():
+            future.result()
+        cache.crop(history)
+        if keep:
+            state["res"] = cache.take_resident(history_ids, keep)
+
+    seconds, logits = [], None
+    for i in [*runs, "same"]:
+        cache = new_cache()
+        if i == "same":
+            logits = turn(same_ids, cache).float()
+        else:
+            seconds.append(clocked(lambda ids: turn(ids, cache), fresh(new), device))
+        end(cache)
+        del cache
+    return dict(runs=seconds, bytes=held, logits=logits)
 
 
 def run(shape: dict, dtype: torch.dtype, device: torch.device, histories: list[int], new: int, repeats: int,
@@ -233,12 +303,16 @@ def main(argv=None) -> int:
           f"{report['host_to_device_bytes_per_s'] / 1e9:.1f} GB/s; median of {repeats} "
           f"(JSON: {results_dir() / name})")
     print(format_table(report["rows"], COLUMNS))
+    if device.type != "cuda":
+        print("CPU: copies are synchronous memcpy here, so (c) and (d) show the code path, not the saving; "
+              "keeping the first layers resident saves their PCIe copy, a GPU effect (python -m bench.gpu_check).")
     for row in report["rows"]:
         if not row["same_first_token"]:
             print(f"history {row['history']}: (b) and (c) disagree (max |diff| {row['dram_equals_resident_max_abs']})")
     if report["skipped"]:
         print(f"skipped for the budget: histories {report['skipped']}")
-    return 0 if all(r["target_met"] is not False and r["same_first_token"] for r in report["rows"]) else 1
+    return 0 if all(r["target_met"] is not False and r["partial_target_met"] is not False and r["same_first_token"]
+                    and r["partial_same_first_token"] for r in report["rows"]) else 1
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ class PagePool:
         self._used.update(pages)
         return pages
 
+    def claim(self, pages: Sequence[int]) -> None:
+        """Allocate these particular pages (a sequence whose pages outlived an earlier pool, e.g. a
+        session's resident pages); ValueError, before any change, if one is taken or out of range."""
+        wanted = set(pages)
+        if len(wanted) != len(pages) or any(not 0 <= p < self.num_pages or p in self._used for p in wanted):
+            raise ValueError(f"pages: {list(pages)} are not distinct free pages of this pool of {self.num_pages}")
+        self._free = [p for p in self._free if p not in wanted]
+        self._used.update(wanted)
+
     def free(self, pages: Sequence[int]) -> None:
         """Return ``pages`` to the pool, all or none: every id is checked (an int in range, allocated,
         listed once) before any is freed, so a bad list leaves the pool as it was."""

@@ -8,8 +8,11 @@ runs (a `TieredStore` lends its pinned pool pages, no staging copy; the first la
 are copied before the forward, as many as the buffer rule says), and each layer's
 new KV goes back to the store as soon as the layer wrote it; the reply's KV follows
 at the end of the turn. Only new tokens are ever saved, the turn never waits for its
-own saves, and the pages are freed: between turns a session holds no accelerator
-memory. An edited earlier message, or a tokenization that differs at the seam, costs
+own saves, and the pages are freed. With a device tier (``TieredStore(device=...)``)
+the session's first layers stay in device pages between turns instead, as many as the
+buffer rule says (and the tier's budget allows): the next turn attends to them in place
+and streams only the other layers from DRAM; they are still saved to DRAM, so the tier
+is a cache, never the only copy. An edited earlier message, or a tokenization that differs at the seam, costs
 the tokens after the first difference, never a wrong answer; a store that cannot
 serve (full, corrupt, foreign entry) costs a recompute.
 
@@ -31,6 +34,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
 from cattn.store.base import EntryKey, KVStore
+from cattn.store.device import DeviceTier, Resident
 from cattn.store.lease import KVLease
 from cattn.store.memory import MemoryStore
 from cattn.store.migration import StoreFullError
@@ -142,6 +146,7 @@ class ChatSession:
         self._closed = False
         self._saves: list[Future] = []              # the last turn's saves, committing in the background on CUDA
         self._layer_s_per_token: float | None = None  # one layer's prefill compute per new token, as measured
+        self._rule_layers: int | None = None          # the buffer rule's k at the last turn's end
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -202,6 +207,10 @@ class ChatSession:
         measured = cache.layer_seconds()
         if measured is not None:
             self._layer_s_per_token = measured[1] / measured[0]
+        if (device := self._device()) is not None:
+            ids = torch.tensor((prompt + reply_ids)[:cached], dtype=torch.long)
+            res = cache.take_resident(ids, self.layout.num_layers)
+            device.put(self.key, res, self._resident_share(device, res, len(prompt) - reused))
 
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
@@ -293,14 +302,78 @@ class ChatSession:
                 self.store.truncate(self.key, in_store, kf)
             self._dropped += drop
             prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
-        cache = PagedCache(self.model, max_tokens=len(prompt) + max_new)
-        if reused:
-            reused = self._load(cache, prompt, reused)
-        return prompt, cache, reused, drop
+        max_tokens = len(prompt) + max_new
+        if (device := self._device()) is None:
+            cache = PagedCache(self.model, max_tokens=max_tokens)
+            return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
+        res = device.take(self.key, torch.tensor(prompt[:reused], dtype=torch.long), self.layout.num_layers) \
+            if reused else None
+        lay = self.layout
+        if res is not None and not res.fits(lay.page_size, lay.num_kv_heads, lay.head_dim, self.model.dtype,
+                                            self.model.device):
+            res = None   # pages of another layout (the model was patched again, or moved): stream them all
+        cache = self._device_cache(device, res, max_tokens)
+        if cache.resident_layers == 0:
+            res = None
+        if res is not None:
+            got = self._load(cache, prompt, reused, res)
+            if got:
+                return prompt, cache, got, drop
+            cache = self._device_cache(device, None, max_tokens)   # the store lost the history: recompute
+        return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
 
-    def _load(self, cache: PagedCache, prompt: list[int], reused: int) -> int:
+    def _device(self) -> DeviceTier | None:
+        device = getattr(self.store, "device", None)
+        return device if isinstance(device, DeviceTier) else None
+
+    def _device_cache(self, device: DeviceTier, res: Resident | None, max_tokens: int) -> PagedCache:
+        """A cache whose first layers are ``res``'s pages, and that can keep its first layers after the
+        turn. Resident pages are released first if the device lacks the memory this turn needs, and
+        all of them if the allocation still fails: the tier never causes an out-of-memory error."""
+        lay = self.layout
+        token_nbytes = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
+        layer_nbytes = token_nbytes // lay.num_layers * -(-max_tokens // lay.page_size) * lay.page_size
+        keep = device.layers_for(layer_nbytes, lay.num_layers if self._rule_layers is None else self._rule_layers)
+        device.make_room(token_nbytes * max_tokens)
+        try:
+            return PagedCache(self.model, max_tokens=max_tokens, resident=res, keep_layers=keep,
+                              headroom=device.config.headroom)
+        except torch.cuda.OutOfMemoryError:
+            if res is not None:
+                res.trim_layers(0)   # its pages go too: this turn streams every layer
+            device.clear()
+            torch.cuda.empty_cache()
+            return PagedCache(self.model, max_tokens=max_tokens)
+
+    def _resident_share(self, device: DeviceTier, res: Resident, new_tokens: int) -> int:
+        """Layers to keep resident: the buffer rule's ``k`` for a turn of ``new_tokens`` new tokens (from the
+        measured copy bandwidth and per-layer compute), within the device tier's budget."""
+        layers = self.layout.num_layers
+        if self._layer_s_per_token is not None and res.num_tokens:
+            bandwidth = self._bandwidth(res.k[0].device if res.k else self.model.device)
+            history_layer_nbytes = res.num_tokens * self._token_nbytes() // layers
+            self._rule_layers = preload_layers(layers, history_layer_nbytes / bandwidth,
+                                               self._layer_s_per_token * max(new_tokens, 1))
+        return device.layers_for(res.layer_nbytes, layers if self._rule_layers is None else self._rule_layers)
+
+    def _token_nbytes(self) -> int:
+        lay = self.layout
+        return 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
+
+    @staticmethod
+    def _bandwidth(device) -> float:
+        device = torch.device(device)
+        if device not in _bandwidth:
+            _bandwidth[device] = copy_bandwidth(device, nbytes=(64 if device.type == "cuda" else 8) << 20)
+        return _bandwidth[device]
+
+    def _load(self, cache: PagedCache, prompt: list[int], reused: int, res: Resident | None = None) -> int:
         """Start streaming the stored KV of ``prompt[:reused]`` into ``cache``, layer by layer; returns
-        the tokens it will hold: ``reused``, or 0 if the store cannot serve them (a miss: recompute)."""
+        the tokens it will hold: ``reused``, or 0 if the store cannot serve them (a miss: recompute).
+        With ``res`` (its layers already in ``cache``), only the other layers are streamed."""
+        if res is not None and res.num_layers >= self.layout.num_layers:   # fully resident: nothing to copy
+            self._device().record_not_copied(reused * self._token_nbytes())
+            return reused
         try:
             if hasattr(self.store, "acquire"):        # TieredStore: pinned pool views, no staging copy
                 lease = self.store.acquire(self.key, reused)
@@ -324,6 +397,8 @@ class ChatSession:
         except BaseException:
             lease.release()
             raise
+        if res is not None:
+            self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
         return reused
 
     def _preload(self, cache: PagedCache, lease: KVLease, new_tokens: int) -> int:
@@ -332,11 +407,10 @@ class ChatSession:
         layers = self.layout.num_layers
         if self._layer_s_per_token is None:
             return layers
-        device = cache.kv.device
-        if device not in _bandwidth:
-            _bandwidth[device] = copy_bandwidth(device, nbytes=(64 if device.type == "cuda" else 8) << 20)
-        return preload_layers(layers, lease.nbytes / layers / _bandwidth[device],
-                              self._layer_s_per_token * new_tokens)
+        # Resident layers are the first of the rule's k: only the rest of them is copied ahead.
+        k = preload_layers(layers, lease.nbytes / layers / self._bandwidth(cache.kv.device),
+                           self._layer_s_per_token * new_tokens)
+        return max(0, k - cache.resident_layers)
 
     def _settle_saves(self) -> None:
         """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save

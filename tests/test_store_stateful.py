@@ -1,4 +1,5 @@
-"""TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences."""
+"""TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences,
+with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure)."""
 import collections
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cattn.store.base import EntryKey, KVEntry
+from cattn.store.device import DeviceTier, Resident
 from cattn.store.disk import DiskTier
 from cattn.store.policy import Scheduler
 from cattn.store.tiered import TieredStore
@@ -18,6 +20,8 @@ TOKEN_BYTES = 2 * L * H * D * 2     # 512: a chunk's 256-byte alignment wastes l
 # A session's chunks must fit in the DRAM tier to be loaded, the tokens that edits and truncations
 # dropped from partly used chunks included: the sessions here keep to this many chunk tokens.
 CHUNK_TOKENS = 90
+PAGE = 4                            # the device tier's page size here
+LAYER_PAGE_BYTES = 2 * PAGE * H * D * 2
 KEYS = [EntryKey(t, m, s) for t in ("acme", "zeta") for m in ("0123abcd", "fedc9876") for s in ("s0", "s1")]
 
 
@@ -37,11 +41,12 @@ def _take(e: KVEntry, idx: torch.Tensor) -> KVEntry:
 
 class StoreVsDict(RuleBasedStateMachine):
     @initialize(dram_tokens=st.integers(CHUNK_TOKENS + 8, 2 * CHUNK_TOKENS), disk_kib=st.sampled_from([48, 96, 4096]),
-                use_disk=st.booleans())
-    def start(self, dram_tokens, disk_kib, use_disk):
+                use_disk=st.booleans(), device_pages=st.integers(3, 16))
+    def start(self, dram_tokens, disk_kib, use_disk, device_pages):
         import tempfile
         self.dir = Path(tempfile.mkdtemp(prefix="cattn-store-"))
         self.dram_bytes, self.disk_bytes = dram_tokens * TOKEN_BYTES, disk_kib * 1024 if use_disk else None
+        self.device_bytes = device_pages * LAYER_PAGE_BYTES
         self.model: dict[EntryKey, KVEntry] = {}
         self.lost = self.drops_before = 0
         self.chunk_tokens = collections.Counter()   # per key: tokens saved since its history was replaced
@@ -50,12 +55,14 @@ class StoreVsDict(RuleBasedStateMachine):
 
     def _open(self) -> TieredStore:
         disk = DiskTier(self.dir, self.disk_bytes) if self.disk_bytes else None
-        return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5)
+        return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5,
+                           device=DeviceTier(self.device_bytes, policy=Scheduler()))
 
     def _tally(self) -> None:
         """What this run exercised (reported by ``--hypothesis-show-statistics``)."""
         s = self.store.stats()
-        for tier, counter in (("dram", "evictions"), ("disk", "hits"), ("disk", "evictions"), ("disk", "prefetched")):
+        for tier, counter in (("dram", "evictions"), ("disk", "hits"), ("disk", "evictions"), ("disk", "prefetched"),
+                              ("device", "hits_partial"), ("device", "layers_shrunk"), ("device", "demotions")):
             self.seen[f"{tier} {counter}"] += s.get(tier, {}).get(counter, 0)
 
     def _drops(self) -> int:
@@ -129,6 +136,75 @@ class StoreVsDict(RuleBasedStateMachine):
         self.model.pop(key, None)
         self.chunk_tokens[key] = 0
 
+    @rule(pick=st.integers(0, len(KEYS) - 1), layers=st.integers(1, L), seed=st.integers(0, 2**31),
+          then_load=st.none() | st.integers(1, 80))
+    def keep_resident(self, pick, layers, seed, then_load):
+        """A turn ends: its first ``layers`` layers' pages (the stored history's K/V, in scattered pages with
+        headroom) go to the device tier, which may shrink or demote sessions to stay within budget."""
+        stored = [k for k in KEYS if k in self.model]
+        if not stored:
+            return
+        key = stored[pick % len(stored)]
+        ids = self.store.lookup(key)
+        if ids is None or key not in self.model or ids.numel() == 0:
+            return
+        want = self.model[key]
+        n = want.num_tokens
+        cap = -(-n // PAGE) + 2
+        pages = torch.randperm(cap, generator=torch.Generator().manual_seed(seed))[:-(-n // PAGE)]
+        ks, vs = [], []
+        for layer in range(layers):
+            for src, out in ((want.k, ks), (want.v, vs)):
+                t = torch.zeros(cap, PAGE, H, D, dtype=DTYPE)
+                t.view(-1, H, D)[(pages[torch.arange(n) // PAGE] * PAGE + torch.arange(n) % PAGE)] = src[layer]
+                out.append(t)
+        self.store.device.put(key, Resident(want.token_ids.clone(), pages.tolist(), ks, vs), keep_layers=layers)
+        if then_load is not None:   # the session's next turn comes at once (else other rules come between)
+            self.load_with_residency(key, then_load)
+
+    @rule(seed=st.integers(0, 2**31))
+    def every_session_resident(self, seed):
+        """Every stored session ends a turn wanting all its layers on the device: past the budget the tier
+        shrinks sessions layer by layer, then demotes them whole; each turn after still serves exactly."""
+        before = self.store.stats()["device"]
+        for i, key in enumerate(k for k in KEYS if k in self.model and self.model[k].num_tokens):
+            self.keep_resident(KEYS.index(key), L, seed + i, None)
+        after = self.store.stats()["device"]
+        event(f"device: pressure {'yes' if after['layers_shrunk'] > before['layers_shrunk'] else 'no'}")
+        for key in KEYS:
+            self.load_with_residency(key, None)
+
+    @rule(pick=st.integers(0, len(KEYS) - 1), seed=st.integers(0, 2**31), drop_pages=st.integers(1, 6),
+          keep_pages=st.integers(0, 2), partial_page=st.booleans())
+    def truncate_resident(self, pick, seed, drop_pages, keep_pages, partial_page):
+        """Context overflow of a resident session: whole pages (page ids only) or not (the pages go)."""
+        self.keep_resident(pick, L, seed, None)
+        stored = [k for k in KEYS if k in self.model]
+        if stored:
+            key = stored[pick % len(stored)]
+            self.truncate(key, PAGE * drop_pages - partial_page, PAGE * keep_pages)
+            self.load_with_residency(key, None)
+
+    @rule(key=st.sampled_from(KEYS), num_tokens=st.none() | st.integers(1, 80))
+    def load_with_residency(self, key, num_tokens):
+        """A turn starts: its resident layers (if any) must hold exactly the stored history's first layers,
+        and the store the rest (partial residency); then the pages go back to the tier."""
+        want = self.model.get(key)
+        n = 0 if want is None else want.num_tokens if num_tokens is None else min(num_tokens, want.num_tokens)
+        if want is None or n == 0:
+            return
+        res = self.store.device.take(key, want.token_ids[:n], L)
+        if res is not None:
+            event("device: resident layers served")
+            assert res.num_tokens == n and 1 <= res.num_layers <= L
+            slots = torch.tensor(res.pages)[torch.arange(n) // PAGE] * PAGE + torch.arange(n) % PAGE
+            for layer in range(res.num_layers):
+                assert torch.equal(res.k[layer].view(-1, H, D)[slots], want.k[layer, :n])
+                assert torch.equal(res.v[layer].view(-1, H, D)[slots], want.v[layer, :n])
+        self._check(key, n)          # the layers streamed from DRAM (and disk)
+        if res is not None:
+            self.store.device.put(key, res, keep_layers=res.num_layers)
+
     @precondition(lambda self: self.disk_bytes)
     @rule(queued=st.none() | st.permutations(KEYS))
     def restart(self, queued):
@@ -136,6 +212,7 @@ class StoreVsDict(RuleBasedStateMachine):
         self._tally()
         self.drops_before = self._drops()
         self.store = self._open()
+        assert self.store.stats()["device"]["entries"] == 0   # the device tier starts empty after a restart
         if queued is not None:  # everything is on disk now: prefetches race the loads below
             self.store.update_queue(queued)
         for key in KEYS:
@@ -155,6 +232,7 @@ class StoreVsDict(RuleBasedStateMachine):
         assert s["dram"]["used_bytes"] <= s["dram"]["capacity_bytes"]
         if self.disk_bytes:
             assert s["disk"]["used_bytes"] <= s["disk"]["capacity_bytes"]
+        assert s["device"]["used_bytes"] <= s["device"]["capacity_bytes"]
 
     def teardown(self):
         self.store.sync()

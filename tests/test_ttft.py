@@ -18,4 +18,9 @@ def test_quick_run_times_every_way_and_streamed_equals_resident(tmp_path, monkey
         assert all(len(runs) == 2 and min(runs) > 0 for runs in row["runs_ms"].values())
         assert 1 <= row["preload_layers"] <= layers and row["exposed_ms"] > 0
         assert row["target_ms"] == 1.1 * max(row["copy_ms"], row["resident_ms"]) and row["target_met"] is None
-    assert "(c) DRAM ms" in capsys.readouterr().out
+        # (d): the rule's k layers resident, the rest streamed: the same logits, exactly the rule's share held
+        assert row["partial_equals_resident_max_abs"] == 0 and row["partial_same_first_token"]
+        assert len(row["runs_ms"]["partial"]) == 2 and row["partial_target_met"] is None
+        assert abs(row["partial_share"] - row["preload_layers"] / layers) < 1e-12 and row["partial_bytes"] > 0
+    out = capsys.readouterr().out
+    assert "(c) DRAM ms" in out and "(d) k resident ms" in out and "a GPU effect" in out

@@ -15,6 +15,10 @@ The host store plugs in through two hooks that every cattn attention module call
 waits there, for that layer only) and ``layer_written(l)`` after it wrote its new K/V
 (`save_next_step` copies them out there, layer by layer); `cattn.hf.streaming` does
 the streaming. See docs/store.md.
+
+With a device tier (`cattn.store.device`), the first layers can be a session's resident pages
+from its last turn: those layers are attended in place (no copy) and only the others stream in;
+at the end of the turn `take_resident` hands the first layers' pages back to the tier.
 """
 from __future__ import annotations
 
@@ -24,12 +28,15 @@ from concurrent.futures import Future
 import torch
 from transformers.cache_utils import Cache
 
+from cattn.hf.resident import check_resident, separate_layers
 from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
 from cattn.ops import check_batch
-from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
+from cattn.paged import PagedSequences, PagePool, PoolExhaustedError, SequencePages
 from cattn.store.base import EntryKey, KVEntry, KVStore
-from cattn.store.lease import KVLease
+from cattn.store.device import Resident
+from cattn.store.layout import KVLayout
+from cattn.store.lease import KVLease, Segment
 
 class PagedCache(Cache):
     """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.
@@ -46,6 +53,11 @@ class PagedCache(Cache):
             ``batch_size * ceil(max_tokens / page_size)`` pages. Default: the model's
             ``max_position_embeddings``.
         device, dtype: of the pool; default those of the model's attention weights.
+        resident: a session's first layers from its last turn (`DeviceTier.take`): they become this
+            cache's first layers, holding its first ``resident.num_tokens`` tokens (batch_size 1);
+            `load_layerwise` then streams only the other layers of those tokens.
+        keep_layers: how many first layers get their own tensors (with ``headroom`` extra pages),
+            so that `take_resident` can hand them to the device tier after the turn.
 
     With a host store, `load_layerwise` streams a history in layer by layer during the next
     forward step and `save_next_step` saves that step's new K/V layer by layer (``step_saved``
@@ -53,7 +65,8 @@ class PagedCache(Cache):
     """
 
     def __init__(self, model, *, batch_size: int = 1, max_tokens: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5):
         layout = PagedLayout.of(model)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -65,23 +78,47 @@ class PagedCache(Cache):
         self.layout = layout
         self.max_tokens = max_tokens
         self.page_size = layout.page_size
-        pages_per_seq = -(-max_tokens // layout.page_size)
-        self.pool = PagePool(batch_size * pages_per_seq, layout.page_size)
+        if not isinstance(keep_layers, int) or not 0 <= keep_layers <= layout.num_layers:
+            raise ValueError(f"keep_layers must be an int in [0, {layout.num_layers}], got {keep_layers!r}")
+        if resident is not None and batch_size != 1:
+            raise ValueError("resident layers need a PagedCache of batch_size 1")
+        dtype, device = dtype or model.dtype, torch.device(device or model.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        num_pages = batch_size * -(-max_tokens // layout.page_size)
+        if resident is not None:
+            num_pages = max(num_pages, max(resident.pages, default=-1) + 1)
+            check_resident(resident, layout, dtype, device)
+        self.pool = PagePool(num_pages, layout.page_size)
         self.seqs = PagedSequences(self.pool)
-        # Slots past a sequence's kv_len are never read, so the pool needs no initialisation.
-        self.kv = torch.empty(layout.num_layers, 2, self.pool.num_pages, layout.page_size, layout.num_kv_heads,
-                              layout.head_dim, dtype=dtype or model.dtype, device=device or model.device)
+        # Layers [0, separate) have tensors of their own (resident ones, or ones that may become resident);
+        # the rest share one pool tensor. Slots past a sequence's kv_len are never read: no initialisation.
+        separate = max(keep_layers, 0 if resident is None else resident.num_layers)
+        self.kv = torch.empty(layout.num_layers - separate, 2, num_pages, layout.page_size, layout.num_kv_heads,
+                              layout.head_dim, dtype=dtype, device=device)
+        self.resident_layers = 0 if resident is None else resident.num_layers
+        self._k, self._v, self.grown_bytes = separate_layers(layout, resident, separate, num_pages, headroom,
+                                                             dtype, device)
+        self._k += [self.kv[i, 0] for i in range(self.kv.shape[0])]
+        self._v += [self.kv[i, 1] for i in range(self.kv.shape[0])]
         self._batch_size = batch_size
         self._columns = 0        # input positions seen, padding included: what HF calls the cache length
         self._step: ForwardStep | None = None
         for row in range(batch_size):
             self.seqs.append_slots(row, 0)
-        self._streaming = StoreStreaming(self.kv)
+        self._resident_tokens = 0    # tokens held by the resident layers that the other layers still lack
+        if resident is not None and resident.num_tokens:
+            self.pool.claim(resident.pages)
+            self.seqs.seqs[0] = SequencePages(list(resident.pages), resident.num_tokens)
+            self._columns = resident.num_tokens
+            if self.resident_layers < layout.num_layers:
+                self._resident_tokens = resident.num_tokens
+        self._streaming = StoreStreaming(self._k, self._v)
 
     # ---- what the cattn attention modules call -------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of one layer, each ``[num_pages, page_size, num_kv_heads, head_dim]``."""
-        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+        return self._k[layer_idx], self._v[layer_idx]
 
     def step(self, layer_idx: int, attention_mask: torch.Tensor | None, batch_size: int, q_len: int) -> ForwardStep:
         """The current forward step; layer 0 starts a new one (reserves the new tokens' slots)."""
@@ -115,8 +152,10 @@ class PagedCache(Cache):
                 released once copied) or a `KVEntry`.
             preload: layers to copy now, before the forward starts (see `cattn.store.preload_layers`).
 
-        Token ``i`` lands at ``num_tokens() + i``. Raises ValueError if the layout or dtype differs
-        from the cache's, `PoolExhaustedError` if the pages cannot hold it; nothing changes then.
+        Token ``i`` lands at ``num_tokens() + i``; with resident layers, ``source`` must be the tokens
+        they hold (ValueError otherwise), and only the other layers are copied. Raises ValueError if the
+        layout or dtype differs from the cache's, `PoolExhaustedError` if the pages cannot hold it;
+        nothing changes then.
         """
         lease = KVLease.from_entry(source) if isinstance(source, KVEntry) else source
         lay = lease.layout
@@ -127,11 +166,34 @@ class PagedCache(Cache):
         self._check_single("load_layerwise")
         if self._streaming.load_in_flight:
             raise RuntimeError("a history load is already in flight: run a forward step or finish() first")
-        n = lease.num_tokens
-        self._reserve({0: n})
-        slots = torch.tensor(self.seqs.append_slots(0, n), dtype=torch.long, device=self.kv.device)
-        self._columns = self.num_tokens(0)
-        self._streaming.load(lease, slots, preload)
+        n, r = lease.num_tokens, self.resident_layers
+        if self._resident_tokens:
+            if n != self._resident_tokens:
+                raise ValueError(f"source: {n} tokens, but the resident layers hold {self._resident_tokens}")
+            slots = self._slots_of(0, n)
+            self._resident_tokens = 0
+            # Only the layers that are not resident stream in: a lease over their slices (no copy).
+            lease = KVLease(lease.token_ids, [Segment(s.start, s.k[r:], s.v[r:]) for s in lease.segments],
+                            KVLayout(lay.num_layers - r, lay.num_kv_heads, lay.head_dim, lay.dtype),
+                            on_release=lease.release, on_transfer=lease.record_transfer)
+        else:
+            self._reserve({0: n})
+            slots = torch.tensor(self.seqs.append_slots(0, n), dtype=torch.long, device=self.kv.device)
+            self._columns = self.num_tokens(0)
+            r = 0
+        self._streaming.load(lease, slots, preload, first_layer=r)
+
+    def take_resident(self, token_ids: torch.Tensor, num_layers: int) -> Resident:
+        """After the turn (`finish`): the first ``num_layers`` layers' pages (at most those with tensors
+        of their own) as a `Resident` of the sequence's tokens ``token_ids [n] int64`` (``n`` =
+        `num_tokens`), for `DeviceTier.put`. The cache must not be used afterwards."""
+        self._check_single("take_resident")
+        if token_ids.numel() != self.num_tokens(0):
+            raise ValueError(f"token_ids: {token_ids.numel()} ids for {self.num_tokens(0)} cached tokens")
+        keep = min(num_layers, self.layout.num_layers - self.kv.shape[0])
+        res = Resident(token_ids.cpu(), list(self.seqs.seqs[0].pages), self._k[:keep], self._v[:keep])
+        self._k, self._v = [], []   # handed over: any later use fails loudly
+        return res
 
     def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int) -> None:
         """Save the next forward step's new K/V to ``store`` layer by layer, as each layer writes it.
@@ -190,19 +252,22 @@ class PagedCache(Cache):
             raise ValueError(f"k and v must be [num_layers, n, num_kv_heads, head_dim] = {expect}, "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         self._check_single("load")
+        if self._resident_tokens:
+            raise ValueError("load: this cache's resident layers wait for their history through load_layerwise")
         self._reserve({0: k.shape[1]})
         slots = torch.tensor(self.seqs.append_slots(0, k.shape[1]), dtype=torch.long, device=self.kv.device)
         self._columns = self.num_tokens(0)
-        flat = self.kv.flatten(2, 3)                                  # [L, 2, num_slots, Hkv, D]
-        flat[:, 0, slots] = k.to(self.kv.device, self.kv.dtype)
-        flat[:, 1, slots] = v.to(self.kv.device, self.kv.dtype)
+        for layer, (kc, vc) in enumerate(zip(self._k, self._v)):
+            kc.view(-1, *kc.shape[2:])[slots] = k[layer].to(self.kv.device, self.kv.dtype)
+            vc.view(-1, *vc.shape[2:])[slots] = v[layer].to(self.kv.device, self.kv.dtype)
 
     def read(self, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens ``[start, end)`` of sequence ``row``: each ``[num_layers, n, num_kv_heads, head_dim]``."""
         self._streaming.finish_load()
         slots = self._slots_of(start, end, row)
-        picked = self.kv.flatten(2, 3).index_select(2, slots)         # [L, 2, n, Hkv, D]
-        return picked[:, 0], picked[:, 1]
+        k = torch.stack([c.view(-1, *c.shape[2:]).index_select(0, slots) for c in self._k])
+        v = torch.stack([c.view(-1, *c.shape[2:]).index_select(0, slots) for c in self._v])
+        return k, v
 
     def truncate(self, num_drop: int, keep_first: int = 0) -> int:
         """Drop the oldest tokens of the (single) sequence after its first ``keep_first``; the kept
@@ -210,14 +275,17 @@ class PagedCache(Cache):
         the drop is rounded up to whole pages). Returns the number of tokens dropped."""
         self._check_single("truncate")
         self._streaming.finish_load()
-        dropped = self.seqs.truncate(0, num_drop, keep_first, caches=[self.kv.permute(2, 3, 0, 1, 4, 5)])
+        separate = self.layout.num_layers - self.kv.shape[0]
+        caches = [self.kv.permute(2, 3, 0, 1, 4, 5), *self._k[:separate], *self._v[:separate]]
+        dropped = self.seqs.truncate(0, num_drop, keep_first, caches=caches)
         self._columns -= dropped
         return dropped
 
     @property
     def nbytes_per_token(self) -> int:
         """Bytes of K and V of one token over all layers."""
-        return self.kv[:, :, 0, 0].numel() * self.kv.element_size()
+        lay = self.layout
+        return 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.kv.element_size()
 
     # ---- transformers Cache interface ----------------------------------------------------------
     def __len__(self) -> int:

@@ -27,17 +27,17 @@ class StoreStreaming:
     """Streams history into a paged KV pool and new K/V out of it, one layer at a time.
 
     Args:
-        kv: the pool, ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``; layer ``l``'s
-            caches ``kv[l, 0]``, ``kv[l, 1]`` are what the loader and the savers copy to and from.
+        k_caches, v_caches: per layer ``[num_pages, page_size, num_kv_heads, head_dim]``: what the loader
+            and the savers copy to and from (a layer may have more pages than the block table uses).
 
     ``step_saved`` says whether the last `save_next_step` request was taken up.
     """
 
-    def __init__(self, kv: torch.Tensor):
-        self._num_layers = kv.shape[0]
-        self._k_caches = [kv[layer, 0] for layer in range(self._num_layers)]
-        self._v_caches = [kv[layer, 1] for layer in range(self._num_layers)]
-        self._cuda = kv.device.type == "cuda"
+    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
+        self._num_layers = len(k_caches)
+        self._k_caches, self._v_caches = k_caches, v_caches
+        self._cuda = k_caches[0].device.type == "cuda"
+        self._first_loaded = 0                       # layers below it are resident: nothing to wait for
         self._loader: LayerLoader | None = None      # history streaming into the pages
         self._loading = False                        # the loader's layers are still waited for, one by one
         self._save_request: tuple | None = None      # (store, key, token_ids, start) for the next forward step
@@ -75,8 +75,8 @@ class StoreStreaming:
         marks = step is not None and step.max_q_len > 1
         if marks:
             self._layer_marks.append(self._mark())
-        if self._loading:
-            self._loader.wait(layer_idx)
+        if self._loading and layer_idx >= self._first_loaded:
+            self._loader.wait(layer_idx - self._first_loaded)
             self._loading = layer_idx < self._num_layers - 1
         if marks:
             self._layer_marks.append(self._mark())
@@ -90,10 +90,12 @@ class StoreStreaming:
                 self._saver = None
 
     # ---- requests ------------------------------------------------------------------------------
-    def load(self, lease: KVLease, slots: torch.Tensor, preload: int) -> None:
+    def load(self, lease: KVLease, slots: torch.Tensor, preload: int, first_layer: int = 0) -> None:
         """Stream ``lease``'s history into ``slots`` (``[n] int64``, on the pool's device) during the
-        next forward step, copying its first ``preload`` layers now."""
-        self._loader = LayerLoader(lease, self._k_caches, self._v_caches, slots)
+        next forward step, copying its first ``preload`` layers now. With ``first_layer`` > 0 the lease
+        holds layers ``[first_layer, num_layers)`` only (the others are resident)."""
+        self._first_loaded = first_layer
+        self._loader = LayerLoader(lease, self._k_caches[first_layer:], self._v_caches[first_layer:], slots)
         self._loading = True
         self._loader.preload(preload)
 

@@ -1,6 +1,7 @@
 """The host-side KV hierarchy (AttentionStore): sessions' KV in pinned DRAM and on disk between turns,
 streamed to the GPU layer by layer and saved back asynchronously. See docs/store.md."""
-from cattn.store.base import EntryKey, KVEntry, KVStore, check_name
+from cattn.store.base import EntryKey, KVEntry, KVStore, check_key, check_name
+from cattn.store.device import DeviceTier, DeviceTierConfig, Resident
 from cattn.store.disk import DiskTier
 from cattn.store.fileformat import FormatError
 from cattn.store.layout import KVLayout
@@ -12,6 +13,6 @@ from cattn.store.shared import DiskOverShared
 from cattn.store.config import StoreConfig
 from cattn.store.transfer import LayerLoader, LayerSaver, copy_bandwidth, preload_layers
 
-__all__ = ["EntryKey", "KVEntry", "KVStore", "check_name", "DiskTier", "FormatError", "KVLayout", "KVLease",
+__all__ = ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name", "DeviceTier", "DeviceTierConfig", "Resident", "DiskTier", "FormatError", "KVLayout", "KVLease",
            "PendingSave", "Segment", "MemoryStore", "StoreFullError", "TieredStore", "LayerLoader", "LayerSaver",
            "copy_bandwidth", "preload_layers", "RedisTier", "RemoteTierError", "DiskOverShared", "StoreConfig"]

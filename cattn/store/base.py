@@ -40,6 +40,18 @@ class EntryKey:
             raise ValueError(f"model fingerprint must be 8-128 lowercase hex digits, got {self.model!r}")
 
 
+def check_key(key, what: str = "key") -> EntryKey:
+    """``key`` if it is an `EntryKey` whose fields are still valid names; TypeError or ValueError otherwise.
+
+    Every public entry point of a store or tier calls this: the fields become path components and
+    remote key names, so a look-alike object (or an `EntryKey` edited with ``object.__setattr__``)
+    must never reach them."""
+    if type(key) is not EntryKey:
+        raise TypeError(f"{what} must be a cattn.store.EntryKey, got {type(key).__name__}")
+    key.__post_init__()
+    return key
+
+
 @dataclass
 class KVEntry:
     """A session's cached history on the host.

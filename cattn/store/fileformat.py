@@ -13,6 +13,10 @@ and the token ranges of them that make up its history, in order. A write goes
 to a temporary file, is fsynced, renamed into place, and the directory fsynced,
 so a reader sees the previous file or the new one, never a torn one.
 
+Every byte of a file is vouched for: a manifest is its frame and nothing after it; a chunk file is its
+frame, zero padding up to the payload offset the frame names (which must be the frame's length rounded
+up to 4096), then exactly the payload its checksum covers. A byte anywhere else is a `FormatError`.
+
 Anything that does not check out (magic, version, checksum, a field that names
 another key or layout, a short file) raises `FormatError`: the caller reports a
 miss, never the data.
@@ -169,15 +173,20 @@ def read_chunk(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, num_t
     its payload, read straight into ``into`` and checksummed. Raises FormatError, OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        meta, blob, _ = read_frame(fd)
+        meta, blob, frame_len = read_frame(fd)
         _check_meta(meta, key, layout, "chunk")
         nbytes = layout.payload_nbytes(num_tokens)
         if meta.get("chunk") != chunk_id or meta.get("num_tokens") != num_tokens \
                 or meta.get("payload_nbytes") != nbytes or len(blob) != 8 * num_tokens:
             raise FormatError(f"chunk header does not match chunk {chunk_id} of {num_tokens} tokens")
+        offset = meta.get("payload_offset")
+        if offset != align_up(frame_len, PAYLOAD_ALIGN) or os.fstat(fd).st_size != offset + nbytes:
+            raise FormatError("chunk file size or payload offset does not match its header")
+        if os.pread(fd, offset - frame_len, frame_len) != bytes(offset - frame_len):
+            raise FormatError("chunk header padding is not zero")
         ids = torch.frombuffer(bytearray(blob), dtype=torch.int64) if num_tokens else torch.empty(0, dtype=torch.int64)
         if into is not None:
-            _read_checksummed(fd, bytes_of(into[:nbytes]), meta["payload_offset"], meta.get("payload_xxh3"))
+            _read_checksummed(fd, bytes_of(into[:nbytes]), offset, meta.get("payload_xxh3"))
         return ids
     finally:
         os.close(fd)
@@ -221,7 +230,9 @@ def read_manifest(path: Path, key: EntryKey) -> dict:
     """The manifest's meta, its fields checked against ``key`` and each other. Raises FormatError, OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        meta, _, _ = read_frame(fd)
+        meta, _, frame_len = read_frame(fd)
+        if os.fstat(fd).st_size != frame_len:
+            raise FormatError("bytes after the manifest's frame")
     finally:
         os.close(fd)
     meta["layout"] = _check_meta(meta, key, None, "manifest")

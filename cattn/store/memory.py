@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from cattn.store.base import EntryKey, KVEntry, KVStore
+from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
 
 
 class MemoryStore(KVStore):
@@ -17,11 +17,13 @@ class MemoryStore(KVStore):
         self._stats = dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0)
 
     def lookup(self, key: EntryKey) -> torch.Tensor | None:
+        check_key(key)
         with self._lock:
             entry = self._entries.get(key)
             return None if entry is None else entry.token_ids.clone()
 
     def load(self, key: EntryKey, num_tokens: int | None = None) -> KVEntry | None:
+        check_key(key)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -34,6 +36,7 @@ class MemoryStore(KVStore):
             return out
 
     def save(self, key: EntryKey, entry: KVEntry, start: int = 0) -> None:
+        check_key(key)
         new = KVEntry(entry.token_ids.cpu(), entry.k.cpu(), entry.v.cpu())
         with self._lock:
             old = self._entries.get(key)
@@ -47,6 +50,7 @@ class MemoryStore(KVStore):
             self._stats["bytes_in"] += entry.nbytes
 
     def truncate(self, key: EntryKey, num_drop: int, keep_first: int = 0) -> None:
+        check_key(key)
         with self._lock:
             e = self._entries.get(key)
             if e is None:
@@ -56,6 +60,7 @@ class MemoryStore(KVStore):
             self._entries[key] = KVEntry(e.token_ids[keep], e.k[:, keep], e.v[:, keep])
 
     def delete(self, key: EntryKey) -> None:
+        check_key(key)
         with self._lock:
             self._entries.pop(key, None)
 

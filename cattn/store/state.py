@@ -50,6 +50,8 @@ class StoreState:
         """Index what the lower tier holds (what an earlier process left), oldest first for the policy."""
         stored, bad = self.disk.scan()
         self.counters["disk"]["corrupt"] += bad
+        # Entries a directory-backed tier left in place (not its own, or unreadable); others have none.
+        self.counters["disk"]["skipped"] = getattr(self.disk, "skipped", 0)
         for s in sorted(stored, key=lambda s: s.created_ns):
             e = Entry(s.layout, s.incarnation, s.created_ns, version=s.version, manifest=(s.version, s.manifest_nbytes))
             e.chunks = {cid: Chunk(cid, m, None, extent_nbytes=s.layout.extent_nbytes(m), file_nbytes=nb)

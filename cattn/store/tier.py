@@ -40,7 +40,8 @@ class LowerTier(Protocol):
 
     def scan(self) -> tuple[list[StoredEntry], int]:
         """The committed entries, and how many stored files were corrupt or foreign (and removed).
-        Leftovers of interrupted writes are removed too."""
+        Leftovers of interrupted writes are removed too. What the tier cannot use and did not make
+        is skipped, never fatal; a tier that counts those keeps the count in ``skipped``."""
 
     def chunk_nbytes(self, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> int:
         """Bytes `write_chunk` will use, known before writing (for capacity)."""

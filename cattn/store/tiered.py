@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from cattn.store import fileformat as ff
-from cattn.store.base import EntryKey, KVEntry, KVStore
+from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
+from cattn.store.device import DeviceTier
 from cattn.store.entries import Chunk, Entry, cut, token_ids_of
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
@@ -33,6 +34,24 @@ from cattn.store.tier import LowerTier
 __all__ = ["StoreFullError", "TieredStore"]
 
 log = logging.getLogger(__name__)
+
+
+def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
+                disk_read_bytes_per_s) -> None:
+    """`TieredStore`'s arguments, checked before anything is built."""
+    if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
+        raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a cattn.store.policy.Policy, got {type(policy).__name__}")
+    if not all(isinstance(w, (int, float)) for w in (high_watermark, low_watermark)) \
+            or not 0 < low_watermark <= high_watermark <= 1:
+        raise ValueError(f"need 0 < low_watermark <= high_watermark <= 1, got {low_watermark!r}, {high_watermark!r}")
+    if not isinstance(io_threads, int) or io_threads < 1:
+        raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
+    if not isinstance(full_timeout_s, (int, float)) or not 0 <= full_timeout_s < math.inf:
+        raise ValueError(f"full_timeout_s must be a number >= 0, got {full_timeout_s!r}")
+    if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
+        raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
 
 
 class TieredStore(KVStore):
@@ -52,19 +71,32 @@ class TieredStore(KVStore):
         pin: override pinning of the pool (default: when CUDA is available).
         disk_read_bytes_per_s: the lower tier's read bandwidth, for prefetch deadlines
             (`update_queue`'s ``starts_in``); default: measured on the prefetches.
+        device: the tier above DRAM (`cattn.store.device`), a cache of sessions' first layers on the
+            accelerator; the store keeps it consistent (truncate, delete, edits, queue) and empties it at
+            `close`. ``store.device`` is what `ChatSession` takes resident layers from.
+
+    Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
+    so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
     """
 
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
-                 full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None):
-        if not 0 < low_watermark <= high_watermark <= 1:
-            raise ValueError(f"need 0 < low_watermark <= high_watermark <= 1, got {low_watermark}, {high_watermark}")
-        if io_threads < 1:
-            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
-        if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
-            raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
-        self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark, low_watermark,
-                                 full_timeout_s)
+                 full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
+                 device: DeviceTier | None = None):
+        # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
+        # lock), or this process could never open that directory again.
+        try:
+            _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
+                        disk_read_bytes_per_s)
+            if device is not None and not isinstance(device, DeviceTier):
+                raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
+            self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
+                                     low_watermark, full_timeout_s)
+        except BaseException:
+            if disk is not None:
+                disk.close()
+            raise
+        self.device = device
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
         self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
@@ -86,6 +118,7 @@ class TieredStore(KVStore):
     # ---- KVStore ----------------------------------------------------------------------------------
 
     def lookup(self, key: EntryKey) -> torch.Tensor | None:
+        check_key(key)
         st = self._state
         with st.lock:
             e = st.entries.get(key) or self._find_shared_locked(key)
@@ -94,6 +127,7 @@ class TieredStore(KVStore):
             return token_ids_of(e.views)
 
     def load(self, key: EntryKey, num_tokens: int | None = None) -> KVEntry | None:
+        check_key(key)
         lease = self.acquire(key, num_tokens)
         if lease is None:
             return None
@@ -101,6 +135,7 @@ class TieredStore(KVStore):
             return lease.to_entry()
 
     def save(self, key: EntryKey, entry: KVEntry, start: int = 0) -> None:
+        check_key(key)
         pending = self.begin_save(key, entry.token_ids.cpu(), KVLayout.of(entry), start)
         try:
             pending.write(entry.k, entry.v)
@@ -110,8 +145,11 @@ class TieredStore(KVStore):
         pending.commit()
 
     def truncate(self, key: EntryKey, num_drop: int, keep_first: int = 0) -> None:
+        check_key(key)
         if not isinstance(num_drop, int) or not isinstance(keep_first, int) or num_drop < 0 or keep_first < 0:
             raise ValueError(f"num_drop and keep_first must be ints >= 0, got {num_drop!r} and {keep_first!r}")
+        if self.device is not None:
+            self.device.truncate(key, num_drop, keep_first)
         st = self._state
         with st.lock:
             e = st.entries.get(key)
@@ -123,6 +161,9 @@ class TieredStore(KVStore):
             e.version += 1
 
     def delete(self, key: EntryKey) -> None:
+        check_key(key)
+        if self.device is not None:
+            self.device.delete(key)
         st = self._state
         with st.lock:
             if (e := st.entries.get(key)) is not None:
@@ -131,7 +172,8 @@ class TieredStore(KVStore):
     def stats(self) -> dict:
         """Counters per tier. ``dram``/``disk``: hits, misses, bytes in/out, evictions, used and capacity
         bytes, entries; ``dram`` also dropped (evicted with no room below); ``disk`` also corrupt (files
-        found bad, dropped), write_errors, prefetched, read_bytes_per_s (given, or measured on the
+        found bad, dropped), skipped (directory entries it did not make or cannot read, left in place),
+        write_errors, prefetched, read_bytes_per_s (given, or measured on the
         prefetches; 0 until known);
         ``transfer``: layer-wise loads and their seconds hidden behind compute vs exposed."""
         st = self._state
@@ -146,6 +188,8 @@ class TieredStore(KVStore):
                                    read_bytes_per_s=self._readahead.read_bytes_per_s or 0.0)
         if hasattr(st.disk, "tier_stats"):   # the shared tier's own counters (no lock: it keeps its own)
             out.update(st.disk.tier_stats())
+        if self.device is not None:
+            out["device"] = self.device.stats()
         return out
 
     # ---- zero-copy access --------------------------------------------------------------------------
@@ -156,6 +200,7 @@ class TieredStore(KVStore):
         Chunks on disk are read into the pool first. The lease keeps its chunks in the pool until
         released; a concurrent save or truncate of the session does not change what it shows.
         """
+        check_key(key)
         st = self._state
         with st.lock:
             e = st.entries.get(key) or self._find_shared_locked(key)
@@ -197,6 +242,7 @@ class TieredStore(KVStore):
         against the stored entry at commit (ValueError), since an earlier turn's save may still be
         in flight when the next one begins.
         """
+        check_key(key)
         if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 1 or token_ids.dtype != torch.int64:
             raise TypeError(f"token_ids must be a 1-D int64 tensor, got {getattr(token_ids, 'shape', token_ids)!r}")
         if not isinstance(start, int) or start < 0:
@@ -233,6 +279,8 @@ class TieredStore(KVStore):
             st.retire_dead_locked(e)
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
+            if self.device is not None:  # resident tokens past ``start`` are no longer the history
+                self.device.trim(key, start)
             st.policy.touch(key, time.time())
             if st.pool.used > st.high_bytes and not st.demoting:
                 st.demoting = True
@@ -285,18 +333,30 @@ class TieredStore(KVStore):
         Returns:
             the prefetch plan: the keys to read from disk, in order.
         """
+        for k in upcoming:
+            check_key(k, "upcoming[i]")
         st = self._state
         with st.lock:
             self._readahead.set_due_locked(upcoming, starts_in)  # checks starts_in before anything changes
             st.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
+            if self.device is not None:
+                self.device.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
             now = time.time()
             for key in st.policy.expired([k for k, e in st.entries.items() if not e.busy()], now):
                 if (e := st.entries.get(key)) is not None and not e.busy():
                     st.remove_locked(key, e, evicted_from="disk" if e.disk_nbytes else "dram")
-        return self.prefetch()
+        plan = self.prefetch()
+        if self.device is not None:   # demoted sessions with a job soon come back up from DRAM (not disk)
+            with st.lock:
+                in_dram = {k for k, e in st.entries.items() if all(c.offset is not None for c, _, _ in e.views)}
+            self.device.prefetch(self, in_dram)
+        return plan
 
     def job_started(self, key: EntryKey) -> None:
         """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
+        check_key(key)
+        if self.device is not None:
+            self.device.job_started(key)
         with self._state.lock:
             self._readahead.started_locked(key)
             self._state.policy.start(key, time.time())
@@ -355,6 +415,8 @@ class TieredStore(KVStore):
         A session `flush` cannot write is dropped from the lower tier too (counted in ``dropped``), so
         that the next process never finds an older history of it after a clean shutdown."""
         self.sync()
+        if self.device is not None:
+            self.device.clear()
         st = self._state
         if persist:
             failed = self.flush()
