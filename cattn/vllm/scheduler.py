@@ -131,8 +131,11 @@ class SchedulerSide:
         key, start = plan.key, min(plan.common, n)
         if result.load_failed:
             start = 0   # what is stored could not be read: write the whole history again
-        elif plan.by_content and (key is None or plan.common < plan.stored):
-            # a new conversation, or one that left a stored one: a session of its own
+        elif plan.by_content and key is None:
+            # a new conversation: a session of its own. One that matched a stored conversation
+            # continues it from the first differing token (usually the re-rendered end of the last
+            # reply), as an edited turn does; another conversation that shared the dropped tail
+            # then finds a shorter prefix, never a wrong one.
             chain = block_chain(tokens, self.shared.block_size)
             key = EntryKey(plan.tenant, self.shared.model, content_session(chain)) if chain else None
             start = 0
