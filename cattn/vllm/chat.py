@@ -88,7 +88,7 @@ def chat(llm, user_turns: list[str], *, max_tokens: int = 24, cache_salt: str | 
             out = llm.chat(messages, params, use_tqdm=False)[0]
         else:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)   # a BatchEncoding in transformers 5
             out = llm.generate({"prompt_token_ids": ids, "cache_salt": cache_salt}, params, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
         metrics = getattr(out, "metrics", None)

@@ -75,7 +75,7 @@ class CattnConnector(KVConnectorBase_V1):
     # ---- worker side -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):
-        self._worker = WorkerSide(self.shared, kv_caches)
+        self._worker = self.shared.worker = WorkerSide(self.shared, kv_caches)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -120,6 +120,10 @@ class CattnConnector(KVConnectorBase_V1):
         if self._closed:
             return
         self._closed = True
+        if self._scheduler is not None and (unsent := self._scheduler.take_unsent_saves()):
+            worker = self.shared.worker   # the same process: its blocks are still held for these saves
+            if worker is not None:
+                worker.start_saves(unsent)
         if self._worker is not None:
             self._worker.close()
         shared_state.detach(self._engine_id)

@@ -129,6 +129,10 @@ class SchedulerSide:
         n = request.num_computed_tokens
         tokens = list(request.all_token_ids[:n])
         key, start = plan.key, min(plan.common, n)
+        if key is not None and not result.load_failed:
+            # what is stored now (an earlier identical request may have saved more since the lookup)
+            ids = self.shared.store.lookup(key)
+            start = 0 if ids is None else common_prefix(ids.tolist(), tokens)
         if result.load_failed:
             start = 0   # what is stored could not be read: write the whole history again
         elif plan.by_content and key is None:
@@ -142,10 +146,15 @@ class SchedulerSide:
         report = dict(session=None if key is None else key.session, loaded_tokens=result.loaded_tokens,
                       load_failed=result.load_failed, from_disk=result.from_disk, load_s=result.load_s,
                       matched_tokens=plan.usable, saved_tokens=0)
-        if key is None or n <= start:
+        if key is None or n <= start:   # nothing new: the store holds every token already
             return False, {"cattn": report}
         report["saved_tokens"] = n - start
         with self.shared.lock:
             self.shared.saving[key] = self.shared.saving.get(key, 0) + 1
         self.saves.append(SaveJob(request.request_id, key, tokens, start, list(block_ids)))
         return True, {"cattn": report}
+
+    def take_unsent_saves(self) -> list[SaveJob]:
+        """Saves planned but not yet handed to the worker in a step (the engine is shutting down)."""
+        saves, self.saves = self.saves, []
+        return saves

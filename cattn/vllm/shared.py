@@ -45,6 +45,7 @@ class EngineShared:
     saving: dict[EntryKey, int] = field(default_factory=dict)   # saves in flight per session
     results: dict[str, RequestResult] = field(default_factory=dict)
     users: int = 0
+    worker: object = None             # the WorkerSide, once the worker role registered its caches
 
     def index_locked(self, key: EntryKey, token_ids: list[int]) -> None:
         if key.session.startswith(CONTENT_PREFIX):

@@ -173,7 +173,11 @@ class WorkerSide:
         """Copy each finished request's new tokens into the store in the background; vLLM keeps the
         blocks until `take_saved` reports the request."""
         for job in jobs:
-            self._saver.submit(self._save, job)
+            try:
+                self._saver.submit(self._save, job)
+            except RuntimeError:   # shut down already: the save is lost, which is a future miss
+                log.warning("cattn: worker closed, request %s not saved", job.req_id)
+                self._release(job)
 
     def _save(self, job: SaveJob) -> None:
         shared = self.shared
@@ -204,14 +208,18 @@ class WorkerSide:
             with self._lock:
                 self.counters["save_failures"] += 1
         finally:
-            with shared.lock:
-                left = shared.saving.get(job.key, 1) - 1
-                if left > 0:
-                    shared.saving[job.key] = left
-                else:
-                    shared.saving.pop(job.key, None)
-            with self._lock:
-                self._saved.add(job.req_id)
+            self._release(job)
+
+    def _release(self, job: SaveJob) -> None:
+        """The save is over (done or not): lookups of its session may go on, vLLM may free its blocks."""
+        with self.shared.lock:
+            left = self.shared.saving.get(job.key, 1) - 1
+            if left > 0:
+                self.shared.saving[job.key] = left
+            else:
+                self.shared.saving.pop(job.key, None)
+        with self._lock:
+            self._saved.add(job.req_id)
 
     def take_saved(self) -> set[str]:
         with self._lock:
