@@ -143,12 +143,17 @@ class SchedulerSide:
             chain = block_chain(tokens, self.shared.block_size)
             key = EntryKey(plan.tenant, self.shared.model, content_session(chain)) if chain else None
             start = 0
+        # Whole blocks only: a backend lays a block out as it likes (the CPU one puts all its K rows before
+        # its V rows), so the connector moves a block's rows as they are, never a part of a block.
+        bs = self.shared.block_size
+        start, end = start // bs * bs, n // bs * bs
+        tokens = tokens[:end]
         report = dict(session=None if key is None else key.session, loaded_tokens=result.loaded_tokens,
                       load_failed=result.load_failed, from_disk=result.from_disk, load_s=result.load_s,
                       matched_tokens=plan.usable, saved_tokens=0)
-        if key is None or n <= start:   # nothing new: the store holds every token already
+        if key is None or end <= start:   # nothing new: the store holds every whole block already
             return False, {"cattn": report}
-        report["saved_tokens"] = n - start
+        report["saved_tokens"] = end - start
         with self.shared.lock:
             self.shared.saving[key] = self.shared.saving.get(key, 0) + 1
         self.saves.append(SaveJob(request.request_id, key, tokens, start, list(block_ids)))

@@ -2,14 +2,17 @@
 out of them in the background.
 
 vLLM 0.32 hands the connector one tensor per attention layer in its standardized ``[B, H, N, C]``
-view: B blocks, H KV heads, N tokens per block, C channels. Token ``t`` of a request is
-``layer[block_ids[t // N], :, t % N, :]``. cattn's store wants ``k, v [L, n, H, D]``; the connector
-stores the first half of C as ``k`` and the second as ``v`` and puts them back the same way, so a
-round trip is exact whatever the backend packs into C (the CPU backend packs K then V).
+view: B blocks, H KV heads, N rows per block, C channels. What a row holds is the backend's business
+(the CPU backend's block is, per head, N/2 rows of K for all N tokens, then N/2 rows of V), so the
+connector moves whole blocks only: row ``r`` of block ``block_ids[t // N]`` (``r = t % N``) is stored
+as "token" ``t`` of the entry, its first C/2 channels as ``k`` and the rest as ``v``, and put back
+the same way. Whole blocks in, whole blocks out: exact whatever the layout, and the token ids
+beside them say which tokens the block holds.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +72,8 @@ class WorkerSide:
             if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != shared.block_size:
                 raise ValueError(f"KV cache of {name}: a [blocks, heads, {shared.block_size}, channels] view with "
                                  f"an even channel count expected, got {tuple(t.shape)}")
-        self.shared, self.names = shared, list(layers)
+        self.shared = shared
+        self.names = sorted(layers, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])   # model order
         self.layers = [layers[n] for n in self.names]
         self.layer_index = {n: i for i, n in enumerate(self.names)}
         first = self.layers[0]
