@@ -39,7 +39,7 @@ def build_llm(spec: EngineSpec):
     if spec.kv_cache_bytes is None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
     else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""   # the CPU platform lets a set variable override the argument
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)   # on CPU a set variable overrides the argument
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
