@@ -2,7 +2,7 @@
 both): time to first token and prefilled tokens per turn; a table, and JSON in ``bench/results``.
 
     python -m bench.vllm_multiturn                 # on the embedded SmolLM2; CPU or GPU, unchanged
-    python -m bench.vllm_multiturn --model DIR --conversations 8 --turns 6
+    python -m bench.vllm_multiturn --model DIR --conversations 8 --turns 6 --kv-cache-mib 256
 
 Conversations take turns round-robin, one request at a time, so between two turns of one
 conversation the others fill vLLM's KV cache (``--kv-cache-mib``, small on purpose) and evict its
@@ -84,11 +84,11 @@ def git_commit() -> str | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a model directory (default: the embedded SmolLM2, converted once)")
-    p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--conversations", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--kv-cache-mib", type=int, default=64, help="vLLM's KV cache (small: its prefix cache evicts)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--kv-cache-mib", type=int, default=24, help="vLLM's KV cache (small: its prefix cache evicts)")
     p.add_argument("--dram-mib", type=int, default=256, help="cattn's DRAM tier")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="JSON path (default bench/results/vllm_multiturn_<device>.json, or $OUT)")
@@ -135,7 +135,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     name = f"vllm_multiturn_{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
     path = write_json(name, dict(benchmark="vllm_multiturn", device=device, cattn_version=cattn.__version__,
-                                 commit=git_commit(), args={k: v for k, v in vars(args).items()
+                                 commit=git_commit(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), args={k: v for k, v in vars(args).items()
                                                             if not k.startswith("child") and k != "store_dir"},
                                  per_turn=table, runs=results), Path(args.out) if args.out else None)
     print(f"wrote {path}")

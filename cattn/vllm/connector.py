@@ -69,6 +69,8 @@ class CattnConnector(KVConnectorBase_V1):
         self.shared = shared_state.attach(self._engine_id, self.config, model_fingerprint(vllm_config),
                                           vllm_config.cache_config.block_size)
         self._scheduler = SchedulerSide(self.shared) if role == KVConnectorRole.SCHEDULER else None
+        if self._scheduler is not None:
+            self.shared.scheduler = self._scheduler
         self._worker: WorkerSide | None = None
         self._closed = False
 
@@ -120,10 +122,11 @@ class CattnConnector(KVConnectorBase_V1):
         if self._closed:
             return
         self._closed = True
-        if self._scheduler is not None and (unsent := self._scheduler.take_unsent_saves()):
-            worker = self.shared.worker   # the same process: its blocks are still held for these saves
-            if worker is not None:
-                worker.start_saves(unsent)
+        # Saves planned at finish but not yet sent in a step go to the worker, whichever role shuts
+        # down first (one process: their blocks are still held).
+        scheduler, worker = self.shared.scheduler, self.shared.worker
+        if scheduler is not None and worker is not None and (unsent := scheduler.take_unsent_saves()):
+            worker.start_saves(unsent)
         if self._worker is not None:
             self._worker.close()
         shared_state.detach(self._engine_id)

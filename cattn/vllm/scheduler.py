@@ -45,18 +45,9 @@ class SchedulerSide:
             return tenant, EntryKey(tenant, shared.model, client_session(params[cfg.session_param])), False
         return tenant, None, True
 
-    def _busy(self, tenant: str, key: EntryKey | None) -> bool:
-        """A save that this request may extend is still in flight (its previous turn)."""
-        with self.shared.lock:
-            if key is not None:
-                return key in self.shared.saving
-            return any(k.tenant == tenant and k.session.startswith("c-") for k in self.shared.saving)
-
     def match(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         prompt = list(request.prompt_token_ids or [])
         tenant, key, by_content = self._identify(request)
-        if self._busy(tenant, key):
-            return None, False   # ask again next step: the history is being written
         bs, stored, common = self.shared.block_size, 0, 0
         if by_content:
             chain = block_chain(prompt, bs)
@@ -65,6 +56,9 @@ class SchedulerSide:
                                 if (tenant, d) in self.shared.index), None)
             if session is not None:
                 key = EntryKey(tenant, self.shared.model, session)
+        with self.shared.lock:
+            if key is not None and key in self.shared.saving:
+                return None, False   # ask again next step: this session's previous turn is being written
         if key is not None:
             ids = self.shared.store.lookup(key)
             if ids is not None:
@@ -156,6 +150,8 @@ class SchedulerSide:
         report["saved_tokens"] = end - start
         with self.shared.lock:
             self.shared.saving[key] = self.shared.saving.get(key, 0) + 1
+            # indexed now, so that the conversation's next turn finds the session and waits for the save
+            self.shared.index_locked(key, tokens)
         self.saves.append(SaveJob(request.request_id, key, tokens, start, list(block_ids)))
         return True, {"cattn": report}
 

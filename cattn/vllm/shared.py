@@ -46,6 +46,7 @@ class EngineShared:
     results: dict[str, RequestResult] = field(default_factory=dict)
     users: int = 0
     worker: object = None             # the WorkerSide, once the worker role registered its caches
+    scheduler: object = None          # the SchedulerSide
 
     def index_locked(self, key: EntryKey, token_ids: list[int]) -> None:
         if key.session.startswith(CONTENT_PREFIX):
