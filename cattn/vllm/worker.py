@@ -1,0 +1,242 @@
+"""The worker side: copy stored KV into vLLM's blocks layer by layer, and finished requests' new KV
+out of them in the background.
+
+vLLM 0.32 hands the connector one tensor per attention layer in its standardized ``[B, H, N, C]``
+view: B blocks, H KV heads, N rows per block, C channels. What a row holds is the backend's business
+(the CPU backend's block is, per head, N/2 rows of K for all N tokens, then N/2 rows of V), so the
+connector moves whole blocks only: row ``r`` of block ``block_ids[t // N]`` (``r = t % N``) is stored
+as "token" ``t`` of the entry, its first C/2 channels as ``k`` and the rest as ``v``, and put back
+the same way. Whole blocks in, whole blocks out: exact whatever the layout, and the token ids
+beside them say which tokens the block holds.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from cattn.store import EntryKey, KVLayout
+from cattn.vllm.shared import EngineShared, RequestResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadJob:
+    """Load tokens ``[start, num_tokens)`` of ``key`` into the request's blocks."""
+
+    req_id: str
+    key: EntryKey
+    token_ids: list[int]     # the request's first num_tokens prompt tokens, checked against the store
+    start: int               # tokens vLLM already has (its own prefix cache)
+    block_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SaveJob:
+    """Save tokens ``[start, len(token_ids))`` of a finished request as ``key``'s history after ``start``."""
+
+    req_id: str
+    key: EntryKey
+    token_ids: list[int]     # every token whose KV is in the blocks
+    start: int
+    block_ids: list[int]
+
+
+def token_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks [m] int64, offsets [m] int64)`` of tokens ``[start, stop)`` of a request."""
+    pos = torch.arange(start, stop)
+    table = torch.tensor(block_ids, dtype=torch.int64)
+    return table[pos // block_size], pos % block_size
+
+
+def failed_blocks(job: LoadJob, block_size: int) -> set[int]:
+    """The blocks a failed load would have written: vLLM recomputes them."""
+    return set(job.block_ids[job.start // block_size:-(-job.num_tokens // block_size)])
+
+
+class WorkerSide:
+    """Loads and saves for one worker; ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order."""
+
+    def __init__(self, shared: EngineShared, layers: dict[str, torch.Tensor]):
+        for name, t in layers.items():
+            if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != shared.block_size:
+                raise ValueError(f"KV cache of {name}: a [blocks, heads, {shared.block_size}, channels] view with "
+                                 f"an even channel count expected, got {tuple(t.shape)}")
+        self.shared = shared
+        self.names = sorted(layers, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])   # model order
+        self.layers = [layers[n] for n in self.names]
+        self.layer_index = {n: i for i, n in enumerate(self.names)}
+        first = self.layers[0]
+        self.layout = KVLayout(len(self.layers), first.shape[1], first.shape[3] // 2, first.dtype)
+        self.half = first.shape[3] // 2
+        self._loaded: list[threading.Event] = []
+        self._load_thread: threading.Thread | None = None
+        self._load_errors: set[int] = set()
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="cattn-vllm-save")
+        self._saved: set[str] = set()
+        self._lock = threading.Lock()
+        self.counters = dict(loads=0, load_failures=0, tokens_loaded=0, load_s=0.0, saves=0, save_failures=0,
+                             tokens_saved=0)
+
+    # ---- loads -------------------------------------------------------------------------------------
+
+    def start_loads(self, jobs: list[LoadJob]) -> None:
+        """Lease every job's history from the store (a miss or a mismatch fails that job's blocks),
+        then copy them in a background thread, layer by layer; `wait_layer` waits for one layer."""
+        self.finish_loads()
+        bs, work = self.shared.block_size, []
+        for job in jobs:
+            t0 = time.perf_counter()
+            disk_hits = self.shared.store.stats()["disk"]["hits"] if self.shared.config.disk_dir else 0
+            lease = self.shared.store.acquire(job.key, job.num_tokens)
+            ok = (lease is not None and lease.num_tokens == job.num_tokens
+                  and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
+            result = RequestResult(from_disk=bool(self.shared.config.disk_dir) and
+                                   self.shared.store.stats()["disk"]["hits"] > disk_hits)
+            with self.shared.lock:
+                self.shared.results[job.req_id] = result
+            if not ok:
+                if lease is not None:
+                    lease.release()
+                self._fail(job, result)
+                continue
+            blocks, offsets = token_slots(job.block_ids, job.start, job.num_tokens, bs)
+            work.append((job, lease, blocks, offsets, result, t0))
+        if not work:
+            return
+        self._loaded = [threading.Event() for _ in self.layers]
+        self._load_thread = threading.Thread(target=self._copy_in, args=(work,), name="cattn-vllm-load", daemon=True)
+        self._load_thread.start()
+
+    def _fail(self, job: LoadJob, result: RequestResult) -> None:
+        result.load_failed, result.loaded_tokens = True, 0
+        with self._lock:
+            self._load_errors |= failed_blocks(job, self.shared.block_size)
+            self.counters["load_failures"] += 1
+
+    def _copy_in(self, work) -> None:
+        done = 0
+        try:
+            for layer, event in zip(self.layers, self._loaded):
+                for job, lease, blocks, offsets, _, _ in work:
+                    for seg in lease.segments:
+                        lo, hi = max(seg.start, job.start), min(seg.start + seg.num_tokens, job.num_tokens)
+                        if lo >= hi:
+                            continue
+                        sel = slice(lo - job.start, hi - job.start)
+                        k, v = seg.k[done, lo - seg.start:hi - seg.start], seg.v[done, lo - seg.start:hi - seg.start]
+                        layer[blocks[sel], :, offsets[sel], :self.half] = k.to(layer.device, non_blocking=True)
+                        layer[blocks[sel], :, offsets[sel], self.half:] = v.to(layer.device, non_blocking=True)
+                event.set()
+                done += 1
+            for job, lease, _, _, result, t0 in work:
+                result.loaded_tokens, result.load_s = job.num_tokens - job.start, time.perf_counter() - t0
+                with self._lock:
+                    self.counters["loads"] += 1
+                    self.counters["tokens_loaded"] += result.loaded_tokens
+                    self.counters["load_s"] += result.load_s
+        except Exception:
+            log.exception("cattn: loading KV into vLLM's blocks failed; vLLM recomputes those blocks")
+            for job, _, _, _, result, _ in work:
+                self._fail(job, result)
+        finally:
+            for job, lease, *_ in work:
+                lease.release()
+            for event in self._loaded:
+                event.set()
+
+    def wait_layer(self, layer_name: str) -> None:
+        i = self.layer_index.get(layer_name)
+        if i is not None and i < len(self._loaded):
+            self._loaded[i].wait()
+
+    def finish_loads(self) -> None:
+        if self._load_thread is not None:
+            self._load_thread.join()
+            self._load_thread, self._loaded = None, []
+
+    def take_load_errors(self) -> set[int]:
+        self.finish_loads()  # a failure is reported in the step that detected it
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # ---- saves -------------------------------------------------------------------------------------
+
+    def start_saves(self, jobs: list[SaveJob]) -> None:
+        """Copy each finished request's new tokens into the store in the background; vLLM keeps the
+        blocks until `take_saved` reports the request."""
+        for job in jobs:
+            try:
+                self._saver.submit(self._save, job)
+            except RuntimeError:   # shut down already: the save is lost, which is a future miss
+                log.warning("cattn: worker closed, request %s not saved", job.req_id)
+                self._release(job)
+
+    def _save(self, job: SaveJob) -> None:
+        shared = self.shared
+        try:
+            ids = torch.tensor(job.token_ids[job.start:], dtype=torch.int64)
+            pending = shared.store.begin_save(job.key, ids, self.layout, job.start)
+            try:
+                blocks, offsets = token_slots(job.block_ids, job.start, len(job.token_ids), shared.block_size)
+                for seg in pending.segments:
+                    sel = slice(seg.start, seg.start + seg.num_tokens)
+                    for l, layer in enumerate(self.layers):
+                        kv = layer[blocks[sel], :, offsets[sel]]
+                        seg.k[l].copy_(kv[..., :self.half])
+                        seg.v[l].copy_(kv[..., self.half:])
+            except BaseException:
+                pending.abort()
+                raise
+            pending.commit()
+            with shared.lock:
+                shared.index_locked(job.key, job.token_ids)
+            with self._lock:
+                self.counters["saves"] += 1
+                self.counters["tokens_saved"] += len(ids)
+            if shared.config.persist and shared.config.disk_dir is not None:
+                shared.store.flush()
+        except Exception:
+            log.exception("cattn: saving request %s failed (the next turn recomputes it)", job.req_id)
+            with self._lock:
+                self.counters["save_failures"] += 1
+        finally:
+            self._release(job)
+
+    def _release(self, job: SaveJob) -> None:
+        """The save is over (done or not): lookups of its session may go on, vLLM may free its blocks."""
+        with self.shared.lock:
+            left = self.shared.saving.get(job.key, 1) - 1
+            if left > 0:
+                self.shared.saving[job.key] = left
+            else:
+                self.shared.saving.pop(job.key, None)
+        with self._lock:
+            self._saved.add(job.req_id)
+
+    def take_saved(self) -> set[str]:
+        with self._lock:
+            done, self._saved = self._saved, set()
+        return done
+
+    def take_counters(self) -> dict:
+        with self._lock:
+            out = dict(self.counters)
+            for k in self.counters:
+                self.counters[k] = 0.0 if k == "load_s" else 0
+        return out
+
+    def close(self) -> None:
+        self.finish_loads()
+        self._saver.shutdown(wait=True)
