@@ -41,6 +41,13 @@ class PagePool:
         self._used.update(pages)
         return pages
 
+    def grow(self, n: int) -> None:
+        """Add ``n`` pages with the next ids (the caller enlarges its page tensors to match)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._free[:0] = range(self.num_pages + n - 1, self.num_pages - 1, -1)   # handed out after the old ones
+        self.num_pages += n
+
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
             if p not in self._used:

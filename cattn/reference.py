@@ -56,10 +56,12 @@ def gather_kv(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Te
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, rope: RopeSpec | None, *,
-                    sm_scale: float | None = None, causal: bool = True,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    sm_scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
+                    logit_softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of pre-RoPE ``q [total_q, Hq, D]`` over pre-RoPE paged K/V; see `cattn.ops.paged_attention`.
 
+    ``sliding_window``: query at position p sees keys at k with ``p - k < sliding_window`` only;
+    ``logit_softcap``: scores become ``softcap * tanh(scores / softcap)`` before masking and softmax.
     Computes in q's dtype promoted to at least fp32 and returns q's dtype.
     """
     head_dim = q.shape[2]
@@ -84,8 +86,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # GQA as a reshape: the group's query heads become extra rows of their KV head
         qg = rearrange(qb, "q (h g) d -> h (g q) d", g=group)
         scores = qg @ rearrange(k, "k h d -> h d k") * scale                    # [Hkv, G*q_len, kv_len]
+        if logit_softcap is not None:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        hidden = torch.zeros(q_len, kv_len, dtype=torch.bool, device=q.device)
         if causal:                                                              # bottom-right aligned
-            scores = scores.masked_fill((k_pos[None, :] > q_pos[:, None]).repeat(group, 1), float("-inf"))
+            hidden |= k_pos[None, :] > q_pos[:, None]
+        if sliding_window is not None:
+            hidden |= q_pos[:, None] - k_pos[None, :] >= sliding_window
+        if causal or sliding_window is not None:
+            scores = scores.masked_fill(hidden.repeat(group, 1), float("-inf"))
         ob = scores.softmax(dim=-1) @ rearrange(v, "k h d -> h k d")
         ob = rearrange(ob, "h (g q) d -> q (h g) d", g=group)
         out[q_start:q_end] = ob.to(out.dtype)

@@ -50,6 +50,18 @@ class StoreStreaming:
         self.step_saved = False
 
     @property
+    def idle(self) -> bool:
+        """No load, save request or save copy is in flight: the pool may be replaced (`rebind`)."""
+        return self._loader is None and self._save_request is None and self._saver is None and not self._savers
+
+    def rebind(self, kv: torch.Tensor) -> None:
+        """Use ``kv`` as the pool from now on (the cache grew it); only while `idle`."""
+        if not self.idle:
+            raise RuntimeError("the KV pool cannot be replaced while a store transfer is in flight")
+        self._k_caches = [kv[layer, 0] for layer in range(self._num_layers)]
+        self._v_caches = [kv[layer, 1] for layer in range(self._num_layers)]
+
+    @property
     def load_in_flight(self) -> bool:
         """A `load` has not been completed by `finish_load` yet."""
         return self._loader is not None
