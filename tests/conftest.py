@@ -71,6 +71,14 @@ TINY_FAMILIES = {
         "num_key_value_heads": None, "head_dim": None, "use_parallel_residual": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True, "logit_scale": 0.5}),
+    # alternating sliding (window 6) and global layers; Gemma 2 softcaps the attention logits
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 30.0,
+        "query_pre_attn_scalar": 24}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "sliding_window": 6, "query_pre_attn_scalar": 24, "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
 }
 
 

@@ -34,6 +34,8 @@ class Adapter:
         out_proj: the output projection's attribute.
         window_from: ``"module"`` (the module's ``sliding_window``, absent or None: a global layer) or
             ``"config"`` (``config.sliding_window`` for every layer, Mistral's convention).
+        softcap_attr: the module's attention logit softcap attribute, if the family applies one (Gemma 2).
+        rope_per_layer_type: RoPE parameters differ by ``config.layer_types`` (Gemma 3's local base).
     """
 
     attention_class: str
@@ -43,6 +45,8 @@ class Adapter:
     rope_style: RopeStyle = "neox"
     out_proj: str = "o_proj"
     window_from: Literal["module", "config"] = "module"
+    softcap_attr: str | None = None
+    rope_per_layer_type: bool = False
 
     def project(self, module: nn.Module, hidden: torch.Tensor, head_dim: int, num_q_heads: int,
                 num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +74,11 @@ class Adapter:
             return getattr(config, "sliding_window", None)
         return getattr(module, "sliding_window", None)
 
+    def logit_softcap(self, module: nn.Module) -> float | None:
+        """The layer's attention logit softcap, or None."""
+        value = getattr(module, self.softcap_attr, None) if self.softcap_attr else None
+        return None if value is None else float(value)
+
 
 FAMILIES: dict[str, Adapter] = {
     "llama": Adapter("LlamaAttention"),
@@ -84,5 +93,7 @@ FAMILIES: dict[str, Adapter] = {
     "granite": Adapter("GraniteAttention"),
     "gpt_neox": Adapter("GPTNeoXAttention", attention_attr="attention", qkv="fused_per_head", out_proj="dense"),
     "cohere": Adapter("CohereAttention", qk_norm="head", rope_style="gptj"),
+    "gemma2": Adapter("Gemma2Attention", softcap_attr="attn_logit_softcapping"),
+    "gemma3_text": Adapter("Gemma3Attention", qk_norm="head", rope_per_layer_type=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)

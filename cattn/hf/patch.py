@@ -75,17 +75,21 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
             raise TypeError(f"model: layer {i} attention is {found}, expected {adapter.attention_class} for model "
                             f"type {config.model_type!r}")
     text = config.get_text_config()
-    rope = RopeSpec.from_model(model, style=adapter.rope_style).to(model.device)
+    layer_types = getattr(text, "layer_types", None) if adapter.rope_per_layer_type else None
+    kinds = layer_types or [None] * len(layers)
+    ropes = {kind: RopeSpec.from_model(model, style=adapter.rope_style, layer_type=kind).to(model.device)
+             for kind in set(kinds)}
     num_q_heads = text.num_attention_heads
-    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_q_heads
+    fused_heads = adapter.qkv == "fused_per_head"         # GPT-NeoX: every head has its own K/V
+    num_kv_heads = num_q_heads if fused_heads else (getattr(text, "num_key_value_heads", None) or num_q_heads)
 
     originals = tuple(getattr(layer, adapter.attention_attr) for layer in layers)
     windows = tuple(adapter.sliding_window(a, text) for a in originals)
-    for layer, original, window in zip(layers, originals, windows):
+    for layer, original, window, kind in zip(layers, originals, windows, kinds):
         setattr(original, BACKEND_ATTR, backend)
         setattr(layer, adapter.attention_attr, CattnAttention(
-            original, adapter, rope, backend=backend, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-            sliding_window=window))
+            original, adapter, ropes[kind], backend=backend, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            sliding_window=window, logit_softcap=adapter.logit_softcap(original)))
     head_dim = getattr(layers[0], adapter.attention_attr).head_dim
     layout = PagedLayout(num_layers=len(layers), num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                          sliding_windows=windows)
