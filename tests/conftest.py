@@ -76,7 +76,8 @@ TINY_FAMILIES = {
         "sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 30.0,
         "query_pre_attn_scalar": 24}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "sliding_window": 6, "query_pre_attn_scalar": 24, "rope_parameters": {
+        "sliding_window": 6, "query_pre_attn_scalar": 24, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}}),
 }
