@@ -60,3 +60,21 @@ def test_sliding_layers_alternate_and_the_window_and_softcap_reach_the_modules(t
     gemma3 = apply_cattn(tiny_model("gemma3"), page_size=PAGE)
     bases = [layer.self_attn.rope.inv_freq[1].item() for layer in gemma3.get_decoder().layers]
     assert bases[0] != bases[1]                              # local and global rope bases differ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_a_padded_batch_equals_stock_and_fingerprints_differ(tiny_model, family):
+    """Greedy generation past Gemma's window of 6, with a left-padded row, through the generate-made cache."""
+    from cattn.hf import fingerprint
+
+    stock = tiny_model(family)
+    model = apply_cattn(copy.deepcopy(stock), page_size=PAGE)
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 257, 0
+    with torch.no_grad():
+        kwargs = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        out = model.generate(ids, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, stock.generate(ids, **kwargs))
+    assert isinstance(out.past_key_values, PagedCache)
+    assert fingerprint(model) == fingerprint(stock) != fingerprint(tiny_model(family))
