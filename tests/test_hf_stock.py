@@ -58,7 +58,7 @@ def test_forward_without_a_cache_equals_stock(pairs, family):
         for kwargs in ({}, {"use_cache": False}):
             out = model(ids, attention_mask=mask, **kwargs)
             torch.testing.assert_close(out.logits[real], expected[real], **FP32)
-        assert isinstance(model(ids).past_key_values, DynamicCache)       # the model's own default, as stock
+        assert isinstance(getattr(model(ids), CACHE_KWARG), DynamicCache)       # the model's own default, as stock
         torch.testing.assert_close(model(ids).logits, stock(ids).logits, **FP32)
 
 
@@ -112,7 +112,7 @@ def test_generate_returns_its_paged_cache_and_a_second_call_continues_from_it(pa
     assert torch.equal(out.sequences, expected.sequences)
     for got, want in zip(out.scores, expected.scores):
         torch.testing.assert_close(got, want, **FP32)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KWARG)                   # the output field is named like the argument
     assert isinstance(cache, PagedCache) and cache.num_tokens() == 10
     free_before = cache.pool.num_pages
 
