@@ -110,6 +110,20 @@ def test_without_a_paged_cache_the_stock_modules_run_with_cattn_attention(tiny_m
     assert len(calls) == 2                                  # one per layer
 
 
+def test_triton_backend_without_a_paged_cache_matches_stock_on_a_padded_batch(tiny_model):
+    """The dense path (pages of one token, block tables listing real columns) through the Triton kernels."""
+    stock = tiny_model("qwen2")
+    model = patched_copy(stock, backend="triton")
+    ids = torch.randint(0, 256, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+        expected = stock(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], **FP32)
+
+
 def test_4d_mask_is_refused(tiny_model):
     model = patched_copy(tiny_model("llama"))
     cache = PagedCache(model, max_tokens=8)

@@ -61,8 +61,12 @@ def test_patch_keeps_weights_and_revert_restores_the_stock_model(tiny_model):
     apply_cattn(model, page_size=4)                        # re-patching takes the new settings
     assert PagedLayout.of(model).page_size == 4
 
+    assert "_prepare_cache_for_generation" in vars(model)   # generate makes a PagedCache
+
     revert_cattn(model)
     assert not is_patched(model) and model.config._attn_implementation == implementation
+    assert "_prepare_cache_for_generation" not in vars(model)
+    assert all(not hasattr(layer.self_attn, "_cattn_backend") for layer in layers)
     assert all(torch.equal(model.state_dict()[name], t) for name, t in before.items())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
