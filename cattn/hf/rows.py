@@ -18,6 +18,9 @@ def rebuild_rows(cache: PagedCache, sources: list[int]) -> None:
     """
     if sources == list(range(cache.batch_size)):
         return
+    if cache._streaming.saving:
+        raise RuntimeError("PagedCache rows cannot be rearranged while a save may still read their pages: "
+                           "call finish() first")
     cache._streaming.finish_load()
     lens = [cache.num_tokens(s) for s in sources]
     flat = cache.kv.flatten(2, 3)                                      # [L, 2, num_slots, Hkv, D]

@@ -54,6 +54,11 @@ class StoreStreaming:
         """No load, save request or save copy is in flight: the pool may be replaced (`rebind`)."""
         return self._loader is None and self._save_request is None and self._saver is None and not self._savers
 
+    @property
+    def saving(self) -> bool:
+        """A save request or save copies may still read the pages (until `finish`)."""
+        return self._save_request is not None or self._saver is not None or bool(self._savers)
+
     def rebind(self, kv: torch.Tensor) -> None:
         """Use ``kv`` as the pool from now on (the cache grew it); only while `idle`."""
         if not self.idle:
