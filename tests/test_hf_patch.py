@@ -22,13 +22,16 @@ def test_unsupported_model_type_is_refused_with_the_supported_list():
     assert {"llama", "mixtral", "qwen3_moe", "phi3", "olmo2", "granite", "gpt_neox", "cohere"} <= set(SUPPORTED_MODEL_TYPES)
 
 
-def test_load_model_refuses_an_unsupported_type_before_reading_weights(tmp_path):
-    from cattn.hf import load_model
+def test_check_supported_refuses_from_the_config_alone(tmp_path):
+    """What a loader calls before reading weights: the config file is all it needs."""
+    from cattn.hf import check_supported
 
     transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]      # no weights, no tokenizer
+    config = transformers.AutoConfig.from_pretrained(tmp_path, local_files_only=True)
     with pytest.raises(ValueError, match=r"cattn supports model types llama, .*gemma2.*; got 'gpt2'"):
-        load_model(tmp_path)
+        check_supported(config)
+    assert check_supported(transformers.Qwen3Config()).qk_norm == "head"
 
 
 def test_dynamic_rope_bad_page_size_and_backend_are_refused(tiny_model):

@@ -27,8 +27,7 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
                dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a local HF model directory, or the embedded SmolLM2 when ``path`` is None.
 
-    Never touches the network (``local_files_only``); the model is in eval mode on ``device``. A model
-    type cattn cannot patch raises ValueError (listing the supported types) before its weights are read.
+    Never touches the network (``local_files_only``); the model is in eval mode on ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,12 +38,6 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
         folder, extra = Path(path), {}
         if not folder.is_dir():
             raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
-    if path is not None:   # an unsupported family is refused before any weight (or tokenizer) is read
-        from transformers import AutoConfig
-
-        from cattn.hf.patch import check_supported
-
-        check_supported(AutoConfig.from_pretrained(folder, local_files_only=True))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     return model.to(device).eval(), tokenizer
