@@ -19,7 +19,8 @@ def test_unsupported_model_type_is_refused_with_the_supported_list():
     with pytest.raises(ValueError, match="llama, mistral, mixtral, .*; got .gpt2."):
         apply_cattn(model)
     assert not is_patched(model)
-    assert {"llama", "mixtral", "qwen3_moe", "phi3", "olmo2", "granite", "gpt_neox", "cohere"} <= set(SUPPORTED_MODEL_TYPES)
+    table = {"llama", "mixtral", "qwen3_moe", "phi3", "olmo2", "granite", "gpt_neox", "cohere", "gemma2"}
+    assert table <= set(SUPPORTED_MODEL_TYPES)
 
 
 def test_check_supported_refuses_from_the_config_alone(tmp_path):
