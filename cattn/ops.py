@@ -170,7 +170,8 @@ def check_batch(block_table: torch.Tensor, kv_lens: torch.Tensor, cu_seqlens_q: 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, rope: RopeSpec | None, *,
                     sm_scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
-                    logit_softcap: float | None = None, out: torch.Tensor | None = None, backend: str = "auto", max_q_len: int | None = None,
+                    logit_softcap: float | None = None, out: torch.Tensor | None = None,
+                    backend: str = "auto", max_q_len: int | None = None,
                     check_indices: bool = True) -> torch.Tensor:
     """Attention of new query tokens over a paged, pre-RoPE KV cache; RoPE is applied inside.
 
@@ -193,10 +194,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         sm_scale: softmax scale, a finite positive int or float (not bool, complex or a tensor),
             default ``head_dim ** -0.5``.
         causal: mask keys after each query's position (bottom-right aligned).
-        sliding_window: None, or each query at position p sees only keys at positions k with
-            ``p - k < sliding_window`` (HF's convention).
-        logit_softcap: None, or scores become ``softcap * tanh(score / softcap)`` before masking
-            (Gemma 2); ``score`` already includes ``sm_scale``.
+        sliding_window: None, or an int >= 1: the query at position ``p`` sees only keys at positions
+            ``k`` with ``p - k < sliding_window`` (HF's convention), on top of ``causal``.
+        logit_softcap: None, or a finite float > 0: scores become
+            ``logit_softcap * tanh(q.k * sm_scale / logit_softcap)`` before masking and softmax (Gemma 2).
         out: optional ``[total_q, num_q_heads, head_dim]`` output buffer of q's dtype.
         backend: ``"auto"`` (Triton on CUDA tensors, torch on CPU), ``"triton"`` or ``"torch"``.
         max_q_len: the largest ``q_len`` if the caller knows it (saves a host read).
@@ -224,6 +225,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _expect(rope is None or isinstance(rope, RopeSpec), TypeError, f"rope must be a RopeSpec or None, got {type(rope).__name__}")
     _expect(rope is None or rope.rotary_dim <= head_dim, ValueError,
             f"rope.rotary_dim {rope.rotary_dim if rope else 0} exceeds head_dim {head_dim}")
+    _expect(sliding_window is None or (isinstance(sliding_window, int) and not isinstance(sliding_window, bool)),
+            TypeError, f"sliding_window must be None or an int, got {type(sliding_window).__name__}")
+    _expect(sliding_window is None or sliding_window >= 1, ValueError,
+            f"sliding_window must be >= 1 (tokens), got {sliding_window}")
+    _expect(logit_softcap is None or (isinstance(logit_softcap, (int, float)) and not isinstance(logit_softcap, bool)),
+            TypeError, f"logit_softcap must be None or a float, got {type(logit_softcap).__name__}")
+    _expect(logit_softcap is None or (math.isfinite(logit_softcap) and logit_softcap > 0), ValueError,
+            f"logit_softcap must be finite and > 0, got {logit_softcap}")
     if out is not None:
         _check_tensor(out, "out", 3, "[total_q, num_q_heads, head_dim]")
         _expect(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, ValueError,

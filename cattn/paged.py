@@ -59,6 +59,12 @@ class PagePool:
         self._free = [p for p in self._free if p not in wanted]
         self._used.update(wanted)
 
+    def grow(self, n: int) -> None:
+        """Add ``n`` pages with the next ids (the caller enlarges its page tensors to match)."""
+        n = _count(n, "n")
+        self._free[:0] = range(self.num_pages + n - 1, self.num_pages - 1, -1)   # handed out after the old ones
+        self.num_pages += n
+
     def free(self, pages: Sequence[int]) -> None:
         """Return ``pages`` to the pool, all or none: every id is checked (an int in range, allocated,
         listed once) before any is freed, so a bad list leaves the pool as it was."""

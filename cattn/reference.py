@@ -60,6 +60,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     logit_softcap: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of pre-RoPE ``q [total_q, Hq, D]`` over pre-RoPE paged K/V; see `cattn.ops.paged_attention`.
 
+    ``sliding_window``: query at position p sees keys at k with ``p - k < sliding_window`` only;
+    ``logit_softcap``: scores become ``softcap * tanh(scores / softcap)`` before masking and softmax.
     Computes in q's dtype promoted to at least fp32 and returns q's dtype.
     """
     head_dim = q.shape[2]
@@ -89,9 +91,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         hidden = torch.zeros(q_len, kv_len, dtype=torch.bool, device=q.device)
         if causal:                                                              # bottom-right aligned
             hidden |= k_pos[None, :] > q_pos[:, None]
-        if sliding_window is not None:                                          # HF: key > query - window
-            hidden |= k_pos[None, :] <= q_pos[:, None] - sliding_window
-        scores = scores.masked_fill(hidden.repeat(group, 1), float("-inf"))
+        if sliding_window is not None:
+            hidden |= q_pos[:, None] - k_pos[None, :] >= sliding_window
+        if causal or sliding_window is not None:
+            scores = scores.masked_fill(hidden.repeat(group, 1), float("-inf"))
         ob = scores.softmax(dim=-1) @ rearrange(v, "k h d -> h k d")
         ob = rearrange(ob, "h (g q) d -> q (h g) d", g=group)
         out[q_start:q_end] = ob.to(out.dtype)

@@ -109,15 +109,20 @@ class RopeSpec:
                 self.original_max_position)
 
     @classmethod
-    def from_config(cls, config, *, style: RopeStyle = "neox") -> RopeSpec:
+    def from_config(cls, config, *, style: RopeStyle = "neox", layer_type: str | None = None) -> RopeSpec:
         """Build from an HF ``PretrainedConfig`` (transformers 5.x ``rope_parameters``).
 
+        ``layer_type`` (e.g. ``"sliding_attention"``) picks that layer kind's parameters where the
+        config keys ``rope_parameters`` by layer type (Gemma 3's local and global bases).
         Raises ValueError for ``dynamic`` rope, whose frequencies change with the
         length of every call and so cannot be applied to a cache consistently.
         """
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         params = getattr(config, "rope_parameters", None) or {}
+        per_type = layer_type is not None and isinstance(params.get(layer_type), dict)
+        params = params[layer_type] if per_type else params
+        by_type = {"layer_type": layer_type} if per_type else {}
         rope_type = params.get("rope_type", "default")
         if "dynamic" in rope_type:
             raise ValueError("config: rope_type 'dynamic' rescales RoPE with each call's length and is "
@@ -127,17 +132,18 @@ class RopeSpec:
         if rope_type == "default":
             inv_freq, scaling = _default_inv_freq(config, params), 1.0
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **by_type)
         if rope_type != "longrope":
             return cls(inv_freq, float(scaling), style)
         original = int(params["original_max_position_embeddings"])
-        long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=original + 1)
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=original + 1, **by_type)
         return cls(inv_freq, float(scaling), style, long_inv_freq, original)
 
     @classmethod
-    def from_model(cls, model, *, style: RopeStyle = "neox") -> RopeSpec:
+    def from_model(cls, model, *, style: RopeStyle = "neox", layer_type: str | None = None) -> RopeSpec:
         """Build from an HF model (or its config); refuses ``dynamic`` rope."""
-        return cls.from_config(getattr(model, "config", model), style=style)
+        config = getattr(model, "config", model)
+        return cls.from_config(config.get_text_config(), style=style, layer_type=layer_type)
 
 
 def _check_freqs(freqs, name: str) -> None:

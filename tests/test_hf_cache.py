@@ -143,8 +143,6 @@ def test_bad_arguments_and_unsupported_uses(tiny_model):
     cache = PagedCache(model, batch_size=2, max_tokens=8)
     with pytest.raises(ValueError, match="batch_size 1"):
         cache.truncate(4)
-    with pytest.raises(NotImplementedError, match="beam"):
-        cache.reorder_cache(torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="2 rows"):
         greedy(model, torch.randint(0, 256, (1, 4)), 2, PagedCache(model, max_tokens=8), num_beams=2)
     revert_cattn(model)

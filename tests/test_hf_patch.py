@@ -16,10 +16,23 @@ from cattn.hf.step import PagedLayout
 def test_unsupported_model_type_is_refused_with_the_supported_list():
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3; got 'gpt2'"):
+    with pytest.raises(ValueError, match="llama, mistral, mixtral, .*; got .gpt2."):
         apply_cattn(model)
     assert not is_patched(model)
-    assert SUPPORTED_MODEL_TYPES == ("llama", "mistral", "qwen2", "qwen3")
+    table = {"llama", "mixtral", "qwen3_moe", "phi3", "olmo2", "granite", "gpt_neox", "cohere", "gemma2"}
+    assert table <= set(SUPPORTED_MODEL_TYPES)
+
+
+def test_check_supported_refuses_from_the_config_alone(tmp_path):
+    """What a loader calls before reading weights: the config file is all it needs."""
+    from cattn.hf import check_supported
+
+    transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]      # no weights, no tokenizer
+    config = transformers.AutoConfig.from_pretrained(tmp_path, local_files_only=True)
+    with pytest.raises(ValueError, match=r"cattn supports model types llama, .*gemma2.*; got 'gpt2'"):
+        check_supported(config)
+    assert check_supported(transformers.Qwen3Config()).qk_norm == "head"
 
 
 def test_dynamic_rope_bad_page_size_and_backend_are_refused(tiny_model):
@@ -48,12 +61,16 @@ def test_patch_keeps_weights_and_revert_restores_the_stock_model(tiny_model):
     assert model.config._attn_implementation == "cattn"
     assert model.state_dict().keys() == before.keys()
     assert PagedLayout.of(model) == PagedLayout(num_layers=2, num_kv_heads=2, head_dim=16, page_size=8,
-                                                sliding_window=None)
+                                                sliding_windows=(None, None))
     apply_cattn(model, page_size=4)                        # re-patching takes the new settings
     assert PagedLayout.of(model).page_size == 4
 
+    assert "_prepare_cache_for_generation" in vars(model)   # generate makes a PagedCache
+
     revert_cattn(model)
     assert not is_patched(model) and model.config._attn_implementation == implementation
+    assert "_prepare_cache_for_generation" not in vars(model)
+    assert all(not hasattr(layer.self_attn, "_cattn_backend") for layer in layers)
     assert all(torch.equal(model.state_dict()[name], t) for name, t in before.items())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)

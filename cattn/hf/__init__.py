@@ -8,8 +8,8 @@ from cattn.hf.cache import PagedCache
 from cattn.hf.compat import CACHE_KWARG
 from cattn.hf.fingerprint import fingerprint
 from cattn.hf.loading import embedded_model_path, load_model
-from cattn.hf.patch import SUPPORTED_MODEL_TYPES, apply_cattn, is_patched, revert_cattn
+from cattn.hf.patch import SUPPORTED_MODEL_TYPES, apply_cattn, check_supported, is_patched, revert_cattn
 from cattn.hf.step import PagedLayout
 
-__all__ = ["CACHE_KWARG", "PagedCache", "PagedLayout", "SUPPORTED_MODEL_TYPES", "apply_cattn", "embedded_model_path",
-           "fingerprint", "is_patched", "load_model", "revert_cattn"]
+__all__ = ["CACHE_KWARG", "PagedCache", "PagedLayout", "SUPPORTED_MODEL_TYPES", "apply_cattn", "check_supported",
+           "embedded_model_path", "fingerprint", "is_patched", "load_model", "revert_cattn"]

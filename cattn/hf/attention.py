@@ -6,58 +6,58 @@ from torch import nn
 
 from cattn.hf import compat
 from cattn.hf.cache import PagedCache
+from cattn.hf.families import Adapter
 from cattn.ops import paged_attention, write_kv
 from cattn.rope import RopeSpec
 
 
 class CattnAttention(nn.Module):
-    """Drop-in replacement of a Llama/Mistral/Qwen2/Qwen3 attention module.
+    """Drop-in replacement of a supported family's attention module (see `cattn.hf.families`).
 
-    It keeps the original module's projections (with their biases) and, for Qwen3, the
-    per-head q/k RMSNorm applied before RoPE, so the state dict is unchanged. Each call
-    writes the new tokens' K/V *before* RoPE into the `PagedCache`, then attends through
-    `cattn.paged_attention`, which rotates Q and K at positions derived from ``kv_lens``.
-    The model's own ``position_embeddings`` are not used.
+    It adopts every child module of the original (projections with their biases, q/k norms)
+    under the same names, so the state dict is unchanged. With a `PagedCache` each call
+    writes the new tokens' K/V *before* RoPE into the cache, then attends through
+    `cattn.paged_attention`, which rotates Q and K at positions derived from ``kv_lens``; the
+    model's own ``position_embeddings`` are not used. With any other cache (None, a
+    ``DynamicCache``) the original module runs, as in the stock model, and its attention
+    function is cattn's (`cattn.hf.dense`), so outputs and caches are the stock ones.
 
     Args:
-        original: the module it replaces (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-            ``head_dim``, ``scaling``, ``layer_idx``; ``q_norm``/``k_norm`` if ``qk_norm``).
-        rope: the model's rotary spec.
+        original: the module it replaces.
+        adapter: how its family's module is read.
+        rope: the rotary spec of this layer.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `cattn.paged_attention`).
-        qk_norm: apply ``original.q_norm`` / ``original.k_norm`` per head before RoPE.
+        sliding_window: this layer's window in tokens, or None (global attention).
+        logit_softcap: this layer's attention logit softcap, or None.
     """
 
-    def __init__(self, original: nn.Module, rope: RopeSpec, *, backend: str, qk_norm: bool):
+    def __init__(self, original: nn.Module, adapter: Adapter, rope: RopeSpec, *, backend: str,
+                 num_q_heads: int, num_kv_heads: int, sliding_window: int | None = None,
+                 logit_softcap: float | None = None):
         super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "stock", original)   # not a submodule: the state dict stays the stock one
         self.layer_idx = original.layer_idx
-        self.head_dim = original.head_dim
+        self.head_dim = getattr(original, "head_dim", None) or original.head_size
         self.scaling = original.scaling
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (original.q_proj, original.k_proj, original.v_proj,
-                                                              original.o_proj)
-        if qk_norm:
-            self.q_norm, self.k_norm = original.q_norm, original.k_norm
-        self.qk_norm = qk_norm
-        self.rope = rope
-        self.backend = backend
+        self.adapter, self.rope, self.backend = adapter, rope, backend
+        self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        self.sliding_window, self.logit_softcap = sliding_window, logit_softcap
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         """``hidden_states [B, T, hidden]`` -> ``([B, T, hidden], None)``; the cache comes in ``kwargs``
-        under `compat.CACHE_KWARG` and ``attention_mask`` is the 2D ``[B, past + T]`` padding mask or None."""
+        (see `compat.cache_from_kwargs`) and ``attention_mask`` is the 2D ``[B, past + T]`` padding mask or None."""
         cache = compat.cache_from_kwargs(kwargs)
         if not isinstance(cache, PagedCache):
-            raise TypeError(f"a cattn-patched model needs a cattn.hf.PagedCache as its cache (pass "
-                            f"{compat.CACHE_KWARG}=PagedCache(model)), got {type(cache).__name__}")
+            return self.stock(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                              **kwargs)
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2):
             raise ValueError("attention_mask must be a 2D padding mask [B, past + T]; custom 4D masks are not "
                              "supported by cattn attention")
         batch, q_len, _ = hidden_states.shape
-        shape = (batch, q_len, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape)
-        k = self.k_proj(hidden_states).view(shape)
-        v = self.v_proj(hidden_states).view(shape)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.adapter.project(self, hidden_states, self.head_dim, self.num_q_heads, self.num_kv_heads)
         if self.rope.inv_freq.device != q.device:   # the model was moved after patching
             self.rope = self.rope.to(q.device)
 
@@ -67,7 +67,11 @@ class CattnAttention(nn.Module):
         write_kv(step.pack(k), step.pack(v), k_cache, v_cache, step.slot_mapping, backend=self.backend,
                  check_indices=False)
         cache.layer_written(self.layer_idx)
+        # A window no sequence reaches past masks nothing: leave it out (the kernels then skip the test).
+        window = self.sliding_window if self.sliding_window is not None and step.max_kv_len > self.sliding_window \
+            else None
         out = paged_attention(step.pack(q), k_cache, v_cache, step.block_table, step.kv_lens, step.cu_seqlens_q,
-                              self.rope, sm_scale=self.scaling, backend=self.backend, max_q_len=step.max_q_len,
+                              self.rope, sm_scale=self.scaling, sliding_window=window,
+                              logit_softcap=self.logit_softcap, backend=self.backend, max_q_len=step.max_q_len,
                               check_indices=False)
-        return self.o_proj(step.unpack(out)), None
+        return getattr(self, self.adapter.out_proj)(step.unpack(out)), None

@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from cattn.hf.resident import check_resident, separate_layers
+from cattn.hf import rows
 from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
 from cattn.ops import check_batch
@@ -58,6 +59,8 @@ class PagedCache(Cache):
             `load_layerwise` then streams only the other layers of those tokens.
         keep_layers: how many first layers get their own tensors (with ``headroom`` extra pages),
             so that `take_resident` can hand them to the device tier after the turn.
+        grow: when the pool is full, enlarge it (at least doubling) instead of raising
+            `PoolExhaustedError`; the cache `generate` creates for a patched model grows.
 
     With a host store, `load_layerwise` streams a history in layer by layer during the next
     forward step and `save_next_step` saves that step's new K/V layer by layer (``step_saved``
@@ -66,7 +69,7 @@ class PagedCache(Cache):
 
     def __init__(self, model, *, batch_size: int = 1, max_tokens: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5):
+                 resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5, grow: bool = False):
         layout = PagedLayout.of(model)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -102,6 +105,7 @@ class PagedCache(Cache):
         self._k += [self.kv[i, 0] for i in range(self.kv.shape[0])]
         self._v += [self.kv[i, 1] for i in range(self.kv.shape[0])]
         self._batch_size = batch_size
+        self.grow = grow
         self._columns = 0        # input positions seen, padding included: what HF calls the cache length
         self._step: ForwardStep | None = None
         for row in range(batch_size):
@@ -358,15 +362,17 @@ class PagedCache(Cache):
             self.seqs.append_slots(row, 0)
         self._columns, self._step = 0, None
 
-    def reorder_cache(self, beam_idx: torch.Tensor):
-        raise NotImplementedError("PagedCache does not support beam search (num_beams > 1)")
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Row ``r`` becomes a copy of row ``beam_idx[r]`` (beam search keeps its best beams)."""
+        rows.rebuild_rows(self, [int(i) for i in beam_idx.tolist()])
 
-    def batch_repeat_interleave(self, repeats: int):
-        raise NotImplementedError("PagedCache holds one sequence per input row: size it with batch_size instead "
-                                  "of num_return_sequences or num_beams")
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row repeated ``repeats`` times in place (``[a, b] -> [a, a, b, b]``)."""
+        rows.rebuild_rows(self, [r for r in range(self._batch_size) for _ in range(repeats)])
 
-    def batch_select_indices(self, indices: torch.Tensor):
-        raise NotImplementedError("PagedCache does not support selecting batch rows")
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices``, in that order."""
+        rows.rebuild_rows(self, [int(i) for i in indices.tolist()])
 
     # ---- internals -----------------------------------------------------------------------------
     def _slots_of(self, start: int, end: int, row: int = 0) -> torch.Tensor:
@@ -387,6 +393,8 @@ class PagedCache(Cache):
         ps = self.page_size
         need = sum(max(-(-(self.num_tokens(r) + n) // ps) - len(self.seqs.seqs[r].pages), 0)
                    for r, n in new_tokens.items())
+        if need > self.pool.num_free and self.grow:
+            rows.grow_pool(self, need - self.pool.num_free)
         if need > self.pool.num_free:
             raise PoolExhaustedError(f"PagedCache is full: {need} more pages needed, {self.pool.num_free} free "
                                      f"(max_tokens={self.max_tokens}, batch_size={self._batch_size}); "
@@ -410,12 +418,9 @@ class PagedCache(Cache):
         rows = list(range(batch_size))
         block_table, kv_lens = self.seqs.block_table(rows), self.seqs.kv_lens(rows)
         cu_seqlens_q = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32)
-        window = self.layout.sliding_window
-        if window is not None and int(kv_lens.max()) > window:
-            raise ValueError(f"a sequence of {int(kv_lens.max())} tokens exceeds the model's sliding window of "
-                             f"{window}: cattn attends to the whole history and would not match the model")
         max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, self.pool.num_pages, self.page_size, len(slots))
         device = self.kv.device
         token_index = None if new is None else new.flatten().nonzero().squeeze(1).to(device)
         return ForwardStep(batch_size, q_len, torch.tensor(slots, dtype=torch.int32).to(device),
-                           block_table.to(device), kv_lens.to(device), cu_seqlens_q.to(device), max_q_len, token_index)
+                           block_table.to(device), kv_lens.to(device), cu_seqlens_q.to(device), max_q_len,
+                           int(kv_lens.max()), token_index)

@@ -25,8 +25,10 @@ def fingerprint(model) -> str:
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shapes = (config.model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-              config.num_key_value_heads, head_dim, config.vocab_size)
-    header = repr((shapes, str(model.dtype), RopeSpec.from_model(model).fingerprint()))
+              getattr(config, "num_key_value_heads", None), head_dim, config.vocab_size)
+    kinds = sorted(set(getattr(config, "layer_types", None) or [None]), key=str)   # Gemma 3: a rope per layer kind
+    ropes = tuple(RopeSpec.from_model(model, layer_type=kind).fingerprint() for kind in kinds)
+    header = repr((shapes, str(model.dtype), ropes))
     state = (header, tuple((name, t.data_ptr(), t._version) for name, t in sorted(tensors.items())))
     cached = getattr(model, _CACHE_ATTR, None)
     if cached is not None and cached[0] == state:

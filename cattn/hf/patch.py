@@ -7,28 +7,13 @@ from torch import nn
 
 from cattn.hf import compat
 from cattn.hf.attention import CattnAttention
+from cattn.hf.dense import BACKEND_ATTR
+from cattn.hf.families import FAMILIES, SUPPORTED_MODEL_TYPES, Adapter
 from cattn.hf.step import LAYOUT_ATTR, PagedLayout
 from cattn.ops import BACKENDS
 from cattn.rope import RopeSpec
 
 _RESTORE_ATTR = "_cattn_restore"
-
-
-@dataclass(frozen=True)
-class Family:
-    """A supported model family: the attention class it must have, and whether it norms q/k per head."""
-
-    attention_class: str
-    qk_norm: bool = False
-
-
-FAMILIES = {
-    "llama": Family("LlamaAttention"),
-    "mistral": Family("MistralAttention"),
-    "qwen2": Family("Qwen2Attention"),
-    "qwen3": Family("Qwen3Attention", qk_norm=True),
-}
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -42,20 +27,26 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
-def _sliding_window(attention: nn.Module, config) -> int | None:
-    if hasattr(attention, "sliding_window"):      # Qwen2/Qwen3: per layer type
-        return attention.sliding_window
-    return getattr(config, "sliding_window", None)  # Mistral: every layer; Llama: none
+def check_supported(config) -> Adapter:
+    """The adapter of ``config``'s model type; raises ValueError listing the supported types otherwise
+    (callers that load models check the config before any weight is read)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model: cattn supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}")
+    return FAMILIES[model_type]
 
 
 def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
     """Patch ``model`` in place so that its attention runs on a paged pre-RoPE cache; returns it.
 
-    Every decoder layer's attention module becomes a `CattnAttention` that keeps its
-    projections (and biases), Qwen3's q/k norms and the model's rotary spec; the
-    attention implementation becomes ``"cattn"`` so that transformers builds no 4D
-    masks. The patched model then runs with a `PagedCache` as its cache. Patching a
-    patched model re-patches it with the new settings.
+    Every decoder layer's attention module becomes a `CattnAttention` that adopts its
+    projections (and biases), q/k norms and scaling, read through the family's `Adapter`
+    (`cattn.hf.families`), with the model's rotary spec and the layer's sliding window.
+    The attention implementation becomes ``"cattn"`` so that transformers builds no 4D
+    masks. The patched model works as the stock one does: with a `PagedCache` (which
+    ``generate`` creates unless handed a cache) attention runs over cattn's paged
+    pre-RoPE cache; with no cache or a ``DynamicCache`` the stock modules run with cattn's
+    attention function. Patching a patched model re-patches it with the new settings.
 
     Args:
         model: a ``PreTrainedModel`` (causal LM or base model) of a type in `SUPPORTED_MODEL_TYPES`.
@@ -67,35 +58,46 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
         TypeError: a decoder layer whose attention is not the family's stock module.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"model: cattn supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got "
-                         f"{model_type!r} ({type(model).__name__})")
+    try:
+        adapter = check_supported(config)
+    except ValueError as error:
+        raise ValueError(f"{error} ({type(model).__name__})") from None
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive int, got {page_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    family = FAMILIES[model_type]
     layers = decoder_layers(model)
     if hasattr(model, _RESTORE_ATTR):
         revert_cattn(model)
     for i, layer in enumerate(layers):
-        if type(layer.self_attn).__name__ != family.attention_class:
-            raise TypeError(f"model: layer {i} attention is {type(layer.self_attn).__name__}, expected "
-                            f"{family.attention_class} for model type {model_type!r}")
-    rope = RopeSpec.from_model(model).to(model.device)
+        found = type(getattr(layer, adapter.attention_attr, None)).__name__
+        if found != adapter.attention_class:
+            raise TypeError(f"model: layer {i} attention is {found}, expected {adapter.attention_class} for model "
+                            f"type {config.model_type!r}")
+    text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) if adapter.rope_per_layer_type else None
+    kinds = layer_types or [None] * len(layers)
+    ropes = {kind: RopeSpec.from_model(model, style=adapter.rope_style, layer_type=kind).to(model.device)
+             for kind in set(kinds)}
+    num_q_heads = text.num_attention_heads
+    fused_heads = adapter.qkv == "fused_per_head"         # GPT-NeoX: every head has its own K/V
+    num_kv_heads = num_q_heads if fused_heads else (getattr(text, "num_key_value_heads", None) or num_q_heads)
 
-    originals = tuple(layer.self_attn for layer in layers)
-    for layer, original in zip(layers, originals):
-        layer.self_attn = CattnAttention(original, rope, backend=backend, qk_norm=family.qk_norm)
-    windows = [w for w in (_sliding_window(a, config) for a in originals) if w is not None]
-    head_dim = originals[0].head_dim
-    layout = PagedLayout(num_layers=len(layers), num_kv_heads=originals[0].k_proj.out_features // head_dim,
-                         head_dim=head_dim, page_size=page_size, sliding_window=min(windows) if windows else None)
+    originals = tuple(getattr(layer, adapter.attention_attr) for layer in layers)
+    windows = tuple(adapter.sliding_window(a, text) for a in originals)
+    for layer, original, window, kind in zip(layers, originals, windows, kinds):
+        setattr(original, BACKEND_ATTR, backend)
+        setattr(layer, adapter.attention_attr, CattnAttention(
+            original, adapter, ropes[kind], backend=backend, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            sliding_window=window, logit_softcap=adapter.logit_softcap(original)))
+    head_dim = getattr(layers[0], adapter.attention_attr).head_dim
+    layout = PagedLayout(num_layers=len(layers), num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                         sliding_windows=windows)
     setattr(model, LAYOUT_ATTR, layout)
     setattr(model, _RESTORE_ATTR, _Restore(originals, config._attn_implementation))
     compat.register_attention()
     model.set_attn_implementation(compat.ATTN_IMPLEMENTATION)
+    compat.install_generate_cache(model)
     return model
 
 
@@ -108,8 +110,11 @@ def revert_cattn(model):
     restore = getattr(model, _RESTORE_ATTR, None)
     if restore is None:
         raise ValueError(f"model: {type(model).__name__} is not patched by cattn")
+    adapter = FAMILIES[model.config.model_type]
     for layer, original in zip(decoder_layers(model), restore.originals):
-        layer.self_attn = original
+        setattr(layer, adapter.attention_attr, original)
+        original.__dict__.pop(BACKEND_ATTR, None)
+    compat.uninstall_generate_cache(model)
     model.set_attn_implementation(restore.attn_implementation)
     delattr(model, _RESTORE_ATTR)
     delattr(model, LAYOUT_ATTR)

@@ -16,15 +16,14 @@ class PagedLayout:
     Attributes:
         num_layers, num_kv_heads, head_dim: the KV shape per token and layer.
         page_size: tokens per page.
-        sliding_window: the smallest sliding window of any layer, or None. cattn attends to the
-            whole history, which equals the model only while every sequence fits the window.
+        sliding_windows: per layer, its attention window in tokens, or None for a global layer.
     """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     page_size: int
-    sliding_window: int | None
+    sliding_windows: tuple[int | None, ...]
 
     @staticmethod
     def of(model) -> PagedLayout:
@@ -45,6 +44,7 @@ class ForwardStep:
         kv_lens: ``[B] int32``, tokens per sequence including this step's.
         cu_seqlens_q: ``[B + 1] int32``, prefix sums of the new tokens per sequence.
         max_q_len: the most new tokens of any sequence.
+        max_kv_len: the most tokens of any sequence, this step's included.
         token_index: ``[total_q] int64``, index of each new token in the flattened ``[B * T]``
             input; None when the input has no padding (packing is then a view).
     """
@@ -56,6 +56,7 @@ class ForwardStep:
     kv_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_q_len: int
+    max_kv_len: int
     token_index: torch.Tensor | None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,22 @@ class StoreStreaming:
         self.step_saved = False
 
     @property
+    def idle(self) -> bool:
+        """No load, save request or save copy is in flight: the pool may be replaced (`rebind`)."""
+        return self._loader is None and self._save_request is None and self._saver is None and not self._savers
+
+    @property
+    def saving(self) -> bool:
+        """A save request or save copies may still read the pages (until `finish`)."""
+        return self._save_request is not None or self._saver is not None or bool(self._savers)
+
+    def rebind(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """Use these per-layer caches from now on (the cache grew its pool); only while `idle`."""
+        if not self.idle:
+            raise RuntimeError("the KV pool cannot be replaced while a store transfer is in flight")
+        self._k_caches, self._v_caches = k_caches, v_caches
+
+    @property
     def load_in_flight(self) -> bool:
         """A `load` has not been completed by `finish_load` yet."""
         return self._loader is not None
