@@ -81,8 +81,7 @@ def test_triton_backend_matches_stock(tiny_model):
     torch.testing.assert_close(got, expected, **FP32)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.xfail(
-    reason="Triton sliding window/softcap lands with the kernel rewrite", strict=True))])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sequences_longer_than_the_sliding_window_match_stock(tiny_model, backend):
     """Mistral slides its window over every layer: prefill, extend and decode past it."""
     stock = tiny_model("mistral", sliding_window=5)

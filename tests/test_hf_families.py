@@ -10,11 +10,7 @@ from cattn.hf import CACHE_KWARG, SUPPORTED_MODEL_TYPES, PagedCache, apply_cattn
 FP32 = dict(atol=3e-5, rtol=1e-4)   # fp32 end to end; the paths differ only in summation order
 PAGE = 4
 CHUNKS = [(0, 13), (13, 21), (21, 22), (22, 23)]     # prefill, extend over history, two decodes
-# Families whose tiny configs slide a window over these 23 tokens or softcap the logits: on the Triton
-# backend they wait for the kernels to take sliding_window and logit_softcap.
-NEEDS_WINDOW_OR_SOFTCAP = {"gemma2", "gemma3"}
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "phi3", "olmo2", "granite", "gpt_neox", "cohere", "gemma2", "gemma3"]
-TRITON_PENDING = pytest.mark.xfail(reason="Triton sliding window/softcap lands with the kernel rewrite", strict=True)
 
 
 def chunked_logits(stock, model, ids):
@@ -37,8 +33,7 @@ def test_torch_backend_logits_equal_stock(tiny_model, family):
     torch.testing.assert_close(got, expected, **FP32)
 
 
-@pytest.mark.parametrize("family", [f if f not in NEEDS_WINDOW_OR_SOFTCAP else pytest.param(f, marks=TRITON_PENDING)
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_triton_backend_logits_equal_stock(tiny_model, family):
     stock = tiny_model(family, num_hidden_layers=2)
     model = apply_cattn(copy.deepcopy(stock), page_size=PAGE, backend="triton")

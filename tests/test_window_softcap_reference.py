@@ -12,7 +12,6 @@ from test_paged_attention import DTYPES, TOLERANCES, default_rope, expected_outp
 import cattn
 from cattn import reference
 
-TRITON_PENDING = pytest.mark.xfail(reason="Triton sliding window/softcap lands with the kernel rewrite", strict=True)
 
 # (q_lens, kv_lens): prefill longer than the window, extend over a long history, decode, an idle sequence
 SHAPES = {
@@ -83,7 +82,6 @@ def test_torch_backend_matches_reference(dtype, shape, options):
     run_backend("torch", dtype, shape, options, rope_style="gptj" if shape == "decode" else "neox")
 
 
-@TRITON_PENDING
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("options", [dict(sliding_window=7), dict(sliding_window=16, logit_softcap=2.5),
                                      dict(logit_softcap=0.7)], ids=str)
