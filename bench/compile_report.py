@@ -15,6 +15,11 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: the kernels must be JITFunctions
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
+if __package__ in (None, ""):   # run by path (python bench/compile_report.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
@@ -133,7 +138,7 @@ COLUMNS = [("name", "configuration", "s"), ("num_warps", "warps", "d"), ("num_st
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="JSON path (default: bench/results/compile_sm90.json, or $OUT/...)")
+    parser.add_argument("--out", help="JSON path (default: compile_sm90.json in the results folder of bench.common)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
 

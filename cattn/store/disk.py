@@ -34,8 +34,12 @@ class DiskTier:
         if capacity <= 0:
             raise ValueError(f"disk capacity must be positive, got {capacity}")
         self.root, self.capacity = Path(root), capacity
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:   # read-only, not a directory, no permission: say so before anything is stored
+            raise ValueError(f"root: the disk tier cannot write in {str(root)!r} ({exc.strerror or exc}); "
+                             "give it a writable directory") from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
