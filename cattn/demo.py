@@ -178,7 +178,7 @@ def store_summary(stats: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("transformers") is None:
-        raise SystemExit("cattn demo needs the Hugging Face extra: pip install 'cattn[hf]'")
+        raise SystemExit('cattn demo needs the optional extra "hf": pip install "cattn[hf]"')
     import torch
     from transformers.utils import logging as hf_logging
 
