@@ -163,10 +163,10 @@ def store_summary(stats: dict) -> str:
     dram, disk, moved = stats["dram"], stats["disk"], stats["transfer"]
     mib = 2**20
     lines = [f"store: the KV of each turn's new tokens ({dram['bytes_in'] / mib:.1f} MiB in all) was kept in a "
-             f"{dram['capacity_bytes'] / mib:.0f} MiB host-memory (DRAM) pool; the next turn found its history "
-             f"there {dram['hits']} times, missed it {dram['misses']} times"]
+             f"{dram['capacity_bytes'] / mib:.0f} MiB host-memory (DRAM) pool;",
+             f"       the next turn found its history there {dram['hits']} times, missed it {dram['misses']} times"]
     if dram["evictions"]:
-        lines[0] += f", and {dram['evictions']} sessions were moved out to make room"
+        lines[-1] += f"; {dram['evictions']} sessions were moved out to make room"
     if disk.get("hits") or disk.get("bytes_in"):
         lines.append(f"       the disk tier took {disk['bytes_in'] / mib:.1f} MiB and served {disk['hits']} turns")
     if moved["loads"]:
@@ -207,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{config.model_type}, {config.num_hidden_layers} layers, {str(dtype)[6:]} on {args.device}; "
           f"loaded in {time.perf_counter() - start:.1f} s\n"
           "Each turn runs twice: cattn streams the conversation's KV back from the store and prefills only the new "
-          "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding. Turn 1 is no faster: "
-          "nothing is cached yet, so both prefill the whole prompt.\n")
+          "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding.\n"
+          "Turn 1 is no faster: nothing is cached yet, so both prefill the whole prompt.\n")
     from cattn.store import DiskTier, TieredStore
 
     dram = store_bytes(model, args.turns, args.max_new_tokens)
