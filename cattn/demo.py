@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--turns", type=int_in(1, len(SCRIPT)), default=6, help=f"turns of the script to play, 1-{len(SCRIPT)}")
+    parser.add_argument("--turns", type=int_in(1, len(SCRIPT)), default=6,
+                        help=f"turns of the script to play, 1-{len(SCRIPT)}")
     parser.add_argument("--max-new-tokens", type=int_in(1), default=40, help="longest reply in tokens")
 
 
