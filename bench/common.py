@@ -29,7 +29,8 @@ def environment() -> dict:
     with every result."""
     import triton
 
-    env = {**cattn.results.provenance(), "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+    env = {**cattn.results.provenance(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -24,7 +24,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if ("%(default)" in text or not action.option_strings or default is None or default is False
-                or default in ("", argparse.SUPPRESS) or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+                or default in ("", argparse.SUPPRESS)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -35,7 +36,8 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
     extra = EXTRAS.get(top) or (SUBCOMMANDS[command][2] if top in ("cattn", "") else None)
     if extra is None:
         return None
-    return f"cattn {command} needs the optional extra {extra!r} ({top} is not installed): pip install \"cattn[{extra}]\""
+    return (f"cattn {command} needs the optional extra {extra!r} ({top} is not installed): "
+            f"pip install \"cattn[{extra}]\"")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

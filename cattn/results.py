@@ -21,7 +21,8 @@ def source_tree(start: str | os.PathLike) -> Path | None:
     path = Path(start).resolve()
     package = Path(__file__).resolve().parent
     for folder in (path, *path.parents):
-        if folder == package or ((folder / "pyproject.toml").is_file() and (folder / "cattn" / "__init__.py").is_file()):
+        checkout = (folder / "pyproject.toml").is_file() and (folder / "cattn" / "__init__.py").is_file()
+        if folder == package or checkout:
             return folder
     return None
 

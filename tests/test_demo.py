@@ -25,7 +25,8 @@ def test_demo_prefills_only_new_tokens_with_replies_identical_to_stock(smollm2, 
     assert "prefilled tokens in all" in out and not is_patched(model)
     # the real hierarchy served turns 2 and 3 from DRAM, layer by layer
     assert re.search(r"store: the KV of each turn's new tokens \([\d.]+ MiB in all\) was kept in a \d+ MiB "
-                     r"host-memory \(DRAM\) pool;\n\s+the next turn found its history there 2 times, missed it 0 times\n", out)
+                     r"host-memory \(DRAM\) pool;\n\s+the next turn found its history there 2 times, "
+                     r"missed it 0 times\n", out)
     assert re.search(r"\n\s+each history came back layer by layer \(2 loads, [\d.]+ MiB\)", out)
     assert "disk tier" not in out.split("store:")[1]         # never used, so not mentioned
     assert "Turn 1 is no faster: nothing is cached yet" in out
