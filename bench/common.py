@@ -1,6 +1,8 @@
 """What every benchmark script shares: where results go, what they record about the machine, tables.
 
-Run the scripts from the repository root as modules (``python -m bench.kernels``).
+Every script runs both ways, ``python bench/kernels.py`` and ``python -m bench.kernels``. Results go
+to the folder ``--out`` names, else `results_dir`: never into the source tree by default (the
+committed ``bench/results/`` are refreshed only on purpose, ``--out bench/results/<name>.json``).
 """
 from __future__ import annotations
 
@@ -11,21 +13,24 @@ from pathlib import Path
 
 import torch
 
+import cattn.results
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def results_dir() -> Path:
-    """``$OUT`` when set (a GPU job collects its files there), else ``bench/results``."""
-    path = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "bench" / "results"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``$OUT`` when set (a GPU job collects its files there), else `cattn.results.results_dir`:
+    ``$CATTN_RESULTS_DIR``, ``./cattn-results``, or the user cache folder inside the source tree."""
+    return cattn.results.results_dir(os.environ.get("OUT") or None)
 
 
 def environment() -> dict:
-    """Device name and library versions, recorded with every result."""
+    """Provenance (cattn version, git commit, timestamp), device name and library versions, recorded
+    with every result."""
     import triton
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+    env = {**cattn.results.provenance(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

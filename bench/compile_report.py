@@ -22,6 +22,11 @@ if __package__ in (None, ""):   # run as a file path: make `bench` importable
 
 from bench import sass  # noqa: E402  (sets TRITON_INTERPRET=0 before triton is imported)
 
+if __package__ in (None, ""):   # run by path (python bench/compile_report.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -133,7 +138,7 @@ COLUMNS = [("name", "configuration", "s"), ("num_warps", "warps", "d"), ("num_st
 def main(argv=None) -> int:
     global USE_HINTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="JSON path (default: results folder / compile_sm90.json)")
+    parser.add_argument("--out", help="JSON path (default: compile_sm90.json in the results folder of bench.common)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--only", default="", help="comma-separated substrings of configuration names")
     parser.add_argument("--no-hints", action="store_true", help="compile without the runtime's specialisation")

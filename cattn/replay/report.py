@@ -58,8 +58,8 @@ def table(rows: Sequence[dict]) -> str:
 
 
 def environment() -> dict:
-    import cattn
-    return dict(python=sys.version.split()[0], cattn=cattn.__version__, platform=platform.platform(),
+    from cattn.results import provenance
+    return dict(python=sys.version.split()[0], **provenance(), platform=platform.platform(),
                 machine=platform.machine(), device="simulated (cost model); host CPU runs the simulator")
 
 

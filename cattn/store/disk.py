@@ -45,8 +45,12 @@ class DiskTier:
             raise TypeError(f"root must be a path, got {type(root).__name__}")
         self.root, self.capacity = Path(root), capacity
         self.skipped = 0   # directory entries the last `scan` could not use and left in place
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:   # read-only, not a directory, no permission: say so before anything is stored
+            raise ValueError(f"root: the disk tier cannot write in {str(root)!r} ({exc.strerror or exc}); "
+                             "give it a writable directory") from exc
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
