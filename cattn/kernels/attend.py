@@ -55,8 +55,10 @@ def attend_kv_range(
         v_rows = v_cache + page * stride_vp + (keys % PAGE_SIZE) * stride_vt + v_head_offset
         scores = tl.zeros([q_pos.shape[0], BLOCK_N], dtype=tl.float32)
         if HALF > 0:
-            k1, k2 = load_pairs(k_rows, in_len, HALF, HALF_PAD, GPTJ)
-            cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD)
+            # 256-wide heads rotate K in the model dtype, as HF does (each product rounded): the fp32
+            # temporaries would not fit the register file next to a 256-wide accumulator
+            k1, k2 = load_pairs(k_rows, in_len, HALF, HALF_PAD, GPTJ, D_PAD > 128)
+            cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD, D_PAD > 128)
             k_rot = rotate_joined(k1, k2, cos, sin, dtype)
             scores = tl.dot(q_rot, tl.trans(k_rot), scores, input_precision=DOT_PRECISION)
         if PASS > 0:
