@@ -238,11 +238,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _expect(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, ValueError,
                 f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
         _expect(out.stride(-1) == 1, ValueError, "out must be contiguous in head_dim (stride(-1) == 1)")
-    _expect(sliding_window is None or (type(sliding_window) is int and sliding_window >= 1), ValueError,
-            f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
-    _expect(logit_softcap is None or (isinstance(logit_softcap, (int, float)) and not isinstance(logit_softcap, bool)
-                                      and math.isfinite(logit_softcap) and logit_softcap > 0), ValueError,
-            f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
     sm_scale = _check_sm_scale(sm_scale, head_dim)
     chosen = _pick_backend(backend, q.device)
     _check_float_dtype(q, "q", chosen)

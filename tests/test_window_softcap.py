@@ -106,15 +106,15 @@ def test_head_dim_256_pre_rotated_q_with_window_and_softcap(dtype, style, rotary
     check(batch, rope, sliding_window=24, logit_softcap=30.0)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(sliding_window=0), "sliding_window"), (dict(sliding_window=2.0), "sliding_window"),
-    (dict(sliding_window=True), "sliding_window"), (dict(logit_softcap=0.0), "logit_softcap"),
-    (dict(logit_softcap=float("inf")), "logit_softcap"), (dict(logit_softcap=True), "logit_softcap"),
-    (dict(logit_softcap=-1.0), "logit_softcap"),
+@pytest.mark.parametrize("kwargs, name, error", [
+    (dict(sliding_window=0), "sliding_window", ValueError), (dict(sliding_window=2.0), "sliding_window", TypeError),
+    (dict(sliding_window=True), "sliding_window", TypeError), (dict(logit_softcap=0.0), "logit_softcap", ValueError),
+    (dict(logit_softcap=float("inf")), "logit_softcap", ValueError),
+    (dict(logit_softcap=True), "logit_softcap", TypeError), (dict(logit_softcap=-1.0), "logit_softcap", ValueError),
 ])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bad_window_or_softcap_is_refused_naming_it(kwargs, name, backend):
+def test_bad_window_or_softcap_is_refused_naming_it(kwargs, name, error, backend):
     batch = make_batch([2], [5], num_kv_heads=1, group=1, head_dim=16, page_size=4, dtype=torch.float32)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error, match=name):
         cattn.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.kv_lens,
                               batch.cu_seqlens_q, default_rope(16), backend=backend, **kwargs)
