@@ -18,20 +18,34 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def summarize(result: ReplayResult, cost: CostModel) -> dict:
-    """Hit rates per tier (over turns that have a history), TTFT, throughput, GPU time and cost."""
+    """What a replay measured. Headline figures are token-weighted: ``reuse`` = history tokens whose
+    KV was loaded / history tokens of every turn that has one (``dram_reuse``, ``disk_reuse``: by the
+    tier that served them), and ``gpu_saved`` = the share of the GPU time of prefilling every prompt
+    whole that the store saved. Beside them, turn-weighted rates over the turns with a history: a
+    turn is a hit only if it reused at least one token, counted on the tier that served it
+    (``recomputed_rate``: stored but prefilled again; ``overflow_rate``: no history fits the context).
+    TTFT, throughput, GPU time and cost follow."""
     recs = result.records
     later = [r for r in recs if r.tier != "first"]
     rate = (lambda tier: sum(r.tier == tier for r in later) / len(later)) if later else (lambda tier: 0.0)
+    history = sum(r.history_tokens for r in later)
+    reuse = (lambda tiers: sum(r.reused_tokens for r in later if r.tier in tiers) / history) if history \
+        else (lambda tiers: 0.0)
     ttft = [r.ttft for r in recs]
     waits = [r.start - r.arrival for r in recs]
     busy = sum(r.stall + r.prefill + r.decode for r in recs)
+    recompute = sum(r.recompute_s for r in recs)
     span = max(r.start + r.stall + r.prefill + r.decode for r in recs) - min(r.arrival for r in recs)
     gpu_seconds = busy * cost.hw.gpus
     usd = cost.dollars(gpu_seconds, result.dram_bytes, result.disk_bytes, span)
     return dict(
         policy=result.policy, turns=len(recs), turns_with_history=len(later),
+        history_tokens=history, reused_tokens=sum(r.reused_tokens for r in later),
+        reuse=reuse(("dram", "disk")), dram_reuse=reuse(("dram",)), disk_reuse=reuse(("disk",)),
+        gpu_saved=(recompute - busy) / recompute if recompute else 0.0,
+        gpu_saved_hours=(recompute - busy) * cost.hw.gpus / 3600,
         hit_rate=rate("dram") + rate("disk"), dram_hit_rate=rate("dram"), disk_hit_rate=rate("disk"),
-        miss_rate=rate("miss"),
+        miss_rate=rate("miss"), recomputed_rate=rate("recomputed"), overflow_rate=rate("overflow"),
         ttft_mean_s=sum(ttft) / len(ttft), ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
         queue_wait_mean_s=sum(waits) / len(waits), queue_wait_p99_s=percentile(waits, 99),
         prefill_tokens=sum(r.prefill_tokens for r in recs), prompt_tokens=sum(r.prompt_tokens for r in recs),
@@ -41,15 +55,18 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
     )
 
 
-COLUMNS = (("policy", "policy", "{:<10}"), ("hit", "hit_rate", "{:>6.1%}"), ("dram", "dram_hit_rate", "{:>6.1%}"),
-           ("disk", "disk_hit_rate", "{:>6.1%}"), ("ttft mean", "ttft_mean_s", "{:>9.3f}"),
+COLUMNS = (("policy", "policy", "{:<12}"), ("reuse", "reuse", "{:>6.1%}"), ("dram", "dram_reuse", "{:>6.1%}"),
+           ("GPU saved", "gpu_saved", "{:>9.1%}"), ("turn hit", "hit_rate", "{:>8.1%}"),
+           ("dram", "dram_hit_rate", "{:>6.1%}"), ("disk", "disk_hit_rate", "{:>6.1%}"),
+           ("ttft mean", "ttft_mean_s", "{:>9.3f}"),
            ("p50", "ttft_p50_s", "{:>7.3f}"), ("p99", "ttft_p99_s", "{:>7.3f}"),
            ("prefill tok/s", "prefill_throughput_tok_s", "{:>13,.0f}"), ("GPU h", "gpu_hours", "{:>7.2f}"),
            ("$ / 1k turns", "cost_usd_per_1k_turns", "{:>12.3f}"))
 
 
 def table(rows: Sequence[dict]) -> str:
-    """Fixed-width summary: hit rates per tier, TTFT in seconds, throughput, GPU hours, cost."""
+    """Fixed-width summary: token-weighted reuse (all tiers, DRAM), GPU time saved against prefilling
+    every prompt, turn-weighted hit rates per tier, TTFT in seconds, throughput, GPU hours, cost."""
     widths = [len(fmt.format(rows[0][key])) if rows else len(head) for head, key, fmt in COLUMNS]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in enumerate(zip(COLUMNS, widths)))]
     for row in rows:
@@ -57,10 +74,28 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The git commit of the cattn source that ran (with ``-dirty`` for uncommitted changes), or 'unknown'."""
+    import subprocess
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "cattn"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def environment() -> dict:
+    import datetime
+
     import cattn
-    return dict(python=sys.version.split()[0], cattn=cattn.__version__, platform=platform.platform(),
-                machine=platform.machine(), device="simulated (cost model); host CPU runs the simulator")
+    return dict(python=sys.version.split()[0], cattn=cattn.__version__, commit=_commit(),
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                platform=platform.platform(), machine=platform.machine(),
+                device="simulated (cost model); host CPU runs the simulator")
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
