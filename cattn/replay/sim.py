@@ -27,7 +27,7 @@ __all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult
            "TurnRecord", "TruncationWarning", "context_cut", "simulate"]
 
 RECOMPUTE = "recompute"  # no store at all: every turn prefills its whole history
-HITS = ("dram", "disk")
+HITS = ("dram", "partial", "disk")
 
 
 class TruncationWarning(UserWarning):
@@ -117,8 +117,35 @@ class ReplayResult:
     disk_bytes: int
 
 
+def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
+           stored: int, partial: bool) -> tuple[str, int, float, float]:
+    """How a turn uses what the store has of its history, the fastest way: ``(tier, reused tokens,
+    stall, prefill)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens fit the
+    context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk after
+    ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn whose
+    prefetch is still being read may take the part already in DRAM and prefill the rest ("partial")."""
+    recompute = cost.prefill_time(new + kept, 0)
+    if found != "first" and not kept:
+        return "overflow", 0, 0.0, recompute  # the new message and answer fill the context
+    if found not in HITS:
+        return found, 0, 0.0, recompute
+    options = [(recompute, "recomputed", 0, 0.0, recompute)]
+    prefill = cost.prefill_time(new, kept)
+    stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
+    options.append((stall + prefill, found, kept, stall, prefill))
+    if partial and found == "disk":
+        arrived = store.arrived_tokens(key, now, stored)
+        usable = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
+        if usable:
+            prefill = cost.prefill_time(new + kept - usable, usable)
+            stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(usable)) - prefill)
+            options.append((stall + prefill, "partial", usable, stall, prefill))
+    _, tier, reused, stall, prefill = min(options, key=lambda o: o[0])  # ties: recompute, no read needed
+    return tier, reused, stall, prefill
+
+
 def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
-             ttl: float | None = None, tiers: TierModel = EXCLUSIVE,
+             ttl: float | None = None, tiers: TierModel = EXCLUSIVE, policy_options: dict | None = None,
              on_job: Callable[[], None] | None = None) -> ReplayResult:
     """Replay ``jobs`` (in serving order, as `number_turns` returns them) under one policy.
 
@@ -128,7 +155,9 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
         ttl: scheduler only: drop sessions untouched this long (seconds).
-        tiers: how the tiers behave: `EXCLUSIVE` or `TIERED_STORE`.
+        tiers: how the tiers behave: `EXCLUSIVE`, `EXCLUSIVE_PARTIAL` or `TIERED_STORE`.
+        policy_options: ``value`` only: `cattn.store.value.ValueConfig` fields; the model's KV bytes
+            per token and FLOP crossover are filled in from ``cost``.
         on_job: called after each job (a progress bar).
     """
     for name, value in (("dram_bytes", dram_bytes), ("disk_bytes", disk_bytes)):
@@ -138,7 +167,12 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         dram_bytes = disk_bytes = 0
         pol = make_policy("lru")
     else:
-        pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl)
+        options = dict(policy_options or {})
+        if policy == "value":
+            m = cost.model
+            options.setdefault("bytes_per_token", m.kv_bytes_per_token)
+            options.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+        pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl, **options)
     cut = context_cut(jobs, cost.model.max_context)
     if cut.share > 0:
         warnings.warn(cut.message(cost.model.max_context), TruncationWarning, stacklevel=2)
@@ -178,32 +212,22 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         pol.start(job.session, start)
         history = context.get(job.session, 0)
         new, kept = _fit(job.new_tokens, job.output_tokens, history, max_ctx)  # overflow drops the oldest
-        tier, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
+        found, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
         recompute = cost.prefill_time(new + kept, 0)
-        prefill, stall, use_cache = recompute, 0.0, tier in HITS and kept > 0
-        if use_cache:
-            prefill = cost.prefill_time(new, kept)
-            stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
-            # a history whose read takes longer than recomputing it is recomputed (a slow disk, a short history)
-            use_cache = stall + prefill <= recompute
-            if use_cache:
-                store.read(job.session, start)
-            else:
-                prefill, stall = recompute, 0.0
-                store.counters["recomputed_hits"] += 1
-        found = tier
-        if tier in HITS and not use_cache:
-            tier = "recomputed" if kept else "overflow"  # stored, but nothing of it served this turn
-        elif tier == "miss" and history and not kept:
-            tier = "overflow"
-        store.started(job.session, start, recomputed=not use_cache)
+        tier, reused, stall, prefill = _serve(store, cost, job.session, start, found, wait, new, kept, history,
+                                              tiers.partial_prefetch)
+        if tier in HITS:
+            store.read(job.session, start)
+        elif found in HITS:
+            store.counters["recomputed_hits"] += 1
+        store.started(job.session, start, recomputed=tier not in HITS)
         if found in HITS:
             pol.touch(job.session, start)  # its history was loaded (or found too slow): as the store does
         decode = cost.decode_time(job.output_tokens, kept + new)
         end = start + stall + prefill + decode
         records.append(TurnRecord(job.session, job.turn, job.arrival, start, tier, kept + new,
-                                  new if use_cache else new + kept, stall, prefill, decode,
-                                  history_tokens=full.get(job.session, 0), reused_tokens=kept if use_cache else 0,
+                                  new + kept - reused, stall, prefill, decode,
+                                  history_tokens=full.get(job.session, 0), reused_tokens=reused,
                                   recompute_s=recompute + decode))
         full[job.session] = full.get(job.session, 0) + job.new_tokens + job.output_tokens
         server_free = end
