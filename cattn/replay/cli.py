@@ -15,6 +15,7 @@ from pathlib import Path
 from cattn.replay.costmodel import MODELS, CostModel, Hardware, model_shape, parse_model_shape
 from cattn.replay.report import table
 from cattn.replay.sim import RECOMPUTE, context_cut
+from cattn.replay.tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
 from cattn.replay.trace import TRACE_FORMATS
 from cattn.store.policy import POLICIES
 
@@ -96,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dram", type=size, help="DRAM tier capacity (default 128GB; real mode 128MiB)")
     s.add_argument("--disk", type=size, help="disk tier capacity (default 10TB; real mode 512MiB)")
     s.add_argument("--policies", type=policy_list, default=policy_list("scheduler,lru,fifo,belady,recompute"))
+    s.add_argument("--partial-prefetch", action="store_true",
+                   help="a read is worth the part that arrives in time, and a history on disk is read layer "
+                        "by layer while the rest is prefilled (TierModel.partial_prefetch)")
     s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
     s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus)
     s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                                                        disk_read_bytes_per_s=args.disk_gbps * 1e9))
     args.dram = size("128GB") if args.dram is None else args.dram
     args.disk = size("10TB") if args.disk is None else args.disk
-    exp = Experiment(jobs, cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+    tiers = EXCLUSIVE_PARTIAL if args.partial_prefetch else EXCLUSIVE
+    exp = Experiment(jobs, cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress, tiers=tiers)
     rows = exp.compare(args.policies)
     print(table(rows))
     sweep = (exp.sweep([p for p in args.policies if p != RECOMPUTE], args.sweep, scale_disk=not args.sweep_fixed_disk)
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     loads = []
     for rate in args.load_sweep:
         at_rate = Experiment(build_trace(argparse.Namespace(**{**vars(args), "rate": rate, "save_trace": None})),
-                             cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+                             cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress, tiers=tiers)
         loads += [dict(row, rate=rate) for row in at_rate.compare(args.policies)]
         print(f"\nat {rate:g} sessions/s\n{table(loads[-len(args.policies):])}")
     for path in exp.save(args, rows, sweep, load_sweep=loads):

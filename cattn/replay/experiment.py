@@ -10,7 +10,7 @@ from pathlib import Path
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job
 from cattn.replay.report import plot_hit_rate_vs_dram, plot_ttft_cdf, summarize, write_json
-from cattn.replay.sim import TruncationWarning, simulate
+from cattn.replay.sim import EXCLUSIVE, TierModel, TruncationWarning, simulate
 from cattn.replay.trace import read_trace, write_trace
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
 
@@ -39,9 +39,9 @@ def build_trace(args: argparse.Namespace) -> list[Job]:
 
 class Experiment:
     def __init__(self, jobs: Sequence[Job], cost: CostModel, dram_bytes: int, disk_bytes: int, *,
-                 ttl: float | None = None, progress: bool = True):
+                 ttl: float | None = None, progress: bool = True, tiers: TierModel = EXCLUSIVE):
         self.jobs, self.cost, self.dram_bytes, self.disk_bytes = list(jobs), cost, dram_bytes, disk_bytes
-        self.ttl, self.progress = ttl, progress
+        self.ttl, self.progress, self.tiers = ttl, progress, tiers
         self.ttfts: dict[str, list[float]] = {}
 
     def _run(self, policy: str, dram_bytes: int, disk_bytes: int | None = None) -> dict:
@@ -55,7 +55,8 @@ class Experiment:
                 warnings.simplefilter("ignore", TruncationWarning)
                 result = simulate(self.jobs, policy, dram_bytes,
                                   self.disk_bytes if disk_bytes is None else disk_bytes, self.cost,
-                                  ttl=self.ttl if policy == "scheduler" else None,
+                                  ttl=self.ttl if policy in ("scheduler", "value") else None,
+                                  tiers=self.tiers,
                                   on_job=None if bar is None else (lambda: bar.update()))
         finally:
             if bar is not None:

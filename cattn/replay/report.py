@@ -17,12 +17,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+# history lengths (tokens) of the per-length breakdown
+HISTORY_BUCKETS = (("<2K", 0, 2048), ("2-8K", 2048, 8192), ("8-32K", 8192, 32768), (">=32K", 32768, float("inf")))
+
+
 def summarize(result: ReplayResult, cost: CostModel) -> dict:
     """What a replay measured. Headline figures are token-weighted: ``reuse`` = history tokens whose
     KV was loaded / history tokens of every turn that has one (``dram_reuse``, ``disk_reuse``: by the
     tier that served them), and ``gpu_saved`` = the share of the GPU time of prefilling every prompt
     whole that the store saved. Beside them, turn-weighted rates over the turns with a history: a
-    turn is a hit only if it reused at least one token, counted on the tier that served it
+    turn is a hit only if it reused at least one token, counted on the tier that served it (a
+    partial prefetch's prefix counts as DRAM)
     (``recomputed_rate``: stored but prefilled again; ``overflow_rate``: no history fits the context).
     TTFT, throughput, GPU time and cost follow."""
     recs = result.records
@@ -38,13 +43,23 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
     span = max(r.start + r.stall + r.prefill + r.decode for r in recs) - min(r.arrival for r in recs)
     gpu_seconds = busy * cost.hw.gpus
     usd = cost.dollars(gpu_seconds, result.dram_bytes, result.disk_bytes, span)
+    by_length = {}
+    for name, lo, hi in HISTORY_BUCKETS:
+        group = [r for r in later if lo <= r.history_tokens < hi]
+        tokens = sum(r.history_tokens for r in group)
+        by_length[name] = dict(turns=len(group), dram_hit_rate=sum(r.tier in ("dram", "partial") for r in group)
+                               / max(1, len(group)),
+                               dram_reuse=sum(r.reused_tokens for r in group if r.tier in ("dram", "partial"))
+                               / max(1, tokens))
     return dict(
-        policy=result.policy, turns=len(recs), turns_with_history=len(later),
+        policy=result.policy, turns=len(recs), turns_with_history=len(later), by_history_length=by_length,
         history_tokens=history, reused_tokens=sum(r.reused_tokens for r in later),
-        reuse=reuse(("dram", "disk")), dram_reuse=reuse(("dram",)), disk_reuse=reuse(("disk",)),
+        reuse=reuse(("dram", "partial", "disk")), dram_reuse=reuse(("dram", "partial")), disk_reuse=reuse(("disk",)),
+        partial_hit_rate=rate("partial"),
         gpu_saved=(recompute - busy) / recompute if recompute else 0.0,
         gpu_saved_hours=(recompute - busy) * cost.hw.gpus / 3600,
-        hit_rate=rate("dram") + rate("disk"), dram_hit_rate=rate("dram"), disk_hit_rate=rate("disk"),
+        hit_rate=rate("dram") + rate("partial") + rate("disk"), dram_hit_rate=rate("dram") + rate("partial"),
+        disk_hit_rate=rate("disk"),
         miss_rate=rate("miss"), recomputed_rate=rate("recomputed"), overflow_rate=rate("overflow"),
         ttft_mean_s=sum(ttft) / len(ttft), ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
         queue_wait_mean_s=sum(waits) / len(waits), queue_wait_p99_s=percentile(waits, 99),

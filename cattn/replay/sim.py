@@ -133,15 +133,45 @@ def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, w
     prefill = cost.prefill_time(new, kept)
     stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
     options.append((stall + prefill, found, kept, stall, prefill))
-    if partial and found == "disk":
+    if partial and found == "disk" and key in store.dram:  # its prefetch is still being read
         arrived = store.arrived_tokens(key, now, stored)
-        usable = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
-        if usable:
-            prefill = cost.prefill_time(new + kept - usable, usable)
-            stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(usable)) - prefill)
-            options.append((stall + prefill, "partial", usable, stall, prefill))
+        have = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
+        if have and kept == stored:  # the read goes on while the GPU prefills the rest
+            options.append(_overlapped_read(cost, 0.0, new, kept, have, "partial"))
+        elif have:
+            prefill = cost.prefill_time(new + kept - have, have)
+            stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(have)) - prefill)
+            options.append((stall + prefill, "partial", have, stall, prefill))
+    elif partial and found == "disk" and kept == stored:  # on disk only
+        options.append(_overlapped_read(cost, wait - cost.disk_read_time(cost.kv_bytes(kept)), new, kept, 0, "disk"))
     _, tier, reused, stall, prefill = min(options, key=lambda o: o[0])  # ties: recompute, no read needed
     return tier, reused, stall, prefill
+
+
+def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: int,
+                     tier: str) -> tuple[float, str, int, float, float]:
+    """Read the oldest ``p`` of ``kept`` history tokens (``have`` of them already in DRAM) from disk,
+    after ``queued`` seconds behind other reads, while the GPU prefills the other ``kept - p`` and the
+    ``new`` ones, both layer by layer: the turn takes max(read, prefill) plus one layer of the read
+    (the first layer's wait). The best ``p`` balances the two (bisection: the read grows with ``p``,
+    the prefill shrinks). Returns ``(seconds, tier, p, stall, prefill)``."""
+    layers = cost.model.num_layers
+
+    def parts(p: int) -> tuple[float, float, float]:
+        read = queued + cost.disk_read_time(cost.kv_bytes(p - have))
+        prefill = cost.prefill_time(new + kept - p, p)
+        return max(read, prefill) + read / layers, read, prefill
+
+    lo, hi = have, kept
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if parts(mid)[1] <= parts(mid)[2]:
+            lo = mid
+        else:
+            hi = mid - 1
+    best = min((lo, min(lo + 1, kept)), key=lambda p: parts(p)[0])
+    total, _, prefill = parts(best)
+    return total, "disk", best, total - prefill, prefill
 
 
 def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
@@ -216,11 +246,15 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         recompute = cost.prefill_time(new + kept, 0)
         tier, reused, stall, prefill = _serve(store, cost, job.session, start, found, wait, new, kept, history,
                                               tiers.partial_prefetch)
-        if tier in HITS:
-            store.read(job.session, start)
-        elif found in HITS:
+        in_flight = store.dram.get(job.session, start) > start
+        have = store.arrived_tokens(job.session, start, history) - (history - kept) if in_flight else 0
+        if tier in HITS and not in_flight:
+            store.read(job.session, start, cost.kv_bytes(reused) if found == "disk" else None)
+        elif found in HITS and tier not in HITS:
             store.counters["recomputed_hits"] += 1
-        store.started(job.session, start, recomputed=tier not in HITS)
+        store.started(job.session, start, recomputed=tier not in HITS or tier == "partial")
+        if tier == "partial" and reused:  # what it reads beyond the prefix already in DRAM, now
+            store.read_more(job.session, start, cost.kv_bytes(max(0, reused - have)))
         if found in HITS:
             pol.touch(job.session, start)  # its history was loaded (or found too slow): as the store does
         decode = cost.decode_time(job.output_tokens, kept + new)

@@ -37,7 +37,10 @@ class TierModel:
         partial_prefetch: a read is worth its part that arrives in time: a job that starts while its
             prefetch is being read uses the tokens already in DRAM (the oldest first) and prefills the
             rest, the read stops there; a read that cannot finish before its job is expected to start
-            is issued all the same (soonest expected start first) instead of skipped.
+            is issued all the same (soonest expected start first) instead of skipped. And a job whose
+            history is on disk only reads the oldest part of it, layer by layer, while the GPU
+            prefills the rest layer by layer (layer l of the rest needs layer l of the part read):
+            as much as the disk delivers in the time the prefill of the rest takes.
         prefetch_after_save: look for prefetches again once a job's history is saved and DRAM made
             room. (`TieredStore` prefetches only when told of the queue, at `update_queue`.)
         one_read_at_a_time: the disk reads one prefetch at a time, and the next is chosen when it is
@@ -318,6 +321,12 @@ class SimTiers:
                     self.dram[k] = e - saved
         self.read_free -= saved
 
-    def read(self, key: str, now: float) -> None:
+    def read_more(self, key: str, now: float, nbytes: int) -> None:
+        """A job starting at ``now`` reads ``nbytes`` more of ``key`` from disk (after its stopped prefetch)."""
+        if nbytes > 0:
+            self._queue_read(key, nbytes, now)
+
+    def read(self, key: str, now: float, nbytes: int | None = None) -> None:
+        """A job starting at ``now`` reads ``key`` from disk (``nbytes`` of it; default all)."""
         if key in self.disk and key not in self.dram:
-            self._queue_read(key, self.nbytes[key], now)
+            self._queue_read(key, self.nbytes[key] if nbytes is None else nbytes, now)

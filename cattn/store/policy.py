@@ -335,7 +335,7 @@ def make_policy(name: str, *, accesses: Sequence[Hashable] | None = None, ttl: f
         name: ``"scheduler"``, ``"lru"``, ``"fifo"``, ``"belady"``, ``"belady-fair"`` or ``"value"``.
         accesses: for ``belady`` and ``belady-fair`` only (required): every job's session, in start order.
         options: for ``value`` only: `cattn.store.value.ValueConfig` fields (the ablations).
-        ttl: for ``scheduler`` only: seconds after which an untouched session outside the
+        ttl: for ``scheduler`` and ``value`` only: seconds after which an untouched session outside the
             eviction window is dropped from disk.
     """
     if name == "scheduler":

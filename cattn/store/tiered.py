@@ -219,6 +219,7 @@ class TieredStore(KVStore):
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
             st.policy.touch(key, time.time())
+            st.policy.sized(key, layout.payload_nbytes(e.num_tokens))
             if st.pool.used > st.high_bytes and not st.demoting:
                 st.demoting = True
                 self._submit_locked(demote_to_low_watermark, st)
