@@ -169,9 +169,9 @@ def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: 
             lo = mid
         else:
             hi = mid - 1
-    best = min((lo, min(lo + 1, kept)), key=lambda p: parts(p)[0])
+    best = min((have, lo, min(lo + 1, kept)), key=lambda p: parts(p)[0])  # reading nothing more may win
     total, _, prefill = parts(best)
-    return total, "disk", best, total - prefill, prefill
+    return total, tier, best, total - prefill, prefill
 
 
 def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
