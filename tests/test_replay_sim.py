@@ -26,7 +26,10 @@ SLOW_DISK = Hardware(gpus=1, disk_read_bytes_per_s=100.0)
 
 def test_kv_bytes_per_token_from_the_shapes():
     assert {n: m.kv_bytes_per_token for n, m in MODELS.items()} == {
-        "llama2-13b": 819_200, "llama2-70b": 327_680, "llama3-8b": 131_072, "falcon-40b": 122_880}
+        "llama2-13b": 819_200, "llama2-70b": 327_680, "llama3-8b": 131_072, "llama3.1-8b": 131_072,
+        "llama3.1-70b": 327_680, "qwen2.5-7b": 57_344, "qwen2.5-7b-128k": 57_344, "falcon-40b": 122_880}
+    assert {n: m.max_context for n, m in MODELS.items() if n.startswith(("llama3.1", "qwen"))} == {
+        "llama3.1-8b": 131072, "llama3.1-70b": 131072, "qwen2.5-7b": 32768, "qwen2.5-7b-128k": 131072}
 
 
 def test_prefill_and_decode_times():

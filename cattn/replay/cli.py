@@ -3,6 +3,8 @@
     cattn replay                                  # the paper's configuration, synthetic ShareGPT-like trace
     cattn replay --workload sharegpt              # the real ShareGPT conversations
     cattn replay --trace my.jsonl --dram 64GB --disk 2TB --model llama3-8b
+    cattn replay --workload long --model llama3.1-8b --gpus 8   # long-context conversations (docs/replay.md)
+    cattn replay --trace mooncake.jsonl --model-shape layers=32,kv_heads=8,head_dim=128,dtype=bf16,context=131072,params=8e9
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import re
 from pathlib import Path
 
 from cattn.results import results_dir
-from cattn.replay.costmodel import MODELS, CostModel, Hardware, model_shape
+from cattn.replay.costmodel import MODELS, CostModel, Hardware, model_shape, parse_model_shape
 from cattn.replay.report import table
-from cattn.replay.sim import RECOMPUTE
+from cattn.replay.sim import RECOMPUTE, context_cut
+from cattn.replay.tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
+from cattn.replay.trace import TRACE_FORMATS
 from cattn.store.policy import POLICIES
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -59,15 +63,26 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _shape(text: str):
+    try:
+        return parse_model_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _fractions(text: str) -> list[float]:
     return [_positive(float)(t) for t in text.split(",") if t.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", choices=("synthetic", "sharegpt"), default="synthetic",
-                   help="generated ShareGPT-like conversations, or the real ShareGPT ones")
+    w.add_argument("--workload", choices=("synthetic", "sharegpt", "long"), default="synthetic",
+                   help="long: the long-context conversations of docs/replay.md (seeded by --seed; "
+                        "--sessions, --rate and --think do not apply)")
     w.add_argument("--trace", type=Path, help="a JSON Lines trace instead of a generated workload")
+    w.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto",
+                   help="cattn (session, arrival, new_tokens, output_tokens) or mooncake (timestamp, "
+                        "input_length, output_length, hash_ids; conversations inferred); auto: by the first line")
     w.add_argument("--sessions", type=_positive(int), default=17000,
                    help="conversations (synthetic: generated; sharegpt: the first N recovered)")
     w.add_argument("--rate", type=_positive(float), default=3.0, help="new sessions per second")
@@ -78,10 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--save-trace", type=Path, help="write the trace replayed (JSON Lines)")
     s = p.add_argument_group("store and machine")
     s.add_argument("--model", choices=sorted(MODELS), default="llama2-13b", help="model shape of the cost model")
+    s.add_argument("--model-shape", type=_shape,
+                   help="any model instead of --model: layers=,kv_heads=,head_dim=,dtype=,context=,params= "
+                        "(or flops_per_token=), optional heads=,name=")
     s.add_argument("--dram", type=size, help="DRAM tier capacity (default 128GB; real mode 128MiB)")
     s.add_argument("--disk", type=size, help="disk tier capacity (default 10TB; real mode 512MiB)")
     s.add_argument("--policies", type=policy_list, default="scheduler,lru,fifo,belady,recompute",
                    help="comma list of the policies to compare")
+    s.add_argument("--partial-prefetch", action="store_true",
+                   help="a read is worth the part that arrives in time, and a history on disk is read layer "
+                        "by layer while the rest is prefilled (TierModel.partial_prefetch)")
     s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
     s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus, help="GPUs serving the trace")
     s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
@@ -125,11 +146,16 @@ def run(args: argparse.Namespace) -> int:
     from cattn.replay.experiment import Experiment, build_trace
 
     jobs = build_trace(args)
-    cost = CostModel(model_shape(args.model), Hardware(gpus=args.gpus, pcie_bytes_per_s=args.pcie_gbps * 1e9,
+    shape = args.model_shape or model_shape(args.model)
+    cut = context_cut(jobs, shape.max_context)
+    if cut.share > 0:
+        print(cut.message(shape.max_context), flush=True)
+    cost = CostModel(shape, Hardware(gpus=args.gpus, pcie_bytes_per_s=args.pcie_gbps * 1e9,
                                                        disk_read_bytes_per_s=args.disk_gbps * 1e9))
     args.dram = size("128GB") if args.dram is None else args.dram
     args.disk = size("10TB") if args.disk is None else args.disk
-    exp = Experiment(jobs, cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+    tiers = EXCLUSIVE_PARTIAL if args.partial_prefetch else EXCLUSIVE
+    exp = Experiment(jobs, cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress, tiers=tiers)
     rows = exp.compare(args.policies)
     print(table(rows))
     sweep = (exp.sweep([p for p in args.policies if p != RECOMPUTE], args.sweep, scale_disk=not args.sweep_fixed_disk)
@@ -137,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     loads = []
     for rate in args.load_sweep:
         at_rate = Experiment(build_trace(argparse.Namespace(**{**vars(args), "rate": rate, "save_trace": None})),
-                             cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress)
+                             cost, args.dram, args.disk, ttl=args.ttl, progress=not args.no_progress, tiers=tiers)
         loads += [dict(row, rate=rate) for row in at_rate.compare(args.policies)]
         print(f"\nat {rate:g} sessions/s\n{table(loads[-len(args.policies):])}")
     for path in exp.save(args, rows, sweep, load_sweep=loads):

@@ -32,6 +32,19 @@ class ModelShape:
     max_context: int      # max_position_embeddings
     dtype_bytes: int = 2  # fp16/bf16 weights and KV
 
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model shape: name must be a non-empty string, got {self.name!r}")
+        for f in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "max_context", "dtype_bytes"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model shape {self.name!r}: {f} must be an int >= 1, got {value!r}")
+        if isinstance(self.params, bool) or not isinstance(self.params, (int, float)) or not self.params > 0:
+            raise ValueError(f"model shape {self.name!r}: params must be > 0, got {self.params!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model shape {self.name!r}: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+
     @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
@@ -45,6 +58,10 @@ MODELS = {m.name: m for m in (
     ModelShape("llama2-13b", 40, 40, 40, 128, 13.0e9, 4096),
     ModelShape("llama2-70b", 80, 64, 8, 128, 69.0e9, 4096),
     ModelShape("llama3-8b", 32, 32, 8, 128, 8.03e9, 8192),
+    ModelShape("llama3.1-8b", 32, 32, 8, 128, 8.03e9, 131072),
+    ModelShape("llama3.1-70b", 80, 64, 8, 128, 70.6e9, 131072),
+    ModelShape("qwen2.5-7b", 28, 28, 4, 128, 7.62e9, 32768),
+    ModelShape("qwen2.5-7b-128k", 28, 28, 4, 128, 7.62e9, 131072),  # YaRN x4, as Qwen documents it
     ModelShape("falcon-40b", 60, 128, 8, 64, 41.8e9, 2048),
 )}
 
@@ -54,6 +71,53 @@ def model_shape(name: str) -> ModelShape:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+
+
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+_SPEC_FIELDS = {"name": "name", "layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads",
+                "head_dim": "head_dim", "params": "params", "context": "max_context", "dtype": "dtype_bytes"}
+
+
+def parse_model_shape(spec: str) -> ModelShape:
+    """Any model shape from ``key=value`` pairs, e.g.
+    ``layers=32,kv_heads=8,head_dim=128,dtype=bf16,context=131072,params=8.03e9``.
+
+    Keys: ``layers``, ``kv_heads``, ``head_dim``, ``context`` (tokens), ``dtype`` (of the KV and the
+    weights: fp32, fp16, bf16, fp8 or a byte count), and the prefill cost as ``params`` (matmul FLOPs
+    per token = 2 x params) or ``flops_per_token``; optional ``heads`` (query heads, default
+    ``kv_heads``) and ``name``. Raises ValueError naming the bad or missing field.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"model shape spec must be a string, got {type(spec).__name__}")
+    fields: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, eq, value = (t.strip() for t in part.partition("="))
+        if not eq or not value:
+            raise ValueError(f"model shape: expected key=value, got {part!r}")
+        if key not in _SPEC_FIELDS and key != "flops_per_token":
+            raise ValueError(f"model shape: unknown field {key!r}; use {', '.join([*_SPEC_FIELDS, 'flops_per_token'])}")
+        try:
+            if key == "name":
+                fields["name"] = value
+            elif key == "dtype":
+                fields["dtype_bytes"] = _DTYPE_BYTES[value.lower()] if value.lower() in _DTYPE_BYTES else int(value)
+            elif key in ("params", "flops_per_token"):
+                fields["params"] = float(value) / (2 if key == "flops_per_token" else 1)
+            else:
+                number = float(value)
+                if number != int(number):
+                    raise ValueError
+                fields[_SPEC_FIELDS[key]] = int(number)
+        except (ValueError, OverflowError):
+            raise ValueError(f"model shape: field {key!r} has a bad value {value!r}") from None
+    missing = [k for k in ("layers", "kv_heads", "head_dim", "context") if _SPEC_FIELDS[k] not in fields]
+    if "params" not in fields:
+        missing.append("params (or flops_per_token)")
+    if missing:
+        raise ValueError(f"model shape: missing field(s) {', '.join(missing)}")
+    fields.setdefault("num_heads", fields["num_kv_heads"])
+    fields.setdefault("name", "custom")
+    return ModelShape(**fields)
 
 
 @dataclass(frozen=True)
@@ -106,6 +170,10 @@ class CostModel:
         mean_context = context_tokens + output_tokens / 2
         per_token = self.model.weight_bytes / self.hw.decode_batch + mean_context * self.model.kv_bytes_per_token
         return output_tokens * per_token / hbm
+
+    def recompute_time(self, prompt_tokens: int, output_tokens: int) -> float:
+        """GPU seconds (of the whole server) a turn costs when it prefills its whole prompt."""
+        return self.prefill_time(prompt_tokens, 0) + self.decode_time(output_tokens, prompt_tokens)
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.model.kv_bytes_per_token

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job
 from cattn.replay.report import plot_hit_rate_vs_dram, plot_ttft_cdf, summarize, write_json
-from cattn.replay.sim import simulate
+from cattn.replay.sim import EXCLUSIVE, TierModel, TruncationWarning, simulate
 from cattn.replay.trace import read_trace, write_trace
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
 
@@ -17,7 +18,10 @@ from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synt
 def build_trace(args: argparse.Namespace) -> list[Job]:
     """The trace the arguments describe: a file, synthetic conversations, or ShareGPT's."""
     if args.trace is not None:
-        jobs = read_trace(args.trace)
+        jobs = read_trace(args.trace, getattr(args, "trace_format", "auto"))
+    elif args.workload == "long":
+        from cattn.replay.longctx import LongContextConfig, long_context_trace
+        jobs = long_context_trace(LongContextConfig(seed=args.seed))
     else:
         arrivals = ArrivalConfig(rate=args.rate, process=args.arrival, burstiness=args.burstiness,
                                  think_mean=args.think, seed=args.seed)
@@ -35,9 +39,9 @@ def build_trace(args: argparse.Namespace) -> list[Job]:
 
 class Experiment:
     def __init__(self, jobs: Sequence[Job], cost: CostModel, dram_bytes: int, disk_bytes: int, *,
-                 ttl: float | None = None, progress: bool = True):
+                 ttl: float | None = None, progress: bool = True, tiers: TierModel = EXCLUSIVE):
         self.jobs, self.cost, self.dram_bytes, self.disk_bytes = list(jobs), cost, dram_bytes, disk_bytes
-        self.ttl, self.progress = ttl, progress
+        self.ttl, self.progress, self.tiers = ttl, progress, tiers
         self.ttfts: dict[str, list[float]] = {}
 
     def _run(self, policy: str, dram_bytes: int, disk_bytes: int | None = None) -> dict:
@@ -47,10 +51,13 @@ class Experiment:
             bar = tqdm(total=len(self.jobs), desc=f"{policy} @ {dram_bytes / 1e9:g} GB DRAM", unit="turn",
                        leave=False, mininterval=0.5)
         try:
-            result = simulate(self.jobs, policy, dram_bytes, self.disk_bytes if disk_bytes is None else disk_bytes,
-                              self.cost,
-                              ttl=self.ttl if policy == "scheduler" else None,
-                              on_job=None if bar is None else (lambda: bar.update()))
+            with warnings.catch_warnings():  # the command prints the truncation once, not once per run
+                warnings.simplefilter("ignore", TruncationWarning)
+                result = simulate(self.jobs, policy, dram_bytes,
+                                  self.disk_bytes if disk_bytes is None else disk_bytes, self.cost,
+                                  ttl=self.ttl if policy in ("scheduler", "value") else None,
+                                  tiers=self.tiers,
+                                  on_job=None if bar is None else (lambda: bar.update()))
         finally:
             if bar is not None:
                 bar.close()
@@ -74,7 +81,7 @@ class Experiment:
         return rows
 
     def save(self, args: argparse.Namespace, rows: list[dict], sweep: list[dict], **extra) -> list[Path]:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+        config = {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in vars(args).items()
                   if not k.startswith("_") and k not in ("no_progress", "func")}
         payload = dict(config=config, model=asdict(self.cost.model), hardware=asdict(self.cost.hw),
                        kv_bytes_per_token=self.cost.model.kv_bytes_per_token,

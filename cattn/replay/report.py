@@ -17,21 +17,50 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+# history lengths (tokens) of the per-length breakdown
+HISTORY_BUCKETS = (("<2K", 0, 2048), ("2-8K", 2048, 8192), ("8-32K", 8192, 32768), (">=32K", 32768, float("inf")))
+
+
 def summarize(result: ReplayResult, cost: CostModel) -> dict:
-    """Hit rates per tier (over turns that have a history), TTFT, throughput, GPU time and cost."""
+    """What a replay measured. Headline figures are token-weighted: ``reuse`` = history tokens whose
+    KV was loaded / history tokens of every turn that has one (``dram_reuse``, ``disk_reuse``: by the
+    tier that served them), and ``gpu_saved`` = the share of the GPU time of prefilling every prompt
+    whole that the store saved. Beside them, turn-weighted rates over the turns with a history: a
+    turn is a hit only if it reused at least one token, counted on the tier that served it (a
+    partial prefetch's prefix counts as DRAM)
+    (``recomputed_rate``: stored but prefilled again; ``overflow_rate``: no history fits the context).
+    TTFT, throughput, GPU time and cost follow."""
     recs = result.records
     later = [r for r in recs if r.tier != "first"]
     rate = (lambda tier: sum(r.tier == tier for r in later) / len(later)) if later else (lambda tier: 0.0)
+    history = sum(r.history_tokens for r in later)
+    reuse = (lambda tiers: sum(r.reused_tokens for r in later if r.tier in tiers) / history) if history \
+        else (lambda tiers: 0.0)
     ttft = [r.ttft for r in recs]
     waits = [r.start - r.arrival for r in recs]
     busy = sum(r.stall + r.prefill + r.decode for r in recs)
+    recompute = sum(r.recompute_s for r in recs)
     span = max(r.start + r.stall + r.prefill + r.decode for r in recs) - min(r.arrival for r in recs)
     gpu_seconds = busy * cost.hw.gpus
     usd = cost.dollars(gpu_seconds, result.dram_bytes, result.disk_bytes, span)
+    by_length = {}
+    for name, lo, hi in HISTORY_BUCKETS:
+        group = [r for r in later if lo <= r.history_tokens < hi]
+        tokens = sum(r.history_tokens for r in group)
+        by_length[name] = dict(turns=len(group), dram_hit_rate=sum(r.tier in ("dram", "partial") for r in group)
+                               / max(1, len(group)),
+                               dram_reuse=sum(r.reused_tokens for r in group if r.tier in ("dram", "partial"))
+                               / max(1, tokens))
     return dict(
-        policy=result.policy, turns=len(recs), turns_with_history=len(later),
-        hit_rate=rate("dram") + rate("disk"), dram_hit_rate=rate("dram"), disk_hit_rate=rate("disk"),
-        miss_rate=rate("miss"),
+        policy=result.policy, turns=len(recs), turns_with_history=len(later), by_history_length=by_length,
+        history_tokens=history, reused_tokens=sum(r.reused_tokens for r in later),
+        reuse=reuse(("dram", "partial", "disk")), dram_reuse=reuse(("dram", "partial")), disk_reuse=reuse(("disk",)),
+        partial_hit_rate=rate("partial"),
+        gpu_saved=(recompute - busy) / recompute if recompute else 0.0,
+        gpu_saved_hours=(recompute - busy) * cost.hw.gpus / 3600,
+        hit_rate=rate("dram") + rate("partial") + rate("disk"), dram_hit_rate=rate("dram") + rate("partial"),
+        disk_hit_rate=rate("disk"),
+        miss_rate=rate("miss"), recomputed_rate=rate("recomputed"), overflow_rate=rate("overflow"),
         ttft_mean_s=sum(ttft) / len(ttft), ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
         queue_wait_mean_s=sum(waits) / len(waits), queue_wait_p99_s=percentile(waits, 99),
         prefill_tokens=sum(r.prefill_tokens for r in recs), prompt_tokens=sum(r.prompt_tokens for r in recs),
@@ -41,15 +70,18 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
     )
 
 
-COLUMNS = (("policy", "policy", "{:<10}"), ("hit", "hit_rate", "{:>6.1%}"), ("dram", "dram_hit_rate", "{:>6.1%}"),
-           ("disk", "disk_hit_rate", "{:>6.1%}"), ("ttft mean", "ttft_mean_s", "{:>9.3f}"),
+COLUMNS = (("policy", "policy", "{:<12}"), ("reuse", "reuse", "{:>6.1%}"), ("dram", "dram_reuse", "{:>6.1%}"),
+           ("GPU saved", "gpu_saved", "{:>9.1%}"), ("turn hit", "hit_rate", "{:>8.1%}"),
+           ("dram", "dram_hit_rate", "{:>6.1%}"), ("disk", "disk_hit_rate", "{:>6.1%}"),
+           ("ttft mean", "ttft_mean_s", "{:>9.3f}"),
            ("p50", "ttft_p50_s", "{:>7.3f}"), ("p99", "ttft_p99_s", "{:>7.3f}"),
            ("prefill tok/s", "prefill_throughput_tok_s", "{:>13,.0f}"), ("GPU h", "gpu_hours", "{:>7.2f}"),
            ("$ / 1k turns", "cost_usd_per_1k_turns", "{:>12.3f}"))
 
 
 def table(rows: Sequence[dict]) -> str:
-    """Fixed-width summary: hit rates per tier, TTFT in seconds, throughput, GPU hours, cost."""
+    """Fixed-width summary: token-weighted reuse (all tiers, DRAM), GPU time saved against prefilling
+    every prompt, turn-weighted hit rates per tier, TTFT in seconds, throughput, GPU hours, cost."""
     widths = [len(fmt.format(rows[0][key])) if rows else len(head) for head, key, fmt in COLUMNS]
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in enumerate(zip(COLUMNS, widths)))]
     for row in rows:

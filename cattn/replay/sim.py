@@ -14,6 +14,7 @@ and decode is folded into each job's GPU time (see `CostModel.decode_time`).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +23,65 @@ from cattn.replay.queue import Job, JobQueue
 from cattn.replay.tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
 from cattn.store.policy import make_policy
 
-__all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ReplayResult", "SimTiers", "TierModel", "TurnRecord", "simulate"]
+__all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult", "SimTiers", "TierModel",
+           "TurnRecord", "TruncationWarning", "context_cut", "simulate"]
 
 RECOMPUTE = "recompute"  # no store at all: every turn prefills its whole history
+HITS = ("dram", "partial", "disk")
+
+
+class TruncationWarning(UserWarning):
+    """The trace holds prompts longer than the model's context: part of it is not simulated."""
+
+
+@dataclass(frozen=True)
+class ContextCut:
+    """What the model's context cuts from a trace (the same for every policy).
+
+    Attributes:
+        prompt_tokens: history + new tokens of every turn, as the trace gives them.
+        cut_new_tokens: new-message tokens beyond the context (a message longer than the context).
+        cut_history_tokens: history tokens dropped because history + new + answer overflow the context.
+        turns_cut: turns that lost any token.
+    """
+
+    prompt_tokens: int
+    cut_new_tokens: int
+    cut_history_tokens: int
+    turns_cut: int
+
+    @property
+    def share(self) -> float:
+        return (self.cut_new_tokens + self.cut_history_tokens) / max(1, self.prompt_tokens)
+
+    def message(self, max_context: int) -> str:
+        return (f"warning: {self.share:.1%} of the trace's prompt tokens do not fit the model's {max_context:,}-token "
+                f"context and are not simulated ({self.turns_cut:,} turns cut; {self.cut_new_tokens:,} tokens of "
+                f"new messages, {self.cut_history_tokens:,} of dropped history); use a model shape with a longer "
+                f"context (--model, --model-shape) to simulate them")
+
+
+def _fit(new_tokens: int, output_tokens: int, history: int, max_ctx: int) -> tuple[int, int]:
+    """(new tokens, history tokens) a turn keeps within the context: the oldest history goes first."""
+    new = min(new_tokens, max_ctx)
+    return new, max(0, min(history, max_ctx - new - output_tokens))
+
+
+def context_cut(jobs: Sequence[Job], max_context: int) -> ContextCut:
+    """How much of ``jobs`` (serving order) the context of ``max_context`` tokens cuts."""
+    full: dict[str, int] = {}  # the conversation as the trace has it
+    kept_ctx: dict[str, int] = {}  # as the model keeps it
+    prompt = cut_new = cut_hist = turns = 0
+    for j in jobs:
+        history, ctx = full.get(j.session, 0), kept_ctx.get(j.session, 0)
+        new, kept = _fit(j.new_tokens, j.output_tokens, ctx, max_context)
+        prompt += history + j.new_tokens
+        cut_new += j.new_tokens - new
+        cut_hist += history - kept
+        turns += (j.new_tokens - new) + (history - kept) > 0
+        full[j.session] = history + j.new_tokens + j.output_tokens
+        kept_ctx[j.session] = min(kept + new + j.output_tokens, max_context)
+    return ContextCut(prompt, cut_new, cut_hist, turns)
 
 
 @dataclass
@@ -33,12 +90,18 @@ class TurnRecord:
     turn: int
     arrival: float
     start: float
-    tier: str              # where the history was: "first" (none yet), "dram", "disk" or "miss"
+    # the tier that served the history: "first" (none yet), "dram", "disk"; or why none did: "miss"
+    # (not stored), "recomputed" (stored, but reading it was slower than prefilling it again), "overflow"
+    # (the new message and answer fill the context: no history fits)
+    tier: str
     prompt_tokens: int     # history kept + new tokens: what the model attends over
     prefill_tokens: int    # what was actually computed
     stall: float           # seconds waiting for history KV (disk + exposed PCIe)
     prefill: float
     decode: float
+    history_tokens: int = 0   # the conversation so far, before this turn (what a perfect store would hold)
+    reused_tokens: int = 0    # history tokens whose KV was loaded instead of prefilled
+    recompute_s: float = 0.0  # seconds this turn would take prefilling its whole prompt (the saving's base)
 
     @property
     def ttft(self) -> float:
@@ -54,8 +117,65 @@ class ReplayResult:
     disk_bytes: int
 
 
+def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
+           stored: int, partial: bool) -> tuple[str, int, float, float]:
+    """How a turn uses what the store has of its history, the fastest way: ``(tier, reused tokens,
+    stall, prefill)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens fit the
+    context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk after
+    ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn whose
+    prefetch is still being read may take the part already in DRAM and prefill the rest ("partial")."""
+    recompute = cost.prefill_time(new + kept, 0)
+    if found != "first" and not kept:
+        return "overflow", 0, 0.0, recompute  # the new message and answer fill the context
+    if found not in HITS:
+        return found, 0, 0.0, recompute
+    options = [(recompute, "recomputed", 0, 0.0, recompute)]
+    prefill = cost.prefill_time(new, kept)
+    stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
+    options.append((stall + prefill, found, kept, stall, prefill))
+    if partial and found == "disk" and key in store.dram:  # its prefetch is still being read
+        arrived = store.arrived_tokens(key, now, stored)
+        have = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
+        if have and kept == stored:  # the read goes on while the GPU prefills the rest
+            options.append(_overlapped_read(cost, 0.0, new, kept, have, "partial"))
+        elif have:
+            prefill = cost.prefill_time(new + kept - have, have)
+            stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(have)) - prefill)
+            options.append((stall + prefill, "partial", have, stall, prefill))
+    elif partial and found == "disk" and kept == stored:  # on disk only
+        options.append(_overlapped_read(cost, wait - cost.disk_read_time(cost.kv_bytes(kept)), new, kept, 0, "disk"))
+    _, tier, reused, stall, prefill = min(options, key=lambda o: o[0])  # ties: recompute, no read needed
+    return tier, reused, stall, prefill
+
+
+def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: int,
+                     tier: str) -> tuple[float, str, int, float, float]:
+    """Read the oldest ``p`` of ``kept`` history tokens (``have`` of them already in DRAM) from disk,
+    after ``queued`` seconds behind other reads, while the GPU prefills the other ``kept - p`` and the
+    ``new`` ones, both layer by layer: the turn takes max(read, prefill) plus one layer of the read
+    (the first layer's wait). The best ``p`` balances the two (bisection: the read grows with ``p``,
+    the prefill shrinks). Returns ``(seconds, tier, p, stall, prefill)``."""
+    layers = cost.model.num_layers
+
+    def parts(p: int) -> tuple[float, float, float]:
+        read = queued + cost.disk_read_time(cost.kv_bytes(p - have))
+        prefill = cost.prefill_time(new + kept - p, p)
+        return max(read, prefill) + read / layers, read, prefill
+
+    lo, hi = have, kept
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if parts(mid)[1] <= parts(mid)[2]:
+            lo = mid
+        else:
+            hi = mid - 1
+    best = min((have, lo, min(lo + 1, kept)), key=lambda p: parts(p)[0])  # reading nothing more may win
+    total, _, prefill = parts(best)
+    return total, tier, best, total - prefill, prefill
+
+
 def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
-             ttl: float | None = None, tiers: TierModel = EXCLUSIVE,
+             ttl: float | None = None, tiers: TierModel = EXCLUSIVE, policy_options: dict | None = None,
              on_job: Callable[[], None] | None = None) -> ReplayResult:
     """Replay ``jobs`` (in serving order, as `number_turns` returns them) under one policy.
 
@@ -65,7 +185,9 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
         ttl: scheduler only: drop sessions untouched this long (seconds).
-        tiers: how the tiers behave: `EXCLUSIVE` or `TIERED_STORE`.
+        tiers: how the tiers behave: `EXCLUSIVE`, `EXCLUSIVE_PARTIAL` or `TIERED_STORE`.
+        policy_options: ``value`` only: `cattn.store.value.ValueConfig` fields; the model's KV bytes
+            per token and FLOP crossover are filled in from ``cost``.
         on_job: called after each job (a progress bar).
     """
     for name, value in (("dram_bytes", dram_bytes), ("disk_bytes", disk_bytes)):
@@ -75,12 +197,21 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         dram_bytes = disk_bytes = 0
         pol = make_policy("lru")
     else:
-        pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl)
+        options = dict(policy_options or {})
+        if policy == "value":
+            m = cost.model
+            options.setdefault("bytes_per_token", m.kv_bytes_per_token)
+            options.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+        pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl, **options)
+    cut = context_cut(jobs, cost.model.max_context)
+    if cut.share > 0:
+        warnings.warn(cut.message(cost.model.max_context), TruncationWarning, stacklevel=2)
     queue = JobQueue(dram_bytes, disk_bytes, [pol])
     store = SimTiers(dram_bytes, disk_bytes, pol, queue, cost, tiers)
     stored = bool(dram_bytes or disk_bytes)
     max_ctx = cost.model.max_context
     context: dict[str, int] = {}  # tokens of each session's conversation so far (after truncation)
+    full: dict[str, int] = {}  # the same before truncation: the history a turn could reuse at best
     records, i, n, server_free = [], 0, len(jobs), 0.0
     service = 0.0  # recent mean seconds per job (moving average): how fast the queue moves
 
@@ -109,29 +240,30 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
             store.advance(start)
         job = queue.pop()
         pol.start(job.session, start)
-        new = min(job.new_tokens, max_ctx)
         history = context.get(job.session, 0)
-        kept = max(0, min(history, max_ctx - new - job.output_tokens))  # context overflow drops the oldest
-        tier, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
+        new, kept = _fit(job.new_tokens, job.output_tokens, history, max_ctx)  # overflow drops the oldest
+        found, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
         recompute = cost.prefill_time(new + kept, 0)
-        prefill, stall, use_cache = recompute, 0.0, tier in ("dram", "disk")
-        if use_cache:
-            prefill = cost.prefill_time(new, kept)
-            stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
-            # a history whose read takes longer than recomputing it is recomputed (a slow disk, a short history)
-            use_cache = stall + prefill <= recompute
-            if use_cache:
-                store.read(job.session, start)
-            else:
-                prefill, stall = recompute, 0.0
-                store.counters["recomputed_hits"] += 1
-        store.started(job.session, start, recomputed=not use_cache)
-        if tier in ("dram", "disk"):
+        tier, reused, stall, prefill = _serve(store, cost, job.session, start, found, wait, new, kept, history,
+                                              tiers.partial_prefetch)
+        in_flight = store.dram.get(job.session, start) > start
+        have = store.arrived_tokens(job.session, start, history) - (history - kept) if in_flight else 0
+        if tier in HITS and not in_flight:
+            store.read(job.session, start, cost.kv_bytes(reused) if found == "disk" else None)
+        elif found in HITS and tier not in HITS:
+            store.counters["recomputed_hits"] += 1
+        store.started(job.session, start, recomputed=tier not in HITS or tier == "partial")
+        if tier == "partial" and reused:  # what it reads beyond the prefix already in DRAM, now
+            store.read_more(job.session, start, cost.kv_bytes(max(0, reused - have)))
+        if found in HITS:
             pol.touch(job.session, start)  # its history was loaded (or found too slow): as the store does
         decode = cost.decode_time(job.output_tokens, kept + new)
         end = start + stall + prefill + decode
         records.append(TurnRecord(job.session, job.turn, job.arrival, start, tier, kept + new,
-                                  new if use_cache else new + kept, stall, prefill, decode))
+                                  new + kept - reused, stall, prefill, decode,
+                                  history_tokens=full.get(job.session, 0), reused_tokens=reused,
+                                  recompute_s=recompute + decode))
+        full[job.session] = full.get(job.session, 0) + job.new_tokens + job.output_tokens
         server_free = end
         service = end - start if not service else 0.99 * service + 0.01 * (end - start)
         if stored:

@@ -34,6 +34,13 @@ class TierModel:
             recomputes its history anyway, and the read would delay the reads queued behind it.
             (`TieredStore` skips late reads when the caller gives the jobs' expected starts, which the
             real replay does not, and always finishes a read it began.)
+        partial_prefetch: a read is worth its part that arrives in time: a job that starts while its
+            prefetch is being read uses the tokens already in DRAM (the oldest first) and prefills the
+            rest, the read stops there; a read that cannot finish before its job is expected to start
+            is issued all the same (soonest expected start first) instead of skipped. And a job whose
+            history is on disk only reads the oldest part of it, layer by layer, while the GPU
+            prefills the rest layer by layer (layer l of the rest needs layer l of the part read):
+            as much as the disk delivers in the time the prefill of the rest takes.
         prefetch_after_save: look for prefetches again once a job's history is saved and DRAM made
             room. (`TieredStore` prefetches only when told of the queue, at `update_queue`.)
         one_read_at_a_time: the disk reads one prefetch at a time, and the next is chosen when it is
@@ -44,6 +51,7 @@ class TierModel:
     """
 
     inclusive: bool = False
+    partial_prefetch: bool = False
     prefetch_evicts: bool = True
     prefetch_deadlines: bool = True
     prefetch_after_save: bool = True
@@ -58,6 +66,7 @@ class TierModel:
 
 
 EXCLUSIVE = TierModel()
+EXCLUSIVE_PARTIAL = TierModel(partial_prefetch=True)
 # what `TieredStore` does with its defaults (see docs/store.md)
 TIERED_STORE = TierModel(inclusive=True, high_watermark=0.9, low_watermark=0.7, prefetch_deadlines=False,
                          prefetch_after_save=False)
@@ -155,6 +164,7 @@ class SimTiers:
             self.nbytes[key] = nbytes
             self.stored_bytes += nbytes
             self.policy.touch(key, now)
+            self.policy.sized(key, nbytes)
             if on_disk:
                 self.disk[key] = min(on_disk, nbytes)
                 self.disk_used += self.disk[key]
@@ -211,7 +221,8 @@ class SimTiers:
             if n > self.dram_bytes or key in self.dram or key not in self.disk:
                 continue  # too big, or brought up / dropped by an earlier step of this loop
             ready = max(self.read_free, now) + self.cost.disk_read_time(n)
-            if self.model.prefetch_deadlines and ready > (self.expected_start(key, now) or ready):
+            if self.model.prefetch_deadlines and not self.model.partial_prefetch \
+                    and ready > (self.expected_start(key, now) or ready):
                 self.skipped.add(key)  # considered again at the next decision
                 continue
             if not self.model.prefetch_evicts:
@@ -247,9 +258,23 @@ class SimTiers:
         (`cattn.store.prefetch.on_time`), in the order to read them; those given up are skipped."""
         reads = [Read(k, self.cost.disk_read_time(self.nbytes[k]), self.expected_start(k, now))
                  for k in wanted if self.nbytes[k] <= self.dram_bytes and k in self.disk]
+        if self.model.partial_prefetch:  # every read is worth what arrives of it: soonest job first
+            return [r.key for r in sorted(reads, key=lambda r: (r.due is None, r.due or 0.0))]
         taken, given_up = on_time(reads, max(self.read_free, now))
         self.skipped.update(given_up)
         return taken
+
+    def arrived_tokens(self, key: str, now: float, tokens: int) -> int:
+        """Of ``key``'s ``tokens`` (its whole history), how many a read in flight has brought to DRAM by
+        ``now`` (the oldest first); all of them if it is in DRAM, none if its read has not begun."""
+        if key not in self.dram:
+            return 0
+        if self.dram[key] <= now:
+            return tokens
+        for k, begin, end in reversed(self.reads.values()):
+            if k == key:
+                return int(tokens * min(1.0, max(0.0, now - begin) / max(end - begin, 1e-12)))
+        return 0
 
     def find(self, key: str, now: float) -> tuple[str, float]:
         """Where a job starting at ``now`` finds ``key`` ("dram", "disk" or "miss") and the seconds
@@ -284,7 +309,7 @@ class SimTiers:
         if self.dram[key] <= now:
             return
         self.counters["prefetch_late"] += 1
-        if not (recomputed and self.model.prefetch_deadlines):
+        if not (recomputed and (self.model.prefetch_deadlines or self.model.partial_prefetch)):
             return
         rid = next(r for r, (k, _, _) in reversed(self.reads.items()) if k == key)
         _, begin, end = self.reads.pop(rid)
@@ -296,6 +321,12 @@ class SimTiers:
                     self.dram[k] = e - saved
         self.read_free -= saved
 
-    def read(self, key: str, now: float) -> None:
+    def read_more(self, key: str, now: float, nbytes: int) -> None:
+        """A job starting at ``now`` reads ``nbytes`` more of ``key`` from disk (after its stopped prefetch)."""
+        if nbytes > 0:
+            self._queue_read(key, nbytes, now)
+
+    def read(self, key: str, now: float, nbytes: int | None = None) -> None:
+        """A job starting at ``now`` reads ``key`` from disk (``nbytes`` of it; default all)."""
         if key in self.disk and key not in self.dram:
-            self._queue_read(key, self.nbytes[key], now)
+            self._queue_read(key, self.nbytes[key] if nbytes is None else nbytes, now)

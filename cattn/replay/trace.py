@@ -5,7 +5,8 @@
 ``arrival`` is in seconds from the start of the trace; ``new_tokens`` are the
 user's new message, ``output_tokens`` the model's answer. A session's turns
 are numbered in arrival order (ties: file order). Both replay modes read the
-same format; a bad line is reported with its line number.
+same format; a bad line is reported with its file name and line number. `read_trace` also
+reads Mooncake-style traces (`cattn.replay.mooncake`), told apart by their first record.
 """
 from __future__ import annotations
 
@@ -57,9 +58,30 @@ def number_turns(jobs: Iterable[Job]) -> list[Job]:
     return out
 
 
-def read_trace(path: str | Path) -> list[Job]:
-    """Parse a JSON Lines trace; blank lines are skipped. Raises ValueError naming the bad line."""
+TRACE_FORMATS = ("auto", "cattn", "mooncake")
+
+
+def read_trace(path: str | Path, format: str = "auto") -> list[Job]:
+    """Parse a JSON Lines trace; blank lines are skipped. Raises ValueError naming the file and the bad line.
+
+    Args:
+        path: the file.
+        format: ``"cattn"`` (the format above), ``"mooncake"`` (`cattn.replay.mooncake`), or ``"auto"``:
+            Mooncake if the first record has ``hash_ids`` and ``input_length``.
+    """
+    if format not in TRACE_FORMATS:
+        raise ValueError(f"format must be one of {TRACE_FORMATS}, got {format!r}")
     path = Path(path)
+    if format == "auto":
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            format = "mooncake" if first and _is_mooncake(json.loads(first)) else "cattn"
+        except json.JSONDecodeError:
+            format = "cattn"  # reported with its line below
+    if format == "mooncake":
+        from cattn.replay.mooncake import read_mooncake
+        return read_mooncake(path)
     jobs = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -68,6 +90,11 @@ def read_trace(path: str | Path) -> list[Job]:
     if not jobs:
         raise ValueError(f"{path.name}: the trace holds no turns")
     return number_turns(jobs)
+
+
+def _is_mooncake(record) -> bool:
+    from cattn.replay.mooncake import is_mooncake
+    return is_mooncake(record)
 
 
 def write_trace(jobs: Iterable[Job], path: str | Path) -> None:

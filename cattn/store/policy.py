@@ -21,7 +21,13 @@ Policies, by name (`make_policy`):
   service order) and moves out the session whose next job is furthest away
   (Belady's MIN). Optimal for one tier of equal-sized entries; with sessions
   of different sizes it is the classic near-optimal reference, not a proof
-  of optimality.
+  of optimality. It also prefetches the next jobs of the trace, queued or not:
+  it reads the future twice.
+- ``belady-fair``: the same evictions, but it prefetches only jobs already
+  queued (inside the prefetch window), as an online prefetcher must: the fair
+  reference for the online policies.
+- ``value``: see `cattn.store.value` (keeps the histories worth the most GPU
+  time per byte, from an online estimate of whether each session returns).
 """
 from __future__ import annotations
 
@@ -68,6 +74,9 @@ class Policy(ABC):
         queued job) is used as is, so a long queue is never copied. The windows are
         counted in jobs; None means the whole queue.
         """
+
+    def sized(self, key: Hashable, nbytes: int) -> None:
+        """``key``'s stored history now takes ``nbytes`` (told after a save; policies may ignore it)."""
 
     def start(self, key: Hashable, now: float) -> None:
         """The job of ``key`` left the queue and started at time ``now``. Until ``key`` is next
@@ -233,7 +242,11 @@ class Belady(Policy):
 
     name = "belady"
 
-    def __init__(self, accesses: Sequence[Hashable]):
+    def __init__(self, accesses: Sequence[Hashable], *, prefetch_queued_only: bool = False):
+        self.prefetch_queued_only = prefetch_queued_only
+        if prefetch_queued_only:
+            self.name = "belady-fair"
+        self._queue = _ListQueue([])
         self._uses: dict[Hashable, deque[int]] = defaultdict(deque)
         for i, key in enumerate(accesses):
             self._uses[key].append(i)
@@ -276,9 +289,13 @@ class Belady(Policy):
         self._cursor += 1
 
     def update_queue(self, upcoming, *, prefetch_window=None, eviction_window=None):
+        self._queue = upcoming if hasattr(upcoming, "position") else _ListQueue(upcoming)
         self.prefetch_window = len(upcoming) if prefetch_window is None else max(0, int(prefetch_window))
 
     def prefetch(self, on_disk):
+        if self.prefetch_queued_only:  # what has arrived, never the turns still to come
+            ahead = (self._queue[i] for i in range(min(self.prefetch_window, len(self._queue))))
+            return _unique_on_disk(ahead, _as_set(on_disk))
         return _unique_on_disk(self._accesses[self._cursor:self._cursor + self.prefetch_window], _as_set(on_disk))
 
     def victim(self, tier, candidates, incoming=None):
@@ -307,28 +324,35 @@ class Belady(Policy):
         return key if self.next_use(key) > floor else None
 
 
-POLICIES = ("scheduler", "lru", "fifo", "belady")
+POLICIES = ("scheduler", "lru", "fifo", "belady", "belady-fair", "value")
 
 
-def make_policy(name: str, *, accesses: Sequence[Hashable] | None = None, ttl: float | None = None) -> Policy:
+def make_policy(name: str, *, accesses: Sequence[Hashable] | None = None, ttl: float | None = None,
+                **options) -> Policy:
     """A policy by name: one of `POLICIES`.
 
     Args:
-        name: ``"scheduler"``, ``"lru"``, ``"fifo"`` or ``"belady"``.
-        accesses: for ``belady`` only (required): every job's session, in start order.
-        ttl: for ``scheduler`` only: seconds after which an untouched session outside the
+        name: ``"scheduler"``, ``"lru"``, ``"fifo"``, ``"belady"``, ``"belady-fair"`` or ``"value"``.
+        accesses: for ``belady`` and ``belady-fair`` only (required): every job's session, in start order.
+        options: for ``value`` only: `cattn.store.value.ValueConfig` fields (the ablations).
+        ttl: for ``scheduler`` and ``value`` only: seconds after which an untouched session outside the
             eviction window is dropped from disk.
     """
     if name == "scheduler":
         return Scheduler(ttl=ttl)
+    if name == "value":
+        from cattn.store.value import ValueConfig, ValuePolicy
+        return ValuePolicy(ValueConfig(**options), ttl=ttl)
+    if options:
+        raise ValueError(f"options {sorted(options)} apply to the 'value' policy only, not {name!r}")
     if ttl is not None:
         raise ValueError(f"ttl applies to the 'scheduler' policy only, not {name!r}")
     if name == "lru":
         return LRU()
     if name == "fifo":
         return FIFO()
-    if name == "belady":
+    if name in ("belady", "belady-fair"):
         if accesses is None:
-            raise ValueError("the 'belady' policy needs accesses= (every job's session in start order)")
-        return Belady(accesses)
+            raise ValueError(f"the {name!r} policy needs accesses= (every job's session in start order)")
+        return Belady(accesses, prefetch_queued_only=name == "belady-fair")
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -282,6 +282,7 @@ class TieredStore(KVStore):
             if self.device is not None:  # resident tokens past ``start`` are no longer the history
                 self.device.trim(key, start)
             st.policy.touch(key, time.time())
+            st.policy.sized(key, layout.payload_nbytes(e.num_tokens))
             if st.pool.used > st.high_bytes and not st.demoting:
                 st.demoting = True
                 self._submit_locked(demote_to_low_watermark, st)
