@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:   # ValueError: an unsupported type, before its weights load
         raise SystemExit(f"--model: {exc}") from None
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:

@@ -120,3 +120,17 @@ def test_import_cattn_does_not_import_transformers_and_chat_session_is_lazy():
     import cattn
     from cattn.session import ChatSession
     assert cattn.ChatSession is ChatSession and "ChatSession" in cattn.__all__
+
+
+def test_load_model_refuses_an_unsupported_type_before_reading_weights(tmp_path, byte_tokenizer):
+    """A folder with a GPT-2 config and a tokenizer but no weight file: the type is refused (ValueError
+    listing the supported ones), not a missing-weights error, so no weight was ever looked for."""
+    import transformers
+
+    from cattn.hf import load_model
+
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    byte_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="supports model types .*llama") as info:
+        load_model(tmp_path)
+    assert "gpt2" in str(info.value)

@@ -32,8 +32,12 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
 
     Raises:
         FileNotFoundError: ``path`` is not a directory, or holds no ``config.json`` or no tokenizer file.
+        ValueError: the model's type is not one cattn supports (checked from its config, before any
+            weight is read).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cattn.hf.patch import check_supported
 
     if path is None:
         gguf = embedded_model_path()
@@ -49,6 +53,7 @@ def load_model(path: str | Path | None = None, *, device: str | torch.device = "
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(f"model path {str(path)!r} holds no tokenizer (none of "
                                     f"{', '.join(TOKENIZER_FILES)}): save the tokenizer there too")
+    check_supported(AutoConfig.from_pretrained(folder, local_files_only=True, **extra).get_text_config())
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     return model.to(device).eval(), tokenizer
