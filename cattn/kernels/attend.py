@@ -31,7 +31,7 @@ def attend_kv_range(
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr, HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr, GPTJ: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, K_IN_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold keys ``[lo, hi)`` into ``(acc, m_i, l_i)``; ``MASKED`` tiles check ``kv_len``, causality and
     the sliding window (a key is visible when ``q_pos - window < key <= q_pos``).
@@ -40,7 +40,8 @@ def attend_kv_range(
     and denominator; q_rot ``[ROWS, 2*HALF_PAD]`` rotated, joined query pairs and q_rest
     ``[ROWS, PASS_PAD]`` the unrotated rest, in the dot dtype; q_pos ``[ROWS]`` int32 positions.
     score_scale: ``sm_scale * log2(e)``, or ``sm_scale / softcap`` with ``SOFTCAP`` (then
-    ``cap_log2 = softcap * log2(e)``).
+    ``cap_log2 = softcap * log2(e)``). ``K_IN_DTYPE`` rotates K in its own dtype, as HF does (each
+    product rounded), instead of in fp32: 256-wide prefill tiles need the registers.
     """
     dtype = v_cache.dtype.element_ty
     HALF: tl.constexpr = ROT // 2
@@ -55,10 +56,8 @@ def attend_kv_range(
         v_rows = v_cache + page * stride_vp + (keys % PAGE_SIZE) * stride_vt + v_head_offset
         scores = tl.zeros([q_pos.shape[0], BLOCK_N], dtype=tl.float32)
         if HALF > 0:
-            # 256-wide heads rotate K in the model dtype, as HF does (each product rounded): the fp32
-            # temporaries would not fit the register file next to a 256-wide accumulator
-            k1, k2 = load_pairs(k_rows, in_len, HALF, HALF_PAD, GPTJ, D_PAD > 128)
-            cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD, D_PAD > 128)
+            k1, k2 = load_pairs(k_rows, in_len, HALF, HALF_PAD, GPTJ, K_IN_DTYPE)
+            cos, sin = table_cos_sin(cos_sin_set, keys, ROT, HALF_PAD, K_IN_DTYPE)
             k_rot = rotate_joined(k1, k2, cos, sin, dtype)
             scores = tl.dot(q_rot, tl.trans(k_rot), scores, input_precision=DOT_PRECISION)
         if PASS > 0:
