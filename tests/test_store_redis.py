@@ -185,6 +185,49 @@ def test_foreign_values_in_redis_are_misses(server, tmp_path):
         s.close(persist=False)
 
 
+def test_a_refused_chunk_keeps_every_manifest_naming_it_out_of_redis(server, tmp_path):
+    from cattn.store.redis_client import RemoteTierError
+
+    a, key = machine(tmp_path / "a", [server.url]), EntryKey("t", MODEL, "refused")
+    a.save(key, random_entry())                                     # turn 1: in Redis, complete
+    a.sync()
+    shared, write_chunk = a._state.disk.shared, a._state.disk.shared.write_chunk
+
+    def refused(*args):
+        shared.write_chunk = write_chunk
+        raise RemoteTierError("redis server_error: refused")
+    shared.write_chunk = refused
+    a.save(key, random_entry(3, offset=37), start=37)               # turn 2: its chunk refused
+    a.sync()
+    a.save(key, random_entry(3, offset=40), start=40)               # turn 3: its chunk accepted
+    a.sync()
+    assert torch.equal(a.lookup(key), torch.arange(43))
+    b = machine(tmp_path / "b", [server.url])
+    assert torch.equal(b.lookup(key), torch.arange(37))             # the last complete manifest
+    assert b.stats()["redis"]["misses_by_reason"]["absent"] == 0
+    for s in (a, b):
+        s.close(persist=False)
+
+
+def test_an_absent_chunk_is_a_miss_that_leaves_the_shared_session(server, tmp_path):
+    a, key = machine(tmp_path / "a", [server.url]), EntryKey("t", MODEL, "lagging")
+    a.save(key, random_entry())
+    a.sync()
+    r, tag = _raw(server), "cattn:{t/%s/lagging}" % MODEL
+    chunk = next(k for k in r.keys(tag + ":c:*") if k.count(b":") == 3)
+    value = r.get(chunk)
+    r.delete(chunk)                                                 # as a node in failover may lack it
+    b = machine(tmp_path / "b", [server.url])
+    assert b.load(key) is None
+    assert b.stats()["redis"]["misses_by_reason"]["absent"] == 1
+    assert r.exists(tag + ":m") == 1 and len(r.keys(tag + ":c:*")) == 1
+    r.set(chunk, value)                                             # the node serving it has it
+    c = machine(tmp_path / "c", [server.url])
+    assert torch.equal(c.load(key).k, a.load(key).k)
+    for s in (a, b, c):
+        s.close(persist=False)
+
+
 def test_metrics_endpoint_serves_prometheus_text_matching_stats(server, tmp_path):
     import urllib.request
 

@@ -56,8 +56,8 @@ class RedisTier:
         self.capacity, self.metrics = o.capacity, TierMetrics()
         self._lock, self._redis, self._down_until = threading.RLock(), None, 0.0
         self._px = None if o.ttl_s is None else max(1, int(o.ttl_s * 1000))
-        # Sessions whose last read failed in transport: the store drops such a session as unusable, and
-        # that drop must not delete what other machines can still read.
+        # Sessions whose last read failed in transport or found a key absent: the store drops such a
+        # session as unusable, and that drop must not delete what other machines can still read.
         self._unreachable: set[EntryKey] = set()
 
     # ---- keys and calls --------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class RedisTier:
                 ids = self._read_chunk(key, layout, chunk_id, num_tokens, into)
         except (ff.FormatError, RemoteTierError) as exc:
             self._fail(exc)
-            if isinstance(exc, RemoteTierError):
+            if isinstance(exc, (RemoteTierError, Absent)):   # not a bad value: maybe a node in failover
                 with self._lock:
                     self._unreachable.add(key)
             raise
@@ -238,7 +238,8 @@ class RedisTier:
     def remove(self, key: EntryKey, incarnation: str, chunk_ids: list[str], manifest: bool) -> None:
         """Best effort: a removal that fails leaves keys that TTL or maxmemory reclaim; a manifest is
         removed only if it is still ``incarnation``'s (another machine may have replaced the session).
-        After a read of ``key`` failed in transport (not a bad value), its shared keys are kept."""
+        After a read of ``key`` failed in transport or found a key absent (not a bad value: a node in
+        failover may lack what another has), its shared keys are kept."""
         with self._lock:
             if manifest and key in self._unreachable:
                 self._unreachable.discard(key)

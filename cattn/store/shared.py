@@ -6,8 +6,9 @@ accounts) and, written through, to the shared tier (`RedisTier`); reads try the 
 first and the shared tier for what the disk lacks (a session another machine saved).
 The disk stays the fast, private copy; the shared tier is what lets the next turn of a
 session land on any machine. A write the shared tier refuses does not fail the local
-one: that session's next manifest is then kept out of the shared tier (its readers
-would find chunks missing), and the shared tier keeps its last complete one.
+one: every later manifest of that session that still names a refused chunk is then
+kept out of the shared tier (its readers would find chunks missing), and the shared
+tier keeps its last complete one.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from cattn.store.base import EntryKey
 from cattn.store.entries import Chunk, Entry
 from cattn.store.layout import KVLayout
 from cattn.store.migration import persist_locked
+from cattn.store.redis_values import parse_frame
 from cattn.store.state import StoreState
 from cattn.store.tier import StoredEntry
 
@@ -33,7 +35,7 @@ class DiskOverShared:
 
     def __init__(self, disk, shared):
         self.disk, self.shared, self.capacity = disk, shared, disk.capacity
-        self._incomplete: set[EntryKey] = set()   # sessions whose chunk the shared tier refused
+        self._refused: dict[EntryKey, set[str]] = {}   # per session: the chunks the shared tier refused
         self._lock = threading.Lock()
 
     def scan(self) -> tuple[list[StoredEntry], int]:
@@ -49,7 +51,7 @@ class DiskOverShared:
         except OSError as exc:
             log.warning("session %r: the shared tier refused a chunk (%s); kept on the local disk", key.session, exc)
             with self._lock:
-                self._incomplete.add(key)
+                self._refused.setdefault(key, set()).add(chunk_id)
         return nbytes
 
     def read_chunk(self, key, layout, chunk_id, num_tokens, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,10 +62,15 @@ class DiskOverShared:
 
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
         nbytes = self.disk.write_manifest(key, incarnation, data)
-        with self._lock:
-            incomplete = key in self._incomplete
-            self._incomplete.discard(key)
-        if not incomplete:
+        named = {c for c, _, _ in parse_frame(data)[0]["chunks"]}
+        with self._lock:   # a refused chunk counts until no manifest of the session names it
+            refused = self._refused.pop(key, set()) & named
+            if refused:
+                self._refused[key] = refused
+        if refused:
+            log.info("session %r: %d chunk(s) it names are not in the shared tier; its manifest kept out",
+                     key.session, len(refused))
+        else:
             try:
                 self.shared.write_manifest(key, incarnation, data)
             except OSError as exc:
@@ -71,6 +78,10 @@ class DiskOverShared:
         return nbytes
 
     def remove(self, key: EntryKey, incarnation: str, chunk_ids: list[str], manifest: bool) -> None:
+        with self._lock:   # chunks removed are never named again
+            left = self._refused.pop(key, set()).difference(chunk_ids)
+            if left:
+                self._refused[key] = left
         try:
             self.disk.remove(key, incarnation, chunk_ids, manifest)
         finally:
