@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cattn.replay.queue import Job
-from cattn.replay.trace import number_turns
+from cattn.replay.trace import json_record, number_turns
 
 BLOCK_TOKENS = 512
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
@@ -30,18 +30,7 @@ def is_mooncake(record: dict) -> bool:
 
 
 def _parse(line: str, lineno: int, where: str) -> tuple[float, int, int, list]:
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{where}:{lineno}: {why}: {line.strip()[:120]!r}")
-
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise bad(f"not JSON ({exc.msg})") from None
-    if not isinstance(rec, dict):
-        raise bad("expected a JSON object")
-    missing = [f for f in FIELDS if f not in rec]
-    if missing:
-        raise bad(f"missing field(s) {', '.join(missing)}")
+    rec, bad = json_record(line, lineno, where, FIELDS)
     ts = rec["timestamp"]
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
         raise bad("timestamp must be a finite number of milliseconds >= 0")

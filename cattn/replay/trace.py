@@ -20,7 +20,9 @@ from cattn.replay.queue import Job
 FIELDS = ("session", "arrival", "new_tokens", "output_tokens")
 
 
-def _parse(line: str, lineno: int, where: str) -> Job:
+def json_record(line: str, lineno: int, where: str, fields: tuple[str, ...]):
+    """``(record, bad)`` of one JSONL trace line holding ``fields``; ``bad(why)`` makes the ValueError that
+    names the file and line (raised here for a line that is not such an object)."""
     def bad(why: str) -> ValueError:
         return ValueError(f"{where}:{lineno}: {why}: {line.strip()[:120]!r}")
 
@@ -30,9 +32,14 @@ def _parse(line: str, lineno: int, where: str) -> Job:
         raise bad(f"not JSON ({exc.msg})") from None
     if not isinstance(rec, dict):
         raise bad("expected a JSON object")
-    missing = [f for f in FIELDS if f not in rec]
+    missing = [f for f in fields if f not in rec]
     if missing:
         raise bad(f"missing field(s) {', '.join(missing)}")
+    return rec, bad
+
+
+def _parse(line: str, lineno: int, where: str) -> Job:
+    rec, bad = json_record(line, lineno, where, FIELDS)
     session, arrival = rec["session"], rec["arrival"]
     if not isinstance(session, str) or not session:
         raise bad("session must be a non-empty string")
