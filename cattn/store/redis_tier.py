@@ -65,15 +65,6 @@ class RedisTier:
     def _key(self, key: EntryKey, *parts: str) -> str:
         return ":".join((self.options.prefix, f"{{{key.tenant}/{key.model}/{key.session}}}", *parts))
 
-    def _timed_write(self, write) -> None:
-        """Run ``write(client)`` through `_call`, timed as a write; a failure counts as a write error."""
-        try:
-            with self.metrics.timed("write"):
-                self._call(write)
-        except RemoteTierError:
-            self.metrics.add(write_errors=1)
-            raise
-
     def _call(self, fn):
         """``fn(client)`` with failures turned into RemoteTierError (counted by the caller's reason)."""
         import redis
@@ -160,7 +151,12 @@ class RedisTier:
 
         def header() -> bytes:
             return self._header(key, layout, chunk_id, token_ids, checksum[0])
-        self._timed_write(write)
+        try:
+            with self.metrics.timed("write"):
+                self._call(write)
+        except RemoteTierError:
+            self.metrics.add(write_errors=1)
+            raise
         self.metrics.add(bytes_in=len(data))
         return self.chunk_nbytes(key, layout, chunk_id, token_ids.numel())
 
@@ -231,7 +227,12 @@ class RedisTier:
                 pipe.pexpire(name, self._px)
             pipe.set(self._key(key, "m"), data, px=self._px)
             pipe.execute()
-        self._timed_write(write)
+        try:
+            with self.metrics.timed("write"):
+                self._call(write)
+        except RemoteTierError:
+            self.metrics.add(write_errors=1)
+            raise
         return len(data)
 
     def remove(self, key: EntryKey, incarnation: str, chunk_ids: list[str], manifest: bool) -> None:
