@@ -14,12 +14,12 @@ def run_cattn(*argv, **kwargs):
 
 def test_help_and_version_answer_without_importing_torch():
     code = ("import sys\nfrom cattn import cli\n"
-            "for argv in (['--help'], ['--version'], ['demo', '--help']):\n"
+            "for argv in (['--help'], ['--version'], ['demo', '--help'], ['replay', '--help']):\n"
             "    try:\n        cli.main(argv)\n    except SystemExit as e:\n        assert e.code == 0, e.code\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr
-    assert "cattn demo" in run.stdout and "--max-new-tokens" in run.stdout
+    assert "cattn demo" in run.stdout and "--max-new-tokens" in run.stdout and "--sessions" in run.stdout
 
 
 def test_version_and_bare_cattn_prints_help(capsys):

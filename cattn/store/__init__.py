@@ -1,18 +1,38 @@
 """The host-side KV hierarchy (AttentionStore): sessions' KV in pinned DRAM and on disk between turns,
-streamed to the GPU layer by layer and saved back asynchronously. See docs/store.md."""
-from cattn.store.base import EntryKey, KVEntry, KVStore, check_key, check_name
-from cattn.store.device import DeviceTier, DeviceTierConfig, Resident
-from cattn.store.disk import DiskTier
-from cattn.store.fileformat import FormatError
-from cattn.store.layout import KVLayout
-from cattn.store.lease import KVLease, PendingSave, Segment
-from cattn.store.memory import MemoryStore
-from cattn.store.tiered import StoreFullError, TieredStore
-from cattn.store.redis_tier import RedisTier, RemoteTierError
-from cattn.store.shared import DiskOverShared
-from cattn.store.config import StoreConfig
-from cattn.store.transfer import LayerLoader, LayerSaver, copy_bandwidth, preload_layers
+streamed to the GPU layer by layer and saved back asynchronously. See docs/store.md.
 
-__all__ = ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name", "DeviceTier", "DeviceTierConfig", "Resident", "DiskTier", "FormatError", "KVLayout", "KVLease",
-           "PendingSave", "Segment", "MemoryStore", "StoreFullError", "TieredStore", "LayerLoader", "LayerSaver",
-           "copy_bandwidth", "preload_layers", "RedisTier", "RemoteTierError", "DiskOverShared", "StoreConfig"]
+The names below are imported on first use, so that tools which only need the policies
+(`cattn replay`, its `--help` above all) do not import torch."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "cattn.store.base": ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name"],
+    "cattn.store.device": ["DeviceTier", "DeviceTierConfig", "Resident"],
+    "cattn.store.disk": ["DiskTier"],
+    "cattn.store.fileformat": ["FormatError"],
+    "cattn.store.layout": ["KVLayout"],
+    "cattn.store.lease": ["KVLease", "PendingSave", "Segment"],
+    "cattn.store.memory": ["MemoryStore"],
+    "cattn.store.tiered": ["StoreFullError", "TieredStore"],
+    "cattn.store.redis_tier": ["RedisTier", "RemoteTierError"],
+    "cattn.store.shared": ["DiskOverShared"],
+    "cattn.store.config": ["StoreConfig"],
+    "cattn.store.transfer": ["LayerLoader", "LayerSaver", "copy_bandwidth", "preload_layers"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cattn.store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
