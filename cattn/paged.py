@@ -4,6 +4,11 @@ A layer's cache is ``[num_pages, page_size, num_kv_heads, head_dim]``; logical
 token ``i`` of a sequence lives in page ``pages[i // page_size]`` at offset
 ``i % page_size``. Nothing stored carries a position, which is what makes
 `PagedSequences.truncate` cheap: dropping old tokens only unlinks pages.
+
+A sequence of a sliding-window layer gives back the pages its window has passed
+(`PagedSequences.drop_before`): they stay in its page list as `HOLE`, and block tables
+point them at the pool's ``hole_page``, which the caller keeps finite (zeros) and never
+writes; the window masks whatever is read there.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ def _count(value, name: str, *, least: int = 0) -> int:
     if value < least:
         raise ValueError(f"{name} must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
     return int(value)
+
+
+HOLE = -1   # a page given back: its tokens are before every window that will still be attended
 
 
 class PoolExhaustedError(RuntimeError):
@@ -91,10 +99,16 @@ class SequencePages:
 
 
 class PagedSequences:
-    """Sequences stored in a `PagePool`: slot mapping, block tables, release and truncation."""
+    """Sequences stored in a `PagePool`: slot mapping, block tables, release and truncation.
 
-    def __init__(self, pool: PagePool):
+    Args:
+        pool: where the pages come from.
+        hole_page: the page id block tables show for a `HOLE` (a page given back by `drop_before`).
+    """
+
+    def __init__(self, pool: PagePool, hole_page: int = 0):
         self.pool = pool
+        self.hole_page = hole_page
         self.seqs: dict[Hashable, SequencePages] = {}
 
     @property
@@ -119,15 +133,51 @@ class PagedSequences:
         return torch.tensor([self.seqs[s].num_tokens for s in seq_ids], dtype=torch.int32, device=device)
 
     def block_table(self, seq_ids: Sequence[Hashable], device=None) -> torch.Tensor:
-        """``[B, max_pages] int32`` page ids, rows padded with 0 (never read past ``kv_lens``)."""
+        """``[B, max_pages] int32`` page ids, rows padded with 0 (never read past ``kv_lens``) and holes
+        shown as ``hole_page``."""
         rows = [self.seqs[s].pages for s in seq_ids]
         table = torch.zeros(len(rows), max((len(r) for r in rows), default=0) or 1, dtype=torch.int32)
         for b, r in enumerate(rows):
             table[b, : len(r)] = torch.tensor(r, dtype=torch.int32)
-        return table.to(device)
+        return table.masked_fill_(table == HOLE, self.hole_page).to(device)
 
     def release(self, seq_id: Hashable) -> None:
-        self.pool.free(self.seqs.pop(seq_id).pages)
+        self._free(self.seqs.pop(seq_id).pages)
+
+    def first_held(self, seq_id: Hashable) -> int:
+        """The first token of ``seq_id`` whose page is held (tokens before it were given back)."""
+        pages = self.seqs[seq_id].pages
+        return next((i for i, p in enumerate(pages) if p != HOLE), len(pages)) * self.page_size
+
+    def drop_before(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Give back the pages that hold only tokens before ``num_tokens`` (they become `HOLE`s;
+        token numbering is unchanged). Returns the number of pages given back."""
+        seq = self.seqs[seq_id]
+        stop = min(_count(num_tokens, "num_tokens"), seq.num_tokens) // self.page_size
+        given = [p for p in seq.pages[:stop] if p != HOLE]
+        self.pool.free(given)
+        seq.pages[:stop] = [HOLE] * stop
+        return len(given)
+
+    def start_with_holes(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Make ``seq_id`` a sequence of ``num_tokens`` tokens whose pages are all given back
+        (``num_tokens`` a multiple of the page size); `append_slots` continues it."""
+        if _count(num_tokens, "num_tokens") % self.page_size:
+            raise ValueError(f"num_tokens must be a multiple of page_size={self.page_size}, got {num_tokens}")
+        if seq_id in self.seqs:
+            self.release(seq_id)
+        self.seqs[seq_id] = SequencePages([HOLE] * (num_tokens // self.page_size), num_tokens)
+
+    def crop(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` tokens of ``seq_id``, freeing the pages past them."""
+        seq = self.seqs[seq_id]
+        seq.num_tokens = min(_count(num_tokens, "num_tokens"), seq.num_tokens)
+        keep_pages = -(-seq.num_tokens // self.page_size)
+        self._free(seq.pages[keep_pages:])
+        del seq.pages[keep_pages:]
+
+    def _free(self, pages: Sequence[int]) -> None:
+        self.pool.free([p for p in pages if p != HOLE])
 
     def truncate(self, seq_id: Hashable, num_drop: int, keep_first: int = 0,
                  caches: Sequence[torch.Tensor] = ()) -> int:
@@ -153,7 +203,7 @@ class PagedSequences:
             return 0
         if dropped == droppable:      # nothing after the prefix survives: keep the prefix's pages only
             keep_pages = -(-keep_first // ps)
-            self.pool.free(seq.pages[keep_pages:])
+            self._free(seq.pages[keep_pages:])
             seq.pages, seq.num_tokens = seq.pages[:keep_pages], keep_first
             return dropped
         head_full, head_rem = divmod(keep_first, ps)
@@ -161,11 +211,11 @@ class PagedSequences:
         if head_rem:
             # The prefix's partial page and the cut page share offsets [0, head_rem): the cut page's
             # slots there hold dropped tokens, so the prefix's tail moves in and its page is freed.
+            # A hole on either side: those prefix tokens were given back, no window reaches them.
             src, dst = seq.pages[head_full], seq.pages[cut]
-            for cache in caches:
+            for cache in caches if HOLE not in (src, dst) else ():
                 cache[dst, :head_rem] = cache[src, :head_rem]
-        freed = seq.pages[head_full:cut]
-        self.pool.free(freed)
+        self._free(seq.pages[head_full:cut])
         seq.pages = seq.pages[:head_full] + seq.pages[cut:]
         seq.num_tokens -= dropped
         return dropped

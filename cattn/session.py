@@ -307,7 +307,7 @@ class ChatSession:
             prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
         max_tokens = len(prompt) + max_new
         if (device := self._device()) is None:
-            cache = PagedCache(self.model, max_tokens=max_tokens)
+            cache = PagedCache(self.model, max_tokens=max_tokens, window_pages=False)
             return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
         res = device.take(self.key, torch.tensor(prompt[:reused], dtype=torch.long), self.layout.num_layers) \
             if reused else None
@@ -340,13 +340,13 @@ class ChatSession:
         device.make_room(token_nbytes * max_tokens)
         try:
             return PagedCache(self.model, max_tokens=max_tokens, resident=res, keep_layers=keep,
-                              headroom=device.config.headroom)
+                              headroom=device.config.headroom, window_pages=False)
         except torch.cuda.OutOfMemoryError:
             if res is not None:
                 res.trim_layers(0)   # its pages go too: this turn streams every layer
             device.clear()
             torch.cuda.empty_cache()
-            return PagedCache(self.model, max_tokens=max_tokens)
+            return PagedCache(self.model, max_tokens=max_tokens, window_pages=False)
 
     def _resident_share(self, device: DeviceTier, res: Resident, new_tokens: int) -> int:
         """Layers to keep resident: the buffer rule's ``k`` for a turn of ``new_tokens`` new tokens (from the

@@ -19,9 +19,13 @@ the streaming. See docs/store.md.
 With a device tier (`cattn.store.device`), the first layers can be a session's resident pages
 from its last turn: those layers are attended in place (no copy) and only the others stream in;
 at the end of the turn `take_resident` hands the first layers' pages back to the tier.
+
+Sliding-window layers keep only what their window can still reach, in a page space of their own
+(`cattn.hf.window`), unless the cache streams to or from a host store (``window_pages=False``).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from concurrent.futures import Future
 
@@ -32,6 +36,7 @@ from cattn.hf.resident import check_resident, separate_layers
 from cattn.hf import rows
 from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
+from cattn.hf.window import WindowPages
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError, SequencePages
 from cattn.store.base import EntryKey, KVEntry, KVStore
@@ -61,6 +66,10 @@ class PagedCache(Cache):
             so that `take_resident` can hand them to the device tier after the turn.
         grow: when the pool is full, enlarge it (at least doubling) instead of raising
             `PoolExhaustedError`; the cache `generate` creates for a patched model grows.
+        window_pages: sliding-window layers give back the pages their window has passed
+            (`cattn.hf.window`; their own pool grows as a step needs). False keeps every token in
+            every layer, which the host store's streaming (`load_layerwise`, `save_next_step`,
+            `save_tokens`, `load`) needs; resident or kept layers imply it.
 
     With a host store, `load_layerwise` streams a history in layer by layer during the next
     forward step and `save_next_step` saves that step's new K/V layer by layer (``step_saved``
@@ -69,7 +78,8 @@ class PagedCache(Cache):
 
     def __init__(self, model, *, batch_size: int = 1, max_tokens: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5, grow: bool = False):
+                 resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5, grow: bool = False,
+                 window_pages: bool = True):
         layout = PagedLayout.of(model)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -97,13 +107,16 @@ class PagedCache(Cache):
         # Layers [0, separate) have tensors of their own (resident ones, or ones that may become resident);
         # the rest share one pool tensor. Slots past a sequence's kv_len are never read: no initialisation.
         separate = max(keep_layers, 0 if resident is None else resident.num_layers)
-        self.kv = torch.empty(layout.num_layers - separate, 2, num_pages, layout.page_size, layout.num_kv_heads,
+        windowed = window_pages and separate == 0 and any(w is not None for w in layout.sliding_windows)
+        self.window = WindowPages(layout, batch_size, max_tokens, dtype, device) if windowed else None
+        self._separate = separate
+        main_layers = layout.num_layers - separate - (len(self.window.layers) if windowed else 0)
+        self.kv = torch.empty(main_layers, 2, num_pages, layout.page_size, layout.num_kv_heads,
                               layout.head_dim, dtype=dtype, device=device)
         self.resident_layers = 0 if resident is None else resident.num_layers
-        self._k, self._v, self.grown_bytes = separate_layers(layout, resident, separate, num_pages, headroom,
-                                                             dtype, device)
-        self._k += [self.kv[i, 0] for i in range(self.kv.shape[0])]
-        self._v += [self.kv[i, 1] for i in range(self.kv.shape[0])]
+        self._own_k, self._own_v, self.grown_bytes = separate_layers(layout, resident, separate, num_pages, headroom,
+                                                                     dtype, device)
+        self._bind_layers()
         self._batch_size = batch_size
         self.grow = grow
         self._columns = 0        # input positions seen, padding included: what HF calls the cache length
@@ -118,6 +131,7 @@ class PagedCache(Cache):
             if self.resident_layers < layout.num_layers:
                 self._resident_tokens = resident.num_tokens
         self._streaming = StoreStreaming(self._k, self._v)
+        self._window_step: ForwardStep | None = None
 
     # ---- what the cattn attention modules call -------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,13 +139,16 @@ class PagedCache(Cache):
         return self._k[layer_idx], self._v[layer_idx]
 
     def step(self, layer_idx: int, attention_mask: torch.Tensor | None, batch_size: int, q_len: int) -> ForwardStep:
-        """The current forward step; layer 0 starts a new one (reserves the new tokens' slots)."""
+        """The current forward step, with the slots and block table of ``layer_idx``'s page space;
+        layer 0 starts a new one (reserves the new tokens' slots)."""
         if layer_idx == 0:
             self._streaming.before_step()
             self._step = self._begin_step(attention_mask, batch_size, q_len)
             self._streaming.begin_step(self._step)
         elif self._step is None or (self._step.batch_size, self._step.q_len) != (batch_size, q_len):
             raise RuntimeError(f"layer {layer_idx} ran before layer 0 of this forward step")
+        if self.window is not None and layer_idx in self.window.layers:
+            return self._window_step
         return self._step
 
     def wait_layer(self, layer_idx: int) -> None:
@@ -161,6 +178,7 @@ class PagedCache(Cache):
         layout or dtype differs from the cache's, `PoolExhaustedError` if the pages cannot hold it;
         nothing changes then.
         """
+        self._check_every_token("load_layerwise")
         lease = KVLease.from_entry(source) if isinstance(source, KVEntry) else source
         lay = lease.layout
         expect = (self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim, self.kv.dtype)
@@ -194,7 +212,7 @@ class PagedCache(Cache):
         self._check_single("take_resident")
         if token_ids.numel() != self.num_tokens(0):
             raise ValueError(f"token_ids: {token_ids.numel()} ids for {self.num_tokens(0)} cached tokens")
-        keep = min(num_layers, self.layout.num_layers - self.kv.shape[0])
+        keep = min(num_layers, self._separate)
         res = Resident(token_ids.cpu(), list(self.seqs.seqs[0].pages), self._k[:keep], self._v[:keep])
         self._k, self._v = [], []   # handed over: any later use fails loudly
         return res
@@ -212,6 +230,7 @@ class PagedCache(Cache):
         are not ``m``, nothing is saved and `step_saved` stays False.
         """
         self._check_single("save_next_step")
+        self._check_every_token("save_next_step")
         self._streaming.save_next_step(store, key, token_ids, start)
 
     @property
@@ -224,6 +243,7 @@ class PagedCache(Cache):
         at the end of a turn) as ``key``'s tokens after its first ``start``; ``token_ids [m] int64``.
         Raises `StoreFullError` if the store has no room."""
         self._check_single("save_tokens")
+        self._check_every_token("save_tokens")
         self._streaming.finish_load()
         self._streaming.save_tokens(store, key, token_ids, start, self._slots_of(first, first + token_ids.numel()))
 
@@ -256,6 +276,7 @@ class PagedCache(Cache):
             raise ValueError(f"k and v must be [num_layers, n, num_kv_heads, head_dim] = {expect}, "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         self._check_single("load")
+        self._check_every_token("load")
         if self._resident_tokens:
             raise ValueError("load: this cache's resident layers wait for their history through load_layerwise")
         self._reserve({0: k.shape[1]})
@@ -266,12 +287,22 @@ class PagedCache(Cache):
             vc.view(-1, *vc.shape[2:])[slots] = v[layer].to(self.kv.device, self.kv.dtype)
 
     def read(self, start: int, end: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of tokens ``[start, end)`` of sequence ``row``: each ``[num_layers, n, num_kv_heads, head_dim]``."""
+        """K and V of tokens ``[start, end)`` of sequence ``row``: each ``[num_layers, n, num_kv_heads, head_dim]``.
+        With window pages, ``start`` must not be before `first_held` (ValueError)."""
         self._streaming.finish_load()
         slots = self._slots_of(start, end, row)
-        k = torch.stack([c.view(-1, *c.shape[2:]).index_select(0, slots) for c in self._k])
-        v = torch.stack([c.view(-1, *c.shape[2:]).index_select(0, slots) for c in self._v])
-        return k, v
+        window_slots = None if self.window is None else self._window_slots(start, end, row)
+        k, v = [], []
+        for layer, (kc, vc) in enumerate(zip(self._k, self._v)):
+            at = window_slots if self.window is not None and layer in self.window.layers else slots
+            k.append(kc.view(-1, *kc.shape[2:]).index_select(0, at))
+            v.append(vc.view(-1, *vc.shape[2:]).index_select(0, at))
+        return torch.stack(k), torch.stack(v)
+
+    def first_held(self, row: int = 0) -> int:
+        """The first token of sequence ``row`` whose K/V every layer still holds: 0, unless sliding
+        layers gave back the pages their window passed (``window_pages``)."""
+        return 0 if self.window is None else self.window.seqs.first_held(row)
 
     def truncate(self, num_drop: int, keep_first: int = 0) -> int:
         """Drop the oldest tokens of the (single) sequence after its first ``keep_first``; the kept
@@ -279,8 +310,13 @@ class PagedCache(Cache):
         the drop is rounded up to whole pages). Returns the number of tokens dropped."""
         self._check_single("truncate")
         self._streaming.finish_load()
-        separate = self.layout.num_layers - self.kv.shape[0]
-        caches = [self.kv.permute(2, 3, 0, 1, 4, 5), *self._k[:separate], *self._v[:separate]]
+        if self.window is not None:   # before any change: the window must not reach given-back tokens
+            n, kf = self.num_tokens(0), min(keep_first, self.num_tokens(0))
+            dropped = min(-(-num_drop // self.page_size) * self.page_size, n - kf)
+            self.window.check_keeps(0, n, kf, dropped)
+            self.window.seqs.truncate(0, num_drop, keep_first, caches=[self.window.kv.permute(2, 3, 0, 1, 4, 5)])
+        sep = self._separate
+        caches = [self.kv.permute(2, 3, 0, 1, 4, 5), *self._k[:sep], *self._v[:sep]]
         dropped = self.seqs.truncate(0, num_drop, keep_first, caches=caches)
         self._columns -= dropped
         return dropped
@@ -348,18 +384,24 @@ class PagedCache(Cache):
         remove = self._columns - max(keep, 0)
         self._streaming.finish_load()
         for row in range(self._batch_size):
-            seq = self.seqs.seqs[row]
-            seq.num_tokens = max(seq.num_tokens - remove, 0)
-            keep_pages = -(-seq.num_tokens // self.page_size)
-            self.pool.free(seq.pages[keep_pages:])
-            del seq.pages[keep_pages:]
+            n = max(self.num_tokens(row) - remove, 0)
+            if self.window is not None and n - self.window.window + 1 < self.window.seqs.first_held(row):
+                raise ValueError(f"crop: the sliding layers gave back tokens [0, {self.window.seqs.first_held(row)}) "
+                                 f"of row {row}, which a window ending at token {n} would reach; a PagedCache(..., "
+                                 "window_pages=False) can be cropped that far")
+        for row in range(self._batch_size):
+            n = max(self.num_tokens(row) - remove, 0)
+            self.seqs.crop(row, n)
+            if self.window is not None:
+                self.window.seqs.crop(row, n)
         self._columns -= remove
 
     def reset(self) -> None:
         self.finish()
-        for row in range(self._batch_size):
-            self.seqs.release(row)
-            self.seqs.append_slots(row, 0)
+        for seqs in (self.seqs, *(() if self.window is None else (self.window.seqs,))):
+            for row in range(self._batch_size):
+                seqs.release(row)
+                seqs.append_slots(row, 0)
         self._columns, self._step = 0, None
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -382,6 +424,37 @@ class PagedCache(Cache):
         pages, ps = self.seqs.seqs[row].pages, self.page_size
         return torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
                             device=self.kv.device)
+
+    def _window_slots(self, start: int, end: int, row: int = 0) -> torch.Tensor:
+        """``[end - start] int64``: the slots of tokens ``[start, end)`` of ``row`` in the sliding layers' pages."""
+        held = self.window.seqs.first_held(row)
+        if start < held:
+            raise ValueError(f"token range [{start}, {end}): the sliding layers gave back tokens [0, {held}) "
+                             "(a PagedCache(..., window_pages=False) keeps them)")
+        pages, ps = self.window.seqs.seqs[row].pages, self.page_size
+        return torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
+                            device=self.kv.device)
+
+    def _bind_layers(self) -> None:
+        """Per-layer ``(k, v)`` caches: the first layers' own tensors, then the main pool's and, for
+        sliding layers with window pages, the window pool's."""
+        window = {} if self.window is None else self.window.caches()
+        main = iter(range(self.kv.shape[0]))
+        self._k, self._v = list(self._own_k), list(self._own_v)
+        for layer in range(self._separate, self.layout.num_layers):
+            if layer in window:
+                kc, vc = window[layer]
+            else:
+                i = next(main)
+                kc, vc = self.kv[i, 0], self.kv[i, 1]
+            self._k.append(kc)
+            self._v.append(vc)
+
+    def _check_every_token(self, what: str) -> None:
+        if self.window is not None:
+            raise ValueError(f"{what} streams every token of every layer to or from a host store, but this cache's "
+                             "sliding layers give back the pages their window passed: create it with "
+                             "PagedCache(..., window_pages=False)")
 
     def _check_single(self, what: str) -> None:
         if self._batch_size != 1:
@@ -414,6 +487,7 @@ class PagedCache(Cache):
         counts = [q_len] * batch_size if new is None else new.sum(1).tolist()
         self._reserve(dict(enumerate(counts)))
         slots = list(itertools.chain.from_iterable(self.seqs.append_slots(r, n) for r, n in enumerate(counts)))
+        window_slots = self._window_begin_step(counts)
         self._columns += q_len
         rows = list(range(batch_size))
         block_table, kv_lens = self.seqs.block_table(rows), self.seqs.kv_lens(rows)
@@ -421,6 +495,28 @@ class PagedCache(Cache):
         max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, self.pool.num_pages, self.page_size, len(slots))
         device = self.kv.device
         token_index = None if new is None else new.flatten().nonzero().squeeze(1).to(device)
-        return ForwardStep(batch_size, q_len, torch.tensor(slots, dtype=torch.int32).to(device),
+        step = ForwardStep(batch_size, q_len, torch.tensor(slots, dtype=torch.int32).to(device),
                            block_table.to(device), kv_lens.to(device), cu_seqlens_q.to(device), max_q_len,
                            int(kv_lens.max()), token_index)
+        if self.window is not None:
+            window_table = self.window.seqs.block_table(rows)
+            check_batch(window_table, kv_lens, cu_seqlens_q, self.window.pool.num_pages, self.page_size,
+                        len(window_slots))
+            self._window_step = dataclasses.replace(
+                step, slot_mapping=torch.tensor(window_slots, dtype=torch.int32).to(device),
+                block_table=window_table.to(device))
+        return step
+
+    def _window_begin_step(self, counts: list[int]) -> list[int]:
+        """The sliding layers' side of a new step: give back what no window reaches any more, then the
+        new tokens' slots (row-major). Empty without window pages."""
+        if self.window is None:
+            return []
+        before = self.window.kv
+        for row in range(len(counts)):
+            self.window.give_back(row)
+        self.window.reserve(dict(enumerate(counts)))
+        if self.window.kv is not before:     # the window pool grew: new tensors
+            self._bind_layers()
+            self._streaming.rebind(self._k, self._v)
+        return list(itertools.chain.from_iterable(self.window.seqs.append_slots(r, n) for r, n in enumerate(counts)))

@@ -26,8 +26,12 @@ def rebuild_rows(cache: PagedCache, sources: list[int]) -> None:
     lens = [cache.num_tokens(s) for s in sources]
     flat = cache.kv.flatten(2, 3)                                      # [L, 2, num_slots, Hkv, D]
     gathered = [flat.index_select(2, cache._slots_of(0, n, s)) for s, n in zip(sources, lens)]
+    window = cache.window
+    held = [] if window is None else [window.gather(s) for s in sources]
     for row in range(cache.batch_size):
         cache.seqs.release(row)
+        if window is not None:
+            window.seqs.release(row)
     ps = cache.page_size
     need = sum(-(-n // ps) for n in lens) - cache.pool.num_free
     if need > 0:
@@ -36,7 +40,12 @@ def rebuild_rows(cache: PagedCache, sources: list[int]) -> None:
     for row, (n, data) in enumerate(zip(lens, gathered)):
         slots = torch.tensor(cache.seqs.append_slots(row, n), dtype=torch.long, device=cache.kv.device)
         flat[:, :, slots] = data
+    for row, (n, (first, data)) in enumerate(zip(lens, held)):
+        window.place(row, first, n, data)
     cache._batch_size = len(sources)
+    if window is not None:
+        cache._bind_layers()            # placing rows may have grown the window pool
+        cache._streaming.rebind(cache._k, cache._v)
 
 
 def grow_pool(cache: PagedCache, min_pages: int) -> None:
@@ -53,14 +62,13 @@ def grow_pool(cache: PagedCache, min_pages: int) -> None:
     kv[:, :, : old.shape[2]] = old
     cache.kv = kv
     cache.pool.grow(extra)
-    cache._k = [kv[layer, 0] for layer in range(kv.shape[0])]
-    cache._v = [kv[layer, 1] for layer in range(kv.shape[0])]
+    cache._bind_layers()
     cache._streaming.rebind(cache._k, cache._v)
 
 
 def _check_one_pool(cache: PagedCache, what: str) -> None:
     """Rows and growth work on the one pool tensor: a cache whose first layers have tensors of their own
     (resident layers of the device tier) is a single chat turn's, never beam-searched or grown."""
-    if cache.kv.shape[0] != cache.layout.num_layers:
+    if cache._separate:
         raise RuntimeError(f"a PagedCache with resident layers cannot have its rows {what}"
                            if what != "grown" else "a PagedCache with resident layers cannot grow its pool")
