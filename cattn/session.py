@@ -33,6 +33,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
+from cattn.session_window import SLACK, WindowEntries, window_key
 from cattn.store.base import EntryKey, KVStore
 from cattn.store.device import DeviceTier, Resident
 from cattn.store.lease import KVLease
@@ -137,6 +138,10 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.key = EntryKey(tenant, fingerprint(model), session_id)
         self.store = MemoryStore() if store is None else store
+        # A model with sliding layers stores only their window, in an entry of its own (cattn.session_window).
+        self._windows = WindowEntries(self.store, self.key, self.layout) \
+            if WindowEntries.applies(self.layout, self._device() is not None) else None
+        self._history: list[int] | None = None      # the stored token ids this turn's history came from
         self.max_context, self.keep_first = max_context, keep_first
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.turns: list[TurnStats] = []
@@ -181,7 +186,7 @@ class ChatSession:
                      else render(self.tokenizer, self.messages, generation_prompt=False))
             if common_prefix(rendered, known) < kf + self._dropped:
                 # Tokens this session dropped were edited: its kept KV no longer follows from the conversation.
-                self.store.delete(self.key)
+                self._forget()
                 self._dropped = 0
         prompt = rendered[:kf] + rendered[kf + self._dropped:]
         prompt, cache, reused, dropped = self._restore(prompt, max_new, max(history - self._dropped - kf, 0))
@@ -204,6 +209,8 @@ class ChatSession:
                                       first, first)
                 except StoreFullError as exc:
                     log.warning("session %r: the store has no room for the turn's KV (%s)", self.key.session, exc)
+            if self._windows is not None and cached:
+                self._save_window(cache, (prompt + reply_ids)[:cached])
         finally:
             self._saves = cache.finish()
         self._saved = False
@@ -220,7 +227,7 @@ class ChatSession:
         self._token_ids = prompt + reply_ids
         total = time.perf_counter() - start
         self.turns.append(TurnStats(len(prompt), reused, len(prompt) - reused, dropped, len(reply_ids),
-                                    cached * cache.nbytes_per_token, timer.ttft_s or total, total,
+                                    cache.held_nbytes(), timer.ttft_s or total, total,
                                     *cache.load_seconds()))
         return reply
 
@@ -266,7 +273,7 @@ class ChatSession:
         if not self._closed:
             self._settle_saves()
         if not self._closed and not self._saved:
-            self.store.delete(self.key)
+            self._forget()
         self._closed = True
 
     def __enter__(self) -> ChatSession:
@@ -303,11 +310,19 @@ class ChatSession:
             in_store = min(drop, reused - kf) if reused > kf else 0
             if in_store:
                 self.store.truncate(self.key, in_store, kf)
+                if self._windows is not None:
+                    self._windows.truncated(stored.tolist(), in_store, kf)
+                stored = torch.cat([stored[:kf], stored[kf + in_store:]])
             self._dropped += drop
             prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
+        self._history = None if stored is None else stored.tolist()   # what the store holds now
         max_tokens = len(prompt) + max_new
         if (device := self._device()) is None:
-            cache = PagedCache(self.model, max_tokens=max_tokens, window_pages=False)
+            # The sliding layers' pages: the window's reach of the history and the prefill, in one step.
+            window_tokens = len(prompt) - reused + self.layout.page_size + (
+                0 if self._windows is None else self._windows.window + 2 * SLACK)
+            cache = PagedCache(self.model, max_tokens=max_tokens, window_pages=self._windows is not None,
+                               window_slack=SLACK, window_tokens=window_tokens)
             return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
         res = device.take(self.key, torch.tensor(prompt[:reused], dtype=torch.long), self.layout.num_layers) \
             if reused else None
@@ -390,15 +405,23 @@ class ChatSession:
             return 0
         lay, own = lease.layout, self.layout
         if ((lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) !=
-                (own.num_layers, own.num_kv_heads, own.head_dim, cache.kv.dtype)
+                (len(cache.stored_layers), own.num_kv_heads, own.head_dim, cache.kv.dtype)
                 or lease.token_ids.tolist() != prompt[:reused]):
             lease.release()
-            self.store.delete(self.key)  # changed or corrupt since the lookup: a miss, never wrong KV
+            self._forget()  # changed or corrupt since the lookup: a miss, never wrong KV
             return 0
+        tail = None
+        if cache.window is not None:
+            tail = self._windows.acquire(self._history, reused)
+            if tail is None:     # the sliding layers' window is not there: recompute the turn
+                lease.release()
+                return 0
         try:
-            cache.load_layerwise(lease, preload=self._preload(cache, lease, len(prompt) - reused))
+            cache.load_layerwise(lease, preload=self._preload(cache, lease, len(prompt) - reused), window=tail)
         except BaseException:
             lease.release()
+            if tail is not None:
+                tail.release()
             raise
         if res is not None:
             self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
@@ -414,6 +437,24 @@ class ChatSession:
         k = preload_layers(layers, lease.nbytes / layers / self._bandwidth(cache.kv.device),
                            self._layer_s_per_token * new_tokens)
         return max(0, k - cache.resident_layers)
+
+    def _save_window(self, cache: PagedCache, history: list[int]) -> None:
+        """Save the sliding layers' window of ``history`` (what the global entry will hold) under its own
+        key, and forget the entry of the history this turn started from."""
+        try:
+            cache.save_window(self.store, window_key(self.key, history), torch.tensor(history, dtype=torch.long))
+        except StoreFullError as exc:
+            log.warning("session %r: the store has no room for the sliding layers' KV (%s)", self.key.session, exc)
+        if self._history is not None and self._history != history:
+            self._windows.delete(self._history)
+        self._history = None
+
+    def _forget(self) -> None:
+        """Delete the session's stored KV, its sliding layers' entry included."""
+        stored = self.store.lookup(self.key)
+        if self._windows is not None and stored is not None:
+            self._windows.delete(stored.tolist())
+        self.store.delete(self.key)
 
     def _settle_saves(self) -> None:
         """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save

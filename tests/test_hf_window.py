@@ -117,13 +117,48 @@ def test_crop_and_truncate_refuse_to_bring_given_back_tokens_into_the_window(tin
     torch.testing.assert_close(windowed, full, **FP32)
 
 
-def test_store_streaming_needs_every_token_and_says_how(tiny_model):
+def test_a_history_saved_and_loaded_by_kind_continues_as_if_every_token_were_kept(tiny_model):
+    """Global layers saved whole, sliding layers their window only (`save_window`); a new cache loads
+    both (`load_layerwise(..., window=)`) and the next steps equal a cache that kept everything."""
+    model = patched(tiny_model("gemma2", sliding_window=WINDOW))
+    ids = torch.randint(0, 256, (1, 30))
+    store, key, wkey = MemoryStore(), EntryKey("t", "0" * 16, "s"), EntryKey("t", "1" * 16, "s")
+    first = PagedCache(model, max_tokens=32)
+    full = PagedCache(model, max_tokens=32, window_pages=False)
+    with torch.no_grad():
+        for c in (first, full):
+            model(ids[:, :20], **{CACHE_KWARG: c})
+            model(ids[:, 20:21], **{CACHE_KWARG: c})
+    first.save_tokens(store, key, ids[0, :21], 0, 0)
+    start = first.save_window(store, wkey, ids[0, :21])
+    assert store.load(key).k.shape[:2] == (1, 21)            # the global layer, every token
+    tail = store.load(wkey)
+    assert tail.k.shape[0] == 1 and tail.num_tokens == 21 - start <= WINDOW - 1 + PAGE - 1
+    again = PagedCache(model, max_tokens=32)
+    with pytest.raises(ValueError, match="window: the sliding layers' last tokens"):
+        again.load_layerwise(store.load(key))
+    with pytest.raises(ValueError, match="window of 6 needs the last 5"):
+        again.load_layerwise(store.load(key), window=store.load(wkey, 3))
+    again.load_layerwise(store.load(key), window=tail)
+    with torch.no_grad():
+        got = [model(ids[:, 21:25], **{CACHE_KWARG: again}).logits, model(ids[:, 25:26], **{CACHE_KWARG: again}).logits]
+        want = [model(ids[:, 21:25], **{CACHE_KWARG: full}).logits, model(ids[:, 25:26], **{CACHE_KWARG: full}).logits]
+    again.finish()
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), **FP32)
+
+
+def test_store_streaming_refusals_say_what_to_do(tiny_model):
+    key = EntryKey("t", "0" * 16, "s")
+    every_layer_slides = PagedCache(patched(tiny_model("mistral", sliding_window=WINDOW)), max_tokens=16)
+    with pytest.raises(ValueError, match="every layer of this model slides.*window_pages=False"):
+        every_layer_slides.save_next_step(MemoryStore(), key, torch.arange(3), 0)
     model = patched(tiny_model("gemma2", sliding_window=WINDOW))
     cache = PagedCache(model, max_tokens=16)
-    key = EntryKey("t", "0" * 16, "s")
-    with pytest.raises(ValueError, match="window_pages=False"):
-        cache.save_next_step(MemoryStore(), key, torch.arange(3), 0)
     with pytest.raises(ValueError, match="window_pages=False"):
         cache.load(torch.zeros(2, 3, 2, 16), torch.zeros(2, 3, 2, 16))
     full = PagedCache(model, max_tokens=16, window_pages=False)
     assert full.window is None and full.kv.shape[0] == model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="save_window: this cache has no window pages"):
+        full.save_window(MemoryStore(), key, torch.arange(0))
+    with pytest.raises(ValueError, match="window_slack must be an int >= 0"):
+        PagedCache(model, window_slack=-1)

@@ -21,30 +21,29 @@ from its last turn: those layers are attended in place (no copy) and only the ot
 at the end of the turn `take_resident` hands the first layers' pages back to the tier.
 
 Sliding-window layers keep only what their window can still reach, in a page space of their own
-(`cattn.hf.window`), unless the cache streams to or from a host store (``window_pages=False``).
+(`cattn.hf.window`); with a host store their K/V go to an entry of their own (`save_window`,
+``load_layerwise(..., window=)``), the global layers' to the session's (`stored_layers`).
+The host store's side of the cache is `cattn.hf.cache_store.StoreTraffic`.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from concurrent.futures import Future
 
 import torch
 from transformers.cache_utils import Cache
 
 from cattn.hf.resident import check_resident, separate_layers
 from cattn.hf import rows
+from cattn.hf.cache_store import StoreTraffic
 from cattn.hf.step import ForwardStep, PagedLayout
 from cattn.hf.streaming import StoreStreaming
 from cattn.hf.window import WindowPages
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError, SequencePages
-from cattn.store.base import EntryKey, KVEntry, KVStore
 from cattn.store.device import Resident
-from cattn.store.layout import KVLayout
-from cattn.store.lease import KVLease, Segment
 
-class PagedCache(Cache):
+class PagedCache(StoreTraffic, Cache):
     """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.
 
     Pass it to the model as its cache (``model.generate(ids, past_key_values=cache)``;
@@ -67,9 +66,13 @@ class PagedCache(Cache):
         grow: when the pool is full, enlarge it (at least doubling) instead of raising
             `PoolExhaustedError`; the cache `generate` creates for a patched model grows.
         window_pages: sliding-window layers give back the pages their window has passed
-            (`cattn.hf.window`; their own pool grows as a step needs). False keeps every token in
-            every layer, which the host store's streaming (`load_layerwise`, `save_next_step`,
-            `save_tokens`, `load`) needs; resident or kept layers imply it.
+            (`cattn.hf.window`; their own pool grows as a step needs). False keeps every token of
+            every layer, as `load` and a model whose every layer slides need for a store; resident
+            or kept layers imply it.
+        window_slack: with window pages, tokens kept before each window's reach.
+        window_tokens: with window pages, tokens per row their pool starts with (default the window,
+            the slack and a page). It grows when a step needs more, except while a store transfer is
+            in flight (`PoolExhaustedError` then): a caller that streams sizes it for its first step.
 
     With a host store, `load_layerwise` streams a history in layer by layer during the next
     forward step and `save_next_step` saves that step's new K/V layer by layer (``step_saved``
@@ -79,7 +82,7 @@ class PagedCache(Cache):
     def __init__(self, model, *, batch_size: int = 1, max_tokens: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  resident: Resident | None = None, keep_layers: int = 0, headroom: float = 0.5, grow: bool = False,
-                 window_pages: bool = True):
+                 window_pages: bool = True, window_slack: int = 0, window_tokens: int | None = None):
         layout = PagedLayout.of(model)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -108,7 +111,10 @@ class PagedCache(Cache):
         # the rest share one pool tensor. Slots past a sequence's kv_len are never read: no initialisation.
         separate = max(keep_layers, 0 if resident is None else resident.num_layers)
         windowed = window_pages and separate == 0 and any(w is not None for w in layout.sliding_windows)
-        self.window = WindowPages(layout, batch_size, max_tokens, dtype, device) if windowed else None
+        if not isinstance(window_slack, int) or window_slack < 0:
+            raise ValueError(f"window_slack must be an int >= 0, got {window_slack!r}")
+        self.window = WindowPages(layout, batch_size, max_tokens, dtype, device, window_slack, window_tokens) \
+            if windowed else None
         self._separate = separate
         main_layers = layout.num_layers - separate - (len(self.window.layers) if windowed else 0)
         self.kv = torch.empty(main_layers, 2, num_pages, layout.page_size, layout.num_kv_heads,
@@ -162,107 +168,6 @@ class PagedCache(Cache):
         background on CUDA)."""
         self._streaming.layer_written(layer_idx)
 
-    # ---- the host store: layer-wise loading, per-layer saving ------------------------------------
-    def load_layerwise(self, source: KVLease | KVEntry, preload: int = 0) -> None:
-        """Append history to the (single) sequence, copied into the pages layer by layer during the
-        next forward step: layer ``l``'s attention waits for layer ``l``'s copy only (`wait_layer`).
-
-        Args:
-            source: the history's K/V, ``[num_layers, n, num_kv_heads, head_dim]`` pre-RoPE per
-                segment: a `KVLease` (``TieredStore.acquire``: pinned pool views, copied in place,
-                released once copied) or a `KVEntry`.
-            preload: layers to copy now, before the forward starts (see `cattn.store.preload_layers`).
-
-        Token ``i`` lands at ``num_tokens() + i``; with resident layers, ``source`` must be the tokens
-        they hold (ValueError otherwise), and only the other layers are copied. Raises ValueError if the
-        layout or dtype differs from the cache's, `PoolExhaustedError` if the pages cannot hold it;
-        nothing changes then.
-        """
-        self._check_every_token("load_layerwise")
-        lease = KVLease.from_entry(source) if isinstance(source, KVEntry) else source
-        lay = lease.layout
-        expect = (self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim, self.kv.dtype)
-        if (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) != expect:
-            raise ValueError(f"source: history of layout {lay} does not fit this cache's (num_layers, num_kv_heads, "
-                             f"head_dim, dtype) = {expect}")
-        self._check_single("load_layerwise")
-        if self._streaming.load_in_flight:
-            raise RuntimeError("a history load is already in flight: run a forward step or finish() first")
-        n, r = lease.num_tokens, self.resident_layers
-        if self._resident_tokens:
-            if n != self._resident_tokens:
-                raise ValueError(f"source: {n} tokens, but the resident layers hold {self._resident_tokens}")
-            slots = self._slots_of(0, n)
-            self._resident_tokens = 0
-            # Only the layers that are not resident stream in: a lease over their slices (no copy).
-            lease = KVLease(lease.token_ids, [Segment(s.start, s.k[r:], s.v[r:]) for s in lease.segments],
-                            KVLayout(lay.num_layers - r, lay.num_kv_heads, lay.head_dim, lay.dtype),
-                            on_release=lease.release, on_transfer=lease.record_transfer)
-        else:
-            self._reserve({0: n})
-            slots = torch.tensor(self.seqs.append_slots(0, n), dtype=torch.long, device=self.kv.device)
-            self._columns = self.num_tokens(0)
-            r = 0
-        self._streaming.load(lease, slots, preload, first_layer=r)
-
-    def take_resident(self, token_ids: torch.Tensor, num_layers: int) -> Resident:
-        """After the turn (`finish`): the first ``num_layers`` layers' pages (at most those with tensors
-        of their own) as a `Resident` of the sequence's tokens ``token_ids [n] int64`` (``n`` =
-        `num_tokens`), for `DeviceTier.put`. The cache must not be used afterwards."""
-        self._check_single("take_resident")
-        if token_ids.numel() != self.num_tokens(0):
-            raise ValueError(f"token_ids: {token_ids.numel()} ids for {self.num_tokens(0)} cached tokens")
-        keep = min(num_layers, self._separate)
-        res = Resident(token_ids.cpu(), list(self.seqs.seqs[0].pages), self._k[:keep], self._v[:keep])
-        self._k, self._v = [], []   # handed over: any later use fails loudly
-        return res
-
-    def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int) -> None:
-        """Save the next forward step's new K/V to ``store`` layer by layer, as each layer writes it.
-
-        Args:
-            store: with ``begin_save`` (`TieredStore`) the copies land in its pinned pool; any other
-                `KVStore` gets them through ``save`` after the last layer.
-            key: the session; ``start``: its tokens already stored (the step's tokens follow them).
-            token_ids: ``[m] int64``, the step's new tokens (a single sequence).
-
-        If the store cannot take them when the step starts (`StoreFullError`), or the step's tokens
-        are not ``m``, nothing is saved and `step_saved` stays False.
-        """
-        self._check_single("save_next_step")
-        self._check_every_token("save_next_step")
-        self._streaming.save_next_step(store, key, token_ids, start)
-
-    @property
-    def step_saved(self) -> bool:
-        """The last `save_next_step` request was taken up: the step's new K/V go to the store."""
-        return self._streaming.step_saved
-
-    def save_tokens(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int, first: int) -> None:
-        """Save the K/V of the sequence's tokens ``[first, first + m)`` (all layers at once: decode tokens
-        at the end of a turn) as ``key``'s tokens after its first ``start``; ``token_ids [m] int64``.
-        Raises `StoreFullError` if the store has no room."""
-        self._check_single("save_tokens")
-        self._check_every_token("save_tokens")
-        self._streaming.finish_load()
-        self._streaming.save_tokens(store, key, token_ids, start, self._slots_of(first, first + token_ids.numel()))
-
-    def finish(self) -> list[Future]:
-        """Done with the store for now: complete the history load (releasing its lease), order the current
-        stream after every save's copies (so the pages may be freed or reused), and hand over the saves'
-        futures (each: None, or the commit's exception). The turn itself never waits for its saves."""
-        return self._streaming.finish()
-
-    def load_seconds(self) -> tuple[float, float]:
-        """``(hidden, exposed)`` seconds of the last completed history load (after `finish`)."""
-        return self._streaming.load_seconds()
-
-    def layer_seconds(self) -> tuple[int, float] | None:
-        """``(new tokens, seconds per layer)`` measured in the last prefill step (a step of more than one
-        new token per sequence): the median time from one layer's history wait to the next's, i.e. one
-        layer's compute without load stalls. None if not measured (a one-layer model, no prefill yet)."""
-        return self._streaming.layer_seconds()
-
     # ---- history in and out --------------------------------------------------------------------
     def num_tokens(self, row: int = 0) -> int:
         """Tokens cached for sequence ``row``."""
@@ -291,7 +196,7 @@ class PagedCache(Cache):
         With window pages, ``start`` must not be before `first_held` (ValueError)."""
         self._streaming.finish_load()
         slots = self._slots_of(start, end, row)
-        window_slots = None if self.window is None else self._window_slots(start, end, row)
+        window_slots = None if self.window is None else self.window.slots(row, start, end)
         k, v = [], []
         for layer, (kc, vc) in enumerate(zip(self._k, self._v)):
             at = window_slots if self.window is not None and layer in self.window.layers else slots
@@ -302,7 +207,7 @@ class PagedCache(Cache):
     def first_held(self, row: int = 0) -> int:
         """The first token of sequence ``row`` whose K/V every layer still holds: 0, unless sliding
         layers gave back the pages their window passed (``window_pages``)."""
-        return 0 if self.window is None else self.window.seqs.first_held(row)
+        return 0 if self.window is None else self.window.first_held(row)
 
     def truncate(self, num_drop: int, keep_first: int = 0) -> int:
         """Drop the oldest tokens of the (single) sequence after its first ``keep_first``; the kept
@@ -315,11 +220,19 @@ class PagedCache(Cache):
             dropped = min(-(-num_drop // self.page_size) * self.page_size, n - kf)
             self.window.check_keeps(0, n, kf, dropped)
             self.window.seqs.truncate(0, num_drop, keep_first, caches=[self.window.kv.permute(2, 3, 0, 1, 4, 5)])
+            self.window.truncated(0, kf, dropped)
         sep = self._separate
         caches = [self.kv.permute(2, 3, 0, 1, 4, 5), *self._k[:sep], *self._v[:sep]]
         dropped = self.seqs.truncate(0, num_drop, keep_first, caches=caches)
         self._columns -= dropped
         return dropped
+
+    def held_nbytes(self, row: int = 0) -> int:
+        """Bytes of K and V that sequence ``row`` holds over all layers (sliding layers with window pages
+        hold only their window's tokens)."""
+        n, per_layer = self.num_tokens(row), self.nbytes_per_token // self.layout.num_layers
+        sliding = 0 if self.window is None else len(self.window.layers) * (n - self.first_held(row))
+        return per_layer * (len(self.stored_layers) * n + sliding)
 
     @property
     def nbytes_per_token(self) -> int:
@@ -385,8 +298,8 @@ class PagedCache(Cache):
         self._streaming.finish_load()
         for row in range(self._batch_size):
             n = max(self.num_tokens(row) - remove, 0)
-            if self.window is not None and n - self.window.window + 1 < self.window.seqs.first_held(row):
-                raise ValueError(f"crop: the sliding layers gave back tokens [0, {self.window.seqs.first_held(row)}) "
+            if self.window is not None and n - self.window.window + 1 < self.window.first_held(row):
+                raise ValueError(f"crop: the sliding layers gave back tokens [0, {self.window.first_held(row)}) "
                                  f"of row {row}, which a window ending at token {n} would reach; a PagedCache(..., "
                                  "window_pages=False) can be cropped that far")
         for row in range(self._batch_size):
@@ -398,10 +311,11 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         self.finish()
-        for seqs in (self.seqs, *(() if self.window is None else (self.window.seqs,))):
-            for row in range(self._batch_size):
-                seqs.release(row)
-                seqs.append_slots(row, 0)
+        for row in range(self._batch_size):
+            self.seqs.release(row)
+            self.seqs.append_slots(row, 0)
+            if self.window is not None:
+                self.window.reset(row)
         self._columns, self._step = 0, None
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -422,16 +336,6 @@ class PagedCache(Cache):
         if not 0 <= start <= end <= self.num_tokens(row):
             raise ValueError(f"token range [{start}, {end}) is outside the {self.num_tokens(row)} cached tokens")
         pages, ps = self.seqs.seqs[row].pages, self.page_size
-        return torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
-                            device=self.kv.device)
-
-    def _window_slots(self, start: int, end: int, row: int = 0) -> torch.Tensor:
-        """``[end - start] int64``: the slots of tokens ``[start, end)`` of ``row`` in the sliding layers' pages."""
-        held = self.window.seqs.first_held(row)
-        if start < held:
-            raise ValueError(f"token range [{start}, {end}): the sliding layers gave back tokens [0, {held}) "
-                             "(a PagedCache(..., window_pages=False) keeps them)")
-        pages, ps = self.window.seqs.seqs[row].pages, self.page_size
         return torch.tensor([pages[i // ps] * ps + i % ps for i in range(start, end)], dtype=torch.long,
                             device=self.kv.device)
 
@@ -515,8 +419,12 @@ class PagedCache(Cache):
         before = self.window.kv
         for row in range(len(counts)):
             self.window.give_back(row)
+        if self._streaming.load_in_flight and self.window.needs_pages(dict(enumerate(counts))):
+            raise PoolExhaustedError(f"the sliding layers' pages ({self.window.pool.num_free} free) cannot take this "
+                                     "step's tokens and cannot grow while a history streams into them: create the "
+                                     "PagedCache with a larger window_tokens")
         self.window.reserve(dict(enumerate(counts)))
-        if self.window.kv is not before:     # the window pool grew: new tensors
+        if self.window.kv is not before:     # the window pool grew: new tensors, which no save reads
             self._bind_layers()
-            self._streaming.rebind(self._k, self._v)
+            self._streaming.rebind(self._k, self._v, saves_read_others=True)
         return list(itertools.chain.from_iterable(self.window.seqs.append_slots(r, n) for r, n in enumerate(counts)))

@@ -1,10 +1,12 @@
 """`StoreStreaming`: a `PagedCache`'s traffic with the host store, layer by layer.
 
-History streams into the pages through a `LayerLoader`, waited for in ``wait_layer(l)``
+History streams into the pages through `LayerLoader`s, waited for in ``wait_layer(l)``
 before layer ``l`` attends; a step's new K/V streams out through a `LayerSaver`, one layer
 in each ``layer_written(l)``. The cache owns the pages and their slots; this owns the
-loader, the savers and their futures, and the per-layer timing of the last prefill step.
-See docs/store.md.
+loaders, the savers and their futures, and the per-layer timing of the last prefill step.
+A history may come in parts, each a lease over some of the layers with slots of its own (a
+cache whose sliding layers have pages of their own loads their window from a second entry),
+and a save may cover some of the layers. See docs/store.md.
 """
 from __future__ import annotations
 
@@ -37,11 +39,12 @@ class StoreStreaming:
         self._num_layers = len(k_caches)
         self._k_caches, self._v_caches = k_caches, v_caches
         self._cuda = k_caches[0].device.type == "cuda"
-        self._first_loaded = 0                       # layers below it are resident: nothing to wait for
-        self._loader: LayerLoader | None = None      # history streaming into the pages
-        self._loading = False                        # the loader's layers are still waited for, one by one
-        self._save_request: tuple | None = None      # (store, key, token_ids, start) for the next forward step
+        # history streaming into the pages: per part, its loader and {model layer: the lease's layer}
+        self._loaders: list[tuple[LayerLoader, dict[int, int]]] = []
+        self._loading = False                        # the loaders' layers are still waited for, one by one
+        self._save_request: tuple | None = None      # (store, key, token_ids, start, layers) for the next step
         self._saver: LayerSaver | None = None        # saving the current step's new KV, layer by layer
+        self._saver_layers: dict[int, int] = {}      # model layer -> the saver's layer
         self._savers: list[LayerSaver] = []          # savers whose copies may still read the pages
         self._futures: list[Future] = []             # their commits
         self._layer_marks: list = []                 # per layer (before wait, after wait): a step's timing
@@ -52,29 +55,30 @@ class StoreStreaming:
     @property
     def idle(self) -> bool:
         """No load, save request or save copy is in flight: the pool may be replaced (`rebind`)."""
-        return self._loader is None and self._save_request is None and self._saver is None and not self._savers
+        return not self._loaders and self._save_request is None and self._saver is None and not self._savers
 
     @property
     def saving(self) -> bool:
         """A save request or save copies may still read the pages (until `finish`)."""
         return self._save_request is not None or self._saver is not None or bool(self._savers)
 
-    def rebind(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
-        """Use these per-layer caches from now on (the cache grew its pool); only while `idle`."""
-        if not self.idle:
+    def rebind(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], saves_read_others: bool = False) -> None:
+        """Use these per-layer caches from now on (the cache grew its pool); only while `idle`, or with
+        ``saves_read_others`` (the replaced caches are ones no save reads) while no load is in flight."""
+        if self._loaders or not (saves_read_others or self.idle):
             raise RuntimeError("the KV pool cannot be replaced while a store transfer is in flight")
         self._k_caches, self._v_caches = k_caches, v_caches
 
     @property
     def load_in_flight(self) -> bool:
         """A `load` has not been completed by `finish_load` yet."""
-        return self._loader is not None
+        return bool(self._loaders)
 
     # ---- a forward step ------------------------------------------------------------------------
     def before_step(self) -> None:
         """At layer 0, before the step's slots are reserved: complete a load whose every layer the
         previous step waited for (its copies are done, so closing it adds no host sync mid-forward)."""
-        if self._loader is not None and not self._loading:
+        if self._loaders and not self._loading:
             self.finish_load()
 
     def begin_step(self, step: ForwardStep) -> None:
@@ -91,40 +95,47 @@ class StoreStreaming:
         marks = step is not None and step.max_q_len > 1
         if marks:
             self._layer_marks.append(self._mark())
-        if self._loading and layer_idx >= self._first_loaded:
-            self._loader.wait(layer_idx - self._first_loaded)
+        if self._loading:
+            for loader, layers in self._loaders:
+                if layer_idx in layers:
+                    loader.wait(layers[layer_idx])
             self._loading = layer_idx < self._num_layers - 1
         if marks:
             self._layer_marks.append(self._mark())
 
     def layer_written(self, layer_idx: int) -> None:
         """After layer ``layer_idx`` wrote the step's K/V: copy it out; after the last layer, commit."""
-        if self._saver is not None:
-            self._saver.layer_written(layer_idx)
-            if layer_idx == self._num_layers - 1:
+        if self._saver is not None and layer_idx in self._saver_layers:
+            self._saver.layer_written(self._saver_layers[layer_idx])
+            if layer_idx == max(self._saver_layers):
                 self._futures.append(self._saver.finish())
                 self._saver = None
 
     # ---- requests ------------------------------------------------------------------------------
-    def load(self, lease: KVLease, slots: torch.Tensor, preload: int, first_layer: int = 0) -> None:
-        """Stream ``lease``'s history into ``slots`` (``[n] int64``, on the pool's device) during the
-        next forward step, copying its first ``preload`` layers now. With ``first_layer`` > 0 the lease
-        holds layers ``[first_layer, num_layers)`` only (the others are resident)."""
-        self._first_loaded = first_layer
-        self._loader = LayerLoader(lease, self._k_caches[first_layer:], self._v_caches[first_layer:], slots)
+    def load(self, parts: list[tuple[KVLease, list[int], torch.Tensor]], preload_below: int) -> None:
+        """Stream history in during the next forward step: per part, a lease over the model layers
+        ``layers`` (in order), copied into ``slots`` (``[n] int64``, on the pool's device; n the lease's
+        tokens). Layers below ``preload_below`` are copied now. Layers in no part are resident."""
+        for lease, layers, slots in parts:
+            loader = LayerLoader(lease, [self._k_caches[i] for i in layers], [self._v_caches[i] for i in layers],
+                                 slots)
+            self._loaders.append((loader, {layer: i for i, layer in enumerate(layers)}))
+            loader.preload(sum(layer < preload_below for layer in layers))
         self._loading = True
-        self._loader.preload(preload)
 
-    def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int) -> None:
-        """Save the next forward step's new K/V (see `PagedCache.save_next_step`)."""
-        self._save_request = (store, key, token_ids, start)
+    def save_next_step(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int,
+                       layers: list[int] | None = None) -> None:
+        """Save the next forward step's new K/V of ``layers`` (default all; see `PagedCache.save_next_step`)."""
+        self._save_request = (store, key, token_ids, start, list(range(self._num_layers)) if layers is None else layers)
         self.step_saved = False
 
     def save_tokens(self, store: KVStore, key: EntryKey, token_ids: torch.Tensor, start: int,
-                    slots: torch.Tensor) -> None:
-        """Save the K/V in ``slots`` (``[m] int64``) of every layer at once as ``key``'s tokens
+                    slots: torch.Tensor, layers: list[int] | None = None) -> None:
+        """Save the K/V in ``slots`` (``[m] int64``) of ``layers`` (default all) at once as ``key``'s tokens
         ``token_ids [m] int64`` after its first ``start``. Raises `StoreFullError` if the store has no room."""
-        saver = LayerSaver(store, key, token_ids, start, self._k_caches, self._v_caches, slots)
+        layers = range(self._num_layers) if layers is None else layers
+        saver = LayerSaver(store, key, token_ids, start, [self._k_caches[i] for i in layers],
+                           [self._v_caches[i] for i in layers], slots)
         saver.save_all()
         self._savers.append(saver)
         self._futures.append(saver.finish())
@@ -143,10 +154,12 @@ class StoreStreaming:
 
     def finish_load(self) -> None:
         """Complete the history load (every layer copied, lease released, its times reported)."""
-        if self._loader is not None:
-            self._loader.close()
-            self._load_s = (self._loader.hidden_s, self._loader.exposed_s)
-            self._loader, self._loading = None, False
+        if self._loaders:
+            for loader, _ in self._loaders:
+                loader.close()
+            self._load_s = (sum(loader.hidden_s for loader, _ in self._loaders),
+                            sum(loader.exposed_s for loader, _ in self._loaders))
+            self._loaders, self._loading = [], False
 
     # ---- measurements --------------------------------------------------------------------------
     def load_seconds(self) -> tuple[float, float]:
@@ -175,15 +188,16 @@ class StoreStreaming:
 
     def _begin_save(self, step: ForwardStep) -> None:
         """Turn the pending `save_next_step` request into a saver over the step's slots."""
-        store, key, token_ids, start = self._save_request
+        store, key, token_ids, start, layers = self._save_request
         self._save_request = None
         if step.slot_mapping.numel() != token_ids.numel():
             log.warning("not saving per layer: the step has %d new tokens, %d were announced",
                         step.slot_mapping.numel(), token_ids.numel())
             return
         try:
-            self._saver = LayerSaver(store, key, token_ids, start, self._k_caches, self._v_caches,
-                                     step.slot_mapping)
+            self._saver = LayerSaver(store, key, token_ids, start, [self._k_caches[i] for i in layers],
+                                     [self._v_caches[i] for i in layers], step.slot_mapping)
+            self._saver_layers = {layer: i for i, layer in enumerate(layers)}
         except StoreFullError as exc:
             log.warning("not saving session %r per layer: %s", key.session, exc)
             return
