@@ -27,12 +27,11 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
+from cattn.turns import FirstTokenTimer, TurnStats, common_prefix, render
 from cattn.session_window import SLACK, WindowEntries, window_key
 from cattn.store.base import EntryKey, KVStore
 from cattn.store.device import DeviceTier, Resident
@@ -45,67 +44,6 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 log = logging.getLogger(__name__)
 _bandwidth: dict[torch.device, float] = {}   # measured host->device copy bandwidth, once per device
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    """What one `ChatSession.send` did.
-
-    Attributes:
-        prompt_tokens: tokens the model attended to before replying (after any truncation).
-        reused_tokens: prompt tokens whose KV came from the store.
-        prefilled_tokens: prompt tokens computed this turn (``prompt_tokens - reused_tokens``).
-        dropped_tokens: tokens dropped from the context this turn to fit ``max_context``.
-        generated_tokens: tokens of the reply.
-        kv_bytes: bytes of K and V the store keeps for the session after the turn.
-        ttft_s: seconds from the call to the first reply token.
-        total_s: seconds of the whole call.
-        load_hidden_s, load_exposed_s: seconds of the history's layer-wise copy that overlapped the
-            prefill's compute, and that the prefill waited for (the copies before the forward included).
-    """
-
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
-    dropped_tokens: int
-    generated_tokens: int
-    kv_bytes: int
-    ttft_s: float
-    total_s: float
-    load_hidden_s: float = 0.0
-    load_exposed_s: float = 0.0
-
-
-class FirstTokenTimer(BaseStreamer):
-    """A ``generate`` streamer that records when the first new token arrives, then hands on to ``inner``."""
-
-    def __init__(self, start: float, inner: BaseStreamer | None = None):
-        self.start, self.inner = start, inner
-        self.ttft_s: float | None = None
-        self._puts = 0
-
-    def put(self, value):
-        self._puts += 1
-        if self._puts == 2:   # the first put is the prompt
-            self.ttft_s = time.perf_counter() - self.start
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def end(self):
-        if self.inner is not None:
-            self.inner.end()
-
-
-def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template, as a chat server renders them."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class ChatSession:
@@ -192,7 +130,8 @@ class ChatSession:
         prompt, cache, reused, dropped = self._restore(prompt, max_new, max(history - self._dropped - kf, 0))
 
         # The prefill's new KV goes to the store layer by layer, as each layer writes it.
-        cache.save_next_step(self.store, self.key, torch.tensor(prompt[reused:], dtype=torch.long), reused)
+        if cache.stored_layers:
+            cache.save_next_step(self.store, self.key, torch.tensor(prompt[reused:], dtype=torch.long), reused)
         ids = torch.tensor([prompt], device=self.model.device)
         timer = FirstTokenTimer(start, generate_kwargs.pop("streamer", None))
         try:
@@ -203,7 +142,7 @@ class ChatSession:
             cached = cache.num_tokens()          # the prompt and all but the last reply token
             # The decode tokens now, in one go; all of the turn's new tokens if the store refused the prefill's.
             first = len(prompt) if cache.step_saved else reused
-            if cached > first:
+            if cached > first and cache.stored_layers:
                 try:
                     cache.save_tokens(self.store, self.key, torch.tensor((prompt + reply_ids)[first:cached]),
                                       first, first)
@@ -236,9 +175,12 @@ class ChatSession:
         The KV is in the store already: each turn saves its new tokens as it ends."""
         self._settle_saves()
         self._saved = True
-        return {"session_id": self.key.session, "tenant": self.key.tenant, "model": self.key.model,
-                "messages": [dict(m) for m in self.messages], "dropped_tokens": self._dropped,
-                "keep_first": self.keep_first, "max_context": self.max_context}
+        state = {"session_id": self.key.session, "tenant": self.key.tenant, "model": self.key.model,
+                 "messages": [dict(m) for m in self.messages], "dropped_tokens": self._dropped,
+                 "keep_first": self.keep_first, "max_context": self.max_context}
+        if self._windows is not None and self._windows.only:   # no global entry names the stored tokens
+            state["token_ids"] = self._windows.remembered
+        return state
 
     @classmethod
     def open(cls, model, tokenizer, state: dict, *, store: KVStore, tenant: str | None = None) -> ChatSession:
@@ -258,7 +200,9 @@ class ChatSession:
         if state["model"] != session.key.model:
             raise ValueError(f"session {state['session_id']!r} was saved by a different model (fingerprint "
                              f"{state['model']}, this model's is {session.key.model}): its KV cannot be reused")
-        stored = store.lookup(session.key)
+        if session._windows is not None and session._windows.only:
+            session._windows.remembered = state.get("token_ids")
+        stored = session._stored_history()
         if stored is None:
             raise LookupError(f"no stored KV for session {session.key.session!r} of tenant {session.key.tenant!r} "
                               "with this model")
@@ -301,7 +245,7 @@ class ChatSession:
         (in the store: metadata only), then start streaming the stored KV of the prompt's longest cached
         prefix into a fresh cache. Returns the prompt after dropping, the cache, the prompt tokens it
         holds, and the tokens dropped."""
-        stored = self.store.lookup(self.key)
+        stored = self._stored_history()
         reused = 0 if stored is None else min(common_prefix(stored.tolist(), prompt), len(prompt) - 1)
         drop = self._overflow(len(prompt), max_new, droppable)
         if drop:
@@ -309,9 +253,10 @@ class ChatSession:
             # The stored history loses [kf, kf + in_store); in_store < drop only if nothing stored after kf remains.
             in_store = min(drop, reused - kf) if reused > kf else 0
             if in_store:
-                self.store.truncate(self.key, in_store, kf)
                 if self._windows is not None:
-                    self._windows.truncated(stored.tolist(), in_store, kf)
+                    self._windows.truncate(stored.tolist(), in_store, kf)
+                else:
+                    self.store.truncate(self.key, in_store, kf)
                 stored = torch.cat([stored[:kf], stored[kf + in_store:]])
             self._dropped += drop
             prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
@@ -392,36 +337,23 @@ class ChatSession:
         if res is not None and res.num_layers >= self.layout.num_layers:   # fully resident: nothing to copy
             self._device().record_not_copied(reused * self._token_nbytes())
             return reused
-        try:
-            if hasattr(self.store, "acquire"):        # TieredStore: pinned pool views, no staging copy
-                lease = self.store.acquire(self.key, reused)
-            else:
-                entry = self.store.load(self.key, reused)
-                lease = None if entry is None else KVLease.from_entry(entry)
-        except StoreFullError as exc:
-            log.warning("session %r: the store cannot bring its KV up (%s); recomputing", self.key.session, exc)
-            return 0
-        if lease is None:
-            return 0
-        lay, own = lease.layout, self.layout
-        if ((lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) !=
-                (len(cache.stored_layers), own.num_kv_heads, own.head_dim, cache.kv.dtype)
-                or lease.token_ids.tolist() != prompt[:reused]):
-            lease.release()
-            self._forget()  # changed or corrupt since the lookup: a miss, never wrong KV
+        lease = self._acquire(cache, prompt, reused) if cache.stored_layers else None
+        if lease is None and cache.stored_layers:
             return 0
         tail = None
         if cache.window is not None:
             tail = self._windows.acquire(self._history, reused)
             if tail is None:     # the sliding layers' window is not there: recompute the turn
-                lease.release()
+                if lease is not None:
+                    lease.release()
                 return 0
         try:
-            cache.load_layerwise(lease, preload=self._preload(cache, lease, len(prompt) - reused), window=tail)
+            cache.load_layerwise(lease, preload=self._preload(cache, lease or tail, len(prompt) - reused),
+                                 window=tail, num_tokens=reused)
         except BaseException:
-            lease.release()
-            if tail is not None:
-                tail.release()
+            for taken in (lease, tail):
+                if taken is not None:
+                    taken.release()
             raise
         if res is not None:
             self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
@@ -434,9 +366,35 @@ class ChatSession:
         if self._layer_s_per_token is None:
             return layers
         # Resident layers are the first of the rule's k: only the rest of them is copied ahead.
-        k = preload_layers(layers, lease.nbytes / layers / self._bandwidth(cache.kv.device),
+        k = preload_layers(layers, lease.nbytes / lease.layout.num_layers / self._bandwidth(cache.kv.device),
                            self._layer_s_per_token * new_tokens)
         return max(0, k - cache.resident_layers)
+
+    def _acquire(self, cache: PagedCache, prompt: list[int], reused: int) -> KVLease | None:
+        """The stored KV of ``prompt[:reused]`` (the cache's `stored_layers`), or None (a miss)."""
+        try:
+            if hasattr(self.store, "acquire"):        # TieredStore: pinned pool views, no staging copy
+                lease = self.store.acquire(self.key, reused)
+            else:
+                entry = self.store.load(self.key, reused)
+                lease = None if entry is None else KVLease.from_entry(entry)
+        except StoreFullError as exc:
+            log.warning("session %r: the store cannot bring its KV up (%s); recomputing", self.key.session, exc)
+            return None
+        if lease is None:
+            return None
+        lay, own = lease.layout, self.layout
+        if ((lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) !=
+                (len(cache.stored_layers), own.num_kv_heads, own.head_dim, cache.kv.dtype)
+                or lease.token_ids.tolist() != prompt[:reused]):
+            lease.release()
+            self._forget()  # changed or corrupt since the lookup: a miss, never wrong KV
+            return None
+        return lease
+
+    def _stored_history(self) -> torch.Tensor | None:
+        """``[n] int64``: the token ids of the history the store holds for this session, or None."""
+        return self.store.lookup(self.key) if self._windows is None else self._windows.lookup()
 
     def _save_window(self, cache: PagedCache, history: list[int]) -> None:
         """Save the sliding layers' window of ``history`` (what the global entry will hold) under its own
@@ -447,14 +405,16 @@ class ChatSession:
             log.warning("session %r: the store has no room for the sliding layers' KV (%s)", self.key.session, exc)
         if self._history is not None and self._history != history:
             self._windows.delete(self._history)
+        if self._windows.only:
+            self._windows.remembered = list(history)
         self._history = None
 
     def _forget(self) -> None:
         """Delete the session's stored KV, its sliding layers' entry included."""
-        stored = self.store.lookup(self.key)
-        if self._windows is not None and stored is not None:
-            self._windows.delete(stored.tolist())
-        self.store.delete(self.key)
+        if self._windows is not None:
+            self._windows.forget()
+        else:
+            self.store.delete(self.key)
 
     def _settle_saves(self) -> None:
         """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save

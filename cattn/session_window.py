@@ -11,8 +11,12 @@ key names the whole history: the model part is an xxh3-128 of the model fingerpr
 the history's token ids. A history that changed anywhere (an edit, a save that failed, a
 truncation not mirrored) finds no such entry: a miss, and the turn recomputes. On overflow
 the kept tokens' K/V stay valid (as for the global layers), so the entry is re-keyed to the
-truncated history. A model whose every layer slides, or a store with a device tier, keeps
-every token of every layer under the session's key instead.
+truncated history.
+
+A model whose every layer slides has no global entry to name the history's tokens: the
+session remembers them (and `ChatSession.save` hands them over for `open`), and its only
+entry is the window one. A store with a device tier keeps every token of every layer under
+the session's key instead (resident layers hold them all).
 """
 from __future__ import annotations
 
@@ -48,13 +52,39 @@ class WindowEntries:
     def __init__(self, store: KVStore, key: EntryKey, layout: PagedLayout):
         self.store, self.key = store, key
         self.window = max(w for w in layout.sliding_windows if w is not None)
+        self.only = all(w is not None for w in layout.sliding_windows)   # no global entry
+        self.remembered: list[int] | None = None    # with `only`: the token ids of the stored history
 
     @staticmethod
     def applies(layout: PagedLayout, has_device_tier: bool) -> bool:
-        """Sliding layers keep only their window in the store: the model has sliding and global layers
-        and the store has no device tier (whose resident layers hold every token)."""
-        kinds = {w is None for w in layout.sliding_windows}
-        return kinds == {True, False} and not has_device_tier
+        """Sliding layers keep only their window in the store: the model has sliding layers and the
+        store has no device tier (whose resident layers hold every token)."""
+        return any(w is not None for w in layout.sliding_windows) and not has_device_tier
+
+    def lookup(self) -> torch.Tensor | None:
+        """``[n] int64``: the token ids of the session's stored history, or None."""
+        if not self.only:
+            return self.store.lookup(self.key)
+        ids = self.remembered
+        return None if ids is None or self.store.lookup(window_key(self.key, ids)) is None else torch.tensor(ids)
+
+
+    def truncate(self, history: Sequence[int], num_drop: int, keep_first: int) -> None:
+        """Drop tokens ``[keep_first, keep_first + num_drop)`` of the stored ``history``: from the global
+        entry (metadata only) and from the window entry, which takes the truncated history's key."""
+        if not self.only:
+            self.store.truncate(self.key, num_drop, keep_first)
+        self.truncated(history, num_drop, keep_first)
+        if self.only:
+            stop = min(keep_first + num_drop, len(history))
+            self.remembered = list(history[:keep_first]) + list(history[stop:])
+
+    def forget(self) -> None:
+        """Delete everything the session keeps in the store."""
+        if (history := self.lookup()) is not None:
+            self.delete(history.tolist())
+        self.remembered = None
+        self.store.delete(self.key)
 
     def acquire(self, history: Sequence[int], reused: int) -> KVLease | None:
         """The sliding layers' K/V of the stored ``history`` (its token ids, the global entry's) as far as
@@ -65,11 +95,14 @@ class WindowEntries:
         start = len(history) - (0 if tail is None else tail.numel())
         if tail is None or start < 0 or start > reused or (start and reused - self.window + 1 < start):
             return None
-        if hasattr(self.store, "acquire"):
-            lease = self.store.acquire(key, reused - start)
-        else:
-            entry = self.store.load(key, reused - start)
-            lease = None if entry is None else KVLease.from_entry(entry)
+        try:
+            if hasattr(self.store, "acquire"):
+                lease = self.store.acquire(key, reused - start)
+            else:
+                entry = self.store.load(key, reused - start)
+                lease = None if entry is None else KVLease.from_entry(entry)
+        except StoreFullError:
+            return None
         if lease is not None and lease.token_ids.tolist() != list(history[start:reused]):
             lease.release()
             self.store.delete(key)   # not what its key says: a miss, never wrong KV

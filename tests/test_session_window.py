@@ -18,14 +18,18 @@ TEXTS = ["Tell me about the long rivers of the northern plains, please, in some 
 LAYER_TOKEN_BYTES = 2 * 2 * 16 * 4          # (K, V) * KV heads * head_dim * fp32, one layer
 
 
-@pytest.fixture(params=["gemma2", "gemma3"])
+@pytest.fixture(params=["gemma2", "gemma3", "mistral"])   # Mistral: every layer slides, no global entry
 def windowed(request, tiny_model, byte_tokenizer):
     return apply_cattn(tiny_model(request.param, sliding_window=WINDOW), page_size=PAGE), byte_tokenizer
 
 
 def window_entry(session, store):
-    stored = store.lookup(session.key).tolist()
+    stored = session._windows.lookup().tolist()
     return stored, store.load(window_key(session.key, stored))
+
+
+def sliding_layers(model) -> int:
+    return sum(w is not None for w in PagedLayout.of(model).sliding_windows)
 
 
 def test_turns_store_only_the_window_of_sliding_layers_and_equal_stock(windowed):
@@ -42,14 +46,18 @@ def test_turns_store_only_the_window_of_sliding_layers_and_equal_stock(windowed)
             turn.reused_tokens == 0)
         stored, tail = window_entry(session, store)
         assert stored == (prompt + reply_ids(session))[:-1]
-        # The global layer keeps every token; the sliding layer the window's reach, some slack and a page.
-        assert store.load(session.key).k.shape[:2] == (1, len(stored))
-        assert tail.k.shape[0] == 1 and min(len(stored), WINDOW - 1) <= tail.num_tokens
+        # The global layer keeps every token; the sliding ones the window's reach, some slack and a page.
+        sliding = sliding_layers(model)
+        if sliding < 2:
+            assert store.load(session.key).k.shape[:2] == (2 - sliding, len(stored))
+        else:
+            assert store.lookup(session.key) is None         # no global layer: the window entry is all
+        assert tail.k.shape[0] == sliding and min(len(stored), WINDOW - 1) <= tail.num_tokens
         page = PagedLayout.of(model).page_size           # matches_stock patches the model again, with its default
         assert tail.num_tokens <= WINDOW - 1 + SLACK + page - 1
         assert tail.token_ids.tolist() == stored[len(stored) - tail.num_tokens:]
-        assert len(store._entries) == 2                  # the previous turn's window entry is gone
-        assert turn.kv_bytes == LAYER_TOKEN_BYTES * (len(stored) + tail.num_tokens)
+        assert len(store._entries) == 1 + (sliding < 2)   # the previous turn's window entry is gone
+        assert turn.kv_bytes == LAYER_TOKEN_BYTES * ((2 - sliding) * len(stored) + sliding * tail.num_tokens)
     assert len(stored) > 2 * (WINDOW + SLACK)           # long enough that the window entry is a real cut
     session.close()
     assert len(store._entries) == 0
@@ -122,4 +130,4 @@ def test_the_pages_of_a_turn_hold_the_window_only(windowed):
         session.send(text, **GREEDY)
     page = PagedLayout.of(model).page_size
     assert all(h <= WINDOW - 1 + SLACK + page - 1 + 1 for _, h in held) and held[-1][0] > 3 * (WINDOW + SLACK)
-    assert torch.equal(session.store.lookup(session.key), session.token_ids[:-1])
+    assert torch.equal(session._windows.lookup(), session.token_ids[:-1])

@@ -19,20 +19,21 @@ from cattn.store.lease import KVLease, Segment
 class StoreTraffic:
     """`PagedCache`'s methods for the host store (see the module docstring)."""
 
-    def load_layerwise(self, source: KVLease | KVEntry, preload: int = 0,
-                       window: KVLease | KVEntry | None = None) -> None:
+    def load_layerwise(self, source: KVLease | KVEntry | None, preload: int = 0,
+                       window: KVLease | KVEntry | None = None, num_tokens: int | None = None) -> None:
         """Append history to the (single, empty unless resident) sequence, copied into the pages layer by
         layer during the next forward step: layer ``l``'s attention waits for layer ``l``'s copy only.
 
         Args:
             source: the history's K/V, ``[layers, n, num_kv_heads, head_dim]`` pre-RoPE per segment, of
-                every layer, or with window pages of the `stored_layers` only: a `KVLease`
-                (``TieredStore.acquire``: pinned pool views, copied in place, released once copied)
-                or a `KVEntry`.
+                every layer, or with window pages of the `stored_layers` only (None if there are none): a
+                `KVLease` (``TieredStore.acquire``: pinned pool views, copied in place, released once
+                copied) or a `KVEntry`.
             preload: layers to copy now, before the forward starts (see `cattn.store.preload_layers`).
             window: with window pages (and only then), the sliding layers' K/V of the history's last
                 ``m`` tokens, ``[sliding layers, m, num_kv_heads, head_dim]``: at least what the next
                 token's window reaches (``min(n, window - 1)`` tokens), at most ``n``.
+            num_tokens: the history's ``n``; needed only without ``source``.
 
         Token ``i`` lands at ``num_tokens() + i``; with resident layers, ``source`` must be the tokens
         they hold (ValueError otherwise), and only the other layers are copied. Raises ValueError if a
@@ -41,15 +42,23 @@ class StoreTraffic:
         """
         lease = KVLease.from_entry(source) if isinstance(source, KVEntry) else source
         tail = KVLease.from_entry(window) if isinstance(window, KVEntry) else window
-        if self.window is not None:
-            self._check_stores("load_layerwise")
-        self._check_layout("source", lease, len(self.stored_layers))
         if (tail is None) != (self.window is None):
             raise ValueError("window: the sliding layers' last tokens come with a cache whose sliding layers have "
                              "pages of their own (window_pages=True), and only then")
+        if (lease is None) != (not self.stored_layers):
+            raise ValueError("source: the history of the layers that keep every token "
+                             f"({len(self.stored_layers)} of them here), and None only if there are none")
+        if lease is not None:
+            self._check_layout("source", lease, len(self.stored_layers))
+            num_tokens = lease.num_tokens if num_tokens is None else num_tokens
+            if num_tokens != lease.num_tokens:
+                raise ValueError(f"num_tokens: {num_tokens}, but source holds {lease.num_tokens} tokens")
+        elif not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens: the history's length (a positive int) is needed without a source, "
+                             f"got {num_tokens!r}")
         if tail is not None:
             self._check_layout("window", tail, len(self.window.layers))
-            n, m = lease.num_tokens, tail.num_tokens
+            n, m = num_tokens, tail.num_tokens
             if not min(n, self.window.window - 1) <= m <= n:
                 raise ValueError(f"window: {m} tokens, but the next token's window of {self.window.window} needs "
                                  f"the last {min(n, self.window.window - 1)} of the {n} (and at most {n})")
@@ -59,14 +68,16 @@ class StoreTraffic:
         if tail is not None:
             if self.num_tokens(0):
                 raise ValueError("load_layerwise: a cache with window pages takes a history only while empty")
-            self._reserve({0: lease.num_tokens})
-            slots = torch.tensor(self.seqs.append_slots(0, lease.num_tokens), dtype=torch.long, device=self.kv.device)
-            window_slots = self.window.start_at(0, lease.num_tokens - tail.num_tokens, lease.num_tokens)
+            self._reserve({0: num_tokens})
+            slots = torch.tensor(self.seqs.append_slots(0, num_tokens), dtype=torch.long, device=self.kv.device)
+            window_slots = self.window.start_at(0, num_tokens - tail.num_tokens, num_tokens)
             self._bind_layers()           # the window pool may have grown
             self._streaming.rebind(self._k, self._v, saves_read_others=True)
             self._columns = self.num_tokens(0)
-            self._streaming.load([(lease, self.stored_layers, slots), (tail, list(self.window.layers), window_slots)],
-                                 preload_below=preload)
+            parts = [(tail, list(self.window.layers), window_slots)]
+            if lease is not None:
+                parts.insert(0, (lease, self.stored_layers, slots))
+            self._streaming.load(parts, preload_below=preload)
             return
         lay = lease.layout
         n, r = lease.num_tokens, self.resident_layers
