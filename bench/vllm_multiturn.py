@@ -1,5 +1,5 @@
 """Multi-turn chats through vLLM with and without cattn's KV connector (vLLM's prefix caching on in
-both): time to first token and prefilled tokens per turn; a table, and JSON in ``bench/results``.
+both): time to first token and prefilled tokens per turn; a table, and JSON in the results folder.
 
     python -m bench.vllm_multiturn                 # on the embedded SmolLM2; CPU or GPU, unchanged
     python -m bench.vllm_multiturn --model DIR --conversations 8 --turns 6 --kv-cache-mib 256
@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--kv-cache-mib", type=int, default=24, help="vLLM's KV cache (small: its prefix cache evicts)")
     p.add_argument("--dram-mib", type=int, default=256, help="cattn's DRAM tier")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", help="JSON path (default bench/results/vllm_multiturn_<device>.json, or $OUT)")
+    p.add_argument("--out", help="JSON path (default: vllm_multiturn_<device>.json in the results folder)")
     p.add_argument("--child", choices=["vllm", "cattn"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--store-dir", help=argparse.SUPPRESS)
