@@ -236,6 +236,12 @@ def read_manifest(path: Path, key: EntryKey) -> dict:
     finally:
         os.close(fd)
     meta["layout"] = _check_meta(meta, key, None, "manifest")
+    return check_manifest_fields(meta)
+
+
+def check_manifest_fields(meta: dict) -> dict:
+    """``meta`` with its chunks as ``{id: (num_tokens, file bytes)}`` and views as ``[(id, lo, hi)]``, once
+    they agree with each other (wherever the manifest was read from). Raises FormatError."""
     try:
         chunks = {c: (int(m), int(nb)) for c, m, nb in meta["chunks"]}
         views = [(c, int(lo), int(hi)) for c, lo, hi in meta["views"]]

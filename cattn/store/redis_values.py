@@ -61,16 +61,4 @@ def manifest_of(data: bytes, key: EntryKey) -> dict:
     """A manifest value's meta, checked as `fileformat.read_manifest` checks a manifest file."""
     meta, _ = parse_frame(data)
     meta["layout"] = check_key(meta, key, None, "manifest")
-    try:
-        chunks = {c: (int(m), int(nb)) for c, m, nb in meta["chunks"]}
-        views = [(c, int(lo), int(hi)) for c, lo, hi in meta["views"]]
-        ok = (all(ff.CHUNK_ID.fullmatch(c) for c in chunks) and ff.CHUNK_ID.fullmatch(meta["incarnation"])
-              and isinstance(meta["created_ns"], int) and isinstance(meta["version"], int)
-              and all(c in chunks and 0 <= lo < hi <= chunks[c][0] for c, lo, hi in views)
-              and meta["num_tokens"] == sum(hi - lo for _, lo, hi in views))
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ff.FormatError("manifest fields are inconsistent")
-    meta["chunks"], meta["views"] = chunks, views
-    return meta
+    return ff.check_manifest_fields(meta)
