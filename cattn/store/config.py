@@ -48,6 +48,7 @@ class DramConfig:
     policy_ttl_s: float | None = None
     disk_read_bytes_per_s: float | None = None
     pin: bool | None = None
+    partial_prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,8 @@ def build_store(config=None, **overrides):
         lower = shared if lower is None else DiskOverShared(lower, shared)
     kwargs = dict(policy=make_policy(s.policy, ttl=s.policy_ttl_s), high_watermark=s.high_watermark,
                   low_watermark=s.low_watermark, io_threads=s.io_threads, full_timeout_s=s.full_timeout_s,
-                  pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s) | overrides
+                  pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s,
+                  partial_prefetch=s.partial_prefetch) | overrides
     store = TieredStore(s.dram_bytes, lower, **kwargs)
     store.metrics_server = None
     if config.metrics is not None:

@@ -294,10 +294,12 @@ def _unfragment_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     return _free_persisted_locked(st, e) > 0
 
 
-def prefetch_one(st: StoreState, key: EntryKey) -> float | None:
+def prefetch_one(st: StoreState, key: EntryKey,
+                 read_locked: Callable[[StoreState, EntryKey, Entry], int] | None = None) -> tuple[float, int] | None:
     """Read ``key``'s chunks into the pool below the high watermark, first demoting sessions the policy
-    values less than ``key`` if that makes room (as the paper's scheduler does); the seconds the read
-    took, or None if it did not happen."""
+    values less than ``key`` if that makes room (as the paper's scheduler does). ``read_locked(st, key, e)``
+    reads them once room is made and returns the bytes it read (default: all at once); returns the
+    seconds the read took and its bytes, or None if it did not happen."""
     with st.lock:
         e = st.entries.get(key)
         if e is None or e.busy():
@@ -311,7 +313,12 @@ def prefetch_one(st: StoreState, key: EntryKey) -> float | None:
                 return None
             need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
         t0 = time.monotonic()
-        if need and promote_locked(st, key, e, e.views, False):
+        if need and (nbytes := (read_locked or _read_all_locked)(st, key, e)):
             st.counters["disk"]["prefetched"] += 1
-            return time.monotonic() - t0
+            return time.monotonic() - t0, nbytes
         return None
+
+
+def _read_all_locked(st: StoreState, key: EntryKey, e: Entry) -> int:
+    need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
+    return need if promote_locked(st, key, e, e.views, False) else 0

@@ -24,6 +24,7 @@ from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
                                    persist_locked, promote_locked, read_ids_locked)
+from cattn.store.partial import servable_tokens
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
 from cattn.store.readahead import ReadAhead
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                disk_read_bytes_per_s) -> None:
+                disk_read_bytes_per_s, partial_prefetch) -> None:
     """`TieredStore`'s arguments, checked before anything is built."""
     if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
         raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
@@ -52,6 +53,8 @@ def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, f
         raise ValueError(f"full_timeout_s must be a number >= 0, got {full_timeout_s!r}")
     if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
         raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
+    if not isinstance(partial_prefetch, bool):
+        raise TypeError(f"partial_prefetch must be a bool, got {partial_prefetch!r}")
 
 
 class TieredStore(KVStore):
@@ -74,6 +77,11 @@ class TieredStore(KVStore):
         device: the tier above DRAM (`cattn.store.device`), a cache of sessions' first layers on the
             accelerator; the store keeps it consistent (truncate, delete, edits, queue) and empties it at
             `close`. ``store.device`` is what `ChatSession` takes resident layers from.
+        partial_prefetch: a prefetch is worth the part of it that arrives in time (`cattn.store.partial`):
+            reads a deadline makes late are issued anyway, soonest first; each reads its session oldest
+            chunk first; a job that starts mid-read (`job_started`) stops it, and until the session's next
+            save `lookup` and a load of the whole history serve the part in DRAM (the caller prefills the
+            rest). Default False: a read is skipped if late and finished once begun.
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
@@ -82,12 +90,12 @@ class TieredStore(KVStore):
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
                  full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
-                 device: DeviceTier | None = None):
+                 device: DeviceTier | None = None, partial_prefetch: bool = False):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
             _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                        disk_read_bytes_per_s)
+                        disk_read_bytes_per_s, partial_prefetch)
             if device is not None and not isinstance(device, DeviceTier):
                 raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
             self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
@@ -99,7 +107,7 @@ class TieredStore(KVStore):
         self.device = device
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
-        self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
+        self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s, partial_prefetch)
         self._state.counters["dram"]["partial_hits"] = 0   # leases of fewer tokens than stored
 
     @classmethod
@@ -122,7 +130,11 @@ class TieredStore(KVStore):
         st = self._state
         with st.lock:
             e = st.entries.get(key) or self._find_shared_locked(key)
-            if e is None or not read_ids_locked(st, key, e):
+            if e is None:
+                return None
+            if e.dram_prefix_only:   # a stopped partial prefetch: what is in DRAM (ids known) is served
+                return token_ids_of(cut(e.views, 0, servable_tokens(e)))
+            if not read_ids_locked(st, key, e):
                 return None
             return token_ids_of(e.views)
 
@@ -197,7 +209,8 @@ class TieredStore(KVStore):
     def acquire(self, key: EntryKey, num_tokens: int | None = None) -> KVLease | None:
         """The first ``num_tokens`` (default all) tokens of ``key`` as pinned pool views, or None on a miss.
 
-        Chunks on disk are read into the pool first. The lease keeps its chunks in the pool until
+        Chunks on disk are read into the pool first. "All" is what `lookup` shows: with partial prefetch,
+        after a read its job stopped, the part in DRAM. The lease keeps its chunks in the pool until
         released; a concurrent save or truncate of the session does not change what it shows.
         """
         check_key(key)
@@ -209,7 +222,7 @@ class TieredStore(KVStore):
                 return None
             from_disk = False
             while True:  # the lock is released while chunks are read: the history may change meanwhile
-                n = e.num_tokens if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
+                n = servable_tokens(e) if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
                 views = cut(e.views, 0, n)
                 if all(c.offset is not None for c, _, _ in views):
                     break
@@ -276,6 +289,7 @@ class TieredStore(KVStore):
             e.layout = layout  # a change only if start == 0, and then every old chunk retires below
             e.views = cut(e.views, 0, start) + [(c, 0, c.num_tokens) for c in chunks]
             e.chunks.update((c.id, c) for c in chunks)
+            e.dram_prefix_only = False   # the turn that took the prefix saved: the whole history is served again
             st.retire_dead_locked(e)
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
@@ -354,7 +368,8 @@ class TieredStore(KVStore):
         return plan
 
     def job_started(self, key: EntryKey) -> None:
-        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
+        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone; with
+        ``partial_prefetch``, a read of it in flight stops and the job is served the part in DRAM)."""
         check_key(key)
         if self.device is not None:
             self.device.job_started(key)
