@@ -198,3 +198,27 @@ def test_bad_option_is_refused_naming_it(tmp_path):
         with pytest.raises(TypeError, match="partial_prefetch must be a bool"):
             TieredStore(1 << 16, DiskTier(tmp_path, 1 << 20), partial_prefetch=bad)
     TieredStore(1 << 16, DiskTier(tmp_path, 1 << 20)).close()   # the refused stores released the directory
+
+
+def test_the_real_replay_turns_the_option_on(tiny_model, byte_tokenizer, monkeypatch):
+    from cattn.hf import apply_cattn
+    from cattn.replay import real
+    from cattn.store import tiered
+
+    made = []
+    init = tiered.TieredStore.__init__
+
+    def recording_init(self, *args, **kwargs):
+        made.append(kwargs.get("partial_prefetch", False))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiered.TieredStore, "__init__", recording_init)
+    model = apply_cattn(tiny_model("llama"), page_size=4)
+    conversations = {"c0": [("Hello", "Hi"), ("More", "Sure")], "c1": [("Ping", "Pong"), ("Again", "Yes")]}
+    runs = {}
+    for partial in (False, True):
+        turns, _ = real.replay_real(model, byte_tokenizer, conversations, ["c0", "c1", "c0", "c1"], "scheduler",
+                                    1 << 20, 1 << 22, progress=False, partial_prefetch=partial)
+        runs[partial] = [(t.tier, t.reused_tokens) for t in turns]
+    assert made == [False, True]
+    assert runs[True] == runs[False] and runs[True][2][0] == "dram"   # every prefetch finished before its job

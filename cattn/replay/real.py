@@ -9,7 +9,9 @@ CPU). The queue is backlogged: every turn is queued from the start, in the order
 arrival process gives, and the store sees the whole queue as its look-ahead. Where each
 turn found its history (DRAM, disk, nowhere) comes from the store's counters. With
 ``--partial-prefetch`` the store runs with ``partial_prefetch=True`` and the simulator with
-`TierModel.partial_prefetch`, so both model the same prefetch.
+`TierModel.partial_prefetch`. The replay waits for the prefetches before each turn and gives
+no expected starts, so in the store no read is cut short or reordered by it: only the
+simulator's turns can use a part of a read.
 """
 from __future__ import annotations
 
@@ -76,9 +78,10 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
         queue.push(Job(s, 0.0, 1, 0))
     kv_per_token = shape_of(model).kv_bytes_per_token
     with tempfile.TemporaryDirectory(prefix="cattn-replay-") as root:
-        options = dict(policy=pol, **({"partial_prefetch": True} if partial_prefetch else {}))
+        # the run's policy, the file's tiers; the option only when asked, so that a file's setting holds
+        options = {"policy": pol} | ({"partial_prefetch": True} if partial_prefetch else {})
         store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), **options) if store_config is None
-                 else TieredStore.from_config(store_config, **options))   # the run's policy, the file's tiers
+                 else TieredStore.from_config(store_config, **options))
         sessions, sent, turns, kv_tokens = {}, {s: 0 for s in conversations}, [], {}
         bar = None
         if progress:

@@ -185,8 +185,8 @@ class TieredStore(KVStore):
         """Counters per tier. ``dram``/``disk``: hits, misses, bytes in/out, evictions, used and capacity
         bytes, entries; ``dram`` also dropped (evicted with no room below); ``disk`` also corrupt (files
         found bad, dropped), skipped (directory entries it did not make or cannot read, left in place),
-        write_errors, prefetched, read_bytes_per_s (given, or measured on the
-        prefetches; 0 until known);
+        write_errors, prefetched, prefetch_stopped (partial prefetch: reads a starting job stopped),
+        read_bytes_per_s (given, or measured on the prefetches; 0 until known);
         ``transfer``: layer-wise loads and their seconds hidden behind compute vs exposed."""
         st = self._state
         with st.lock:
