@@ -2,7 +2,7 @@
 with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure),
 with and without partial prefetch (a job that starts mid-read is served the prefix in DRAM)."""
 import collections
-import time
+import threading
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cattn.store.base import EntryKey, KVEntry
 from cattn.store.device import DeviceTier, Resident
 from cattn.store.disk import DiskTier
+from cattn.store.migration import _free_persisted_locked, persist_locked
 from cattn.store.policy import Scheduler
 from cattn.store.tiered import TieredStore
 
@@ -25,6 +26,21 @@ CHUNK_TOKENS = 90
 PAGE = 4                            # the device tier's page size here
 LAYER_PAGE_BYTES = 2 * PAGE * H * D * 2
 KEYS = [EntryKey(t, m, s) for t in ("acme", "zeta") for m in ("0123abcd", "fedc9876") for s in ("s0", "s1")]
+
+
+class StartingDisk(DiskTier):
+    """A disk tier that can start a session's job from inside the prefetch lane's read of it (``start_on``:
+    the key and the store), so that the job starts mid-read, between two chunks, every time."""
+
+    start_on = None
+
+    def read_chunk(self, key, layout, chunk_id, num_tokens, into=None):
+        if into is not None and self.start_on and self.start_on[0] == key \
+                and threading.current_thread().name.startswith("cattn-store"):
+            _, store = self.start_on
+            self.start_on = None
+            store.job_started(key)   # the lane holds no store lock while it reads
+        return super().read_chunk(key, layout, chunk_id, num_tokens, into)
 
 
 def make_entry(n: int, seed: int) -> KVEntry:
@@ -57,7 +73,7 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store = self._open()
 
     def _open(self) -> TieredStore:
-        disk = DiskTier(self.dir, self.disk_bytes) if self.disk_bytes else None
+        disk = StartingDisk(self.dir, self.disk_bytes) if self.disk_bytes else None
         return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5,
                            device=DeviceTier(self.device_bytes, policy=Scheduler()), partial_prefetch=self.partial)
 
@@ -136,17 +152,32 @@ class StoreVsDict(RuleBasedStateMachine):
             self.store.job_started(started)
         self.store.update_queue(order[:n])
 
-    @rule(key=st.sampled_from(KEYS))
-    def job_starts_as_its_prefetch_begins(self, key):
-        """A session queued alone whose job starts at once: with partial prefetch the read it kicked off
-        may be stopped mid-way, and the job served the prefix in DRAM."""
+    @precondition(lambda self: self.disk_bytes)
+    @rule(key=st.sampled_from(KEYS), n=st.integers(1, 30), seed=st.integers(0, 2**31))
+    def job_starts_mid_prefetch(self, key, n, seed):
+        """A session (given one more chunk) demoted to disk is queued alone and its job starts while the
+        prefetch lane reads its first chunk: with partial prefetch the read stops after that chunk and the
+        job is served the prefix in DRAM (the rest a later load reads exactly); without, it reads on."""
+        st_ = self.store._state
+        self.save(key, n, seed, 1.0)
+        self.store.sync()
+        with st_.lock:   # down to disk only, if the disk takes it
+            e = st_.entries.get(key)
+            if e is None or e.busy() or not persist_locked(st_, key, e) or st_.entries.get(key) is not e:
+                return
+            _free_persisted_locked(st_, e)
+        st_.disk.start_on = (key, self.store)
         self.store.update_queue([key])
-        lane, deadline = self.store._readahead, time.monotonic() + 0.05
-        while lane.running and lane.reading != key and time.monotonic() < deadline:
-            time.sleep(0.0002)   # catch the lane in the read (if there is one)
-        self.store.job_started(key)
-        if self.partial and key in self.model:
+        self.store.sync()
+        if st_.disk.start_on is not None:   # the lane did not read it (no room): the job starts now
+            st_.disk.start_on = None
+            self.store.job_started(key)
+        else:
+            event("a job started mid-prefetch")
+        if key in self.model:
             self._check(key)
+        if key in self.model:   # the rest is still on disk, whole: a load of every token reads it exactly
+            self._check(key, self.model[key].num_tokens)
 
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key):
