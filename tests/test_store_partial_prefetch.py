@@ -55,13 +55,14 @@ def wait_until(cond, what):
         time.sleep(0.002)
 
 
-def saved_in_turns(tmp_path, turns):
-    """A session saved turn by turn (one chunk each, random sizes and KV) by a store that then shut down:
-    its history is on disk only. Returns the turns' entries."""
-    store = TieredStore(1 << 20, DiskTier(tmp_path, 1 << 24))
+def saved_in_turns(tmp_path, sizes, max_chunk_tokens=None):
+    """A session saved turn by turn (``sizes`` tokens each, random KV; one chunk each unless
+    ``max_chunk_tokens``) by a store that then shut down: its history is on disk only. Returns the turns'
+    entries."""
+    store = TieredStore(1 << 20, DiskTier(tmp_path, 1 << 24), max_chunk_tokens=max_chunk_tokens)
     parts, have = [], 0
-    for _ in range(turns):
-        e = make_entry(random.randint(3, 24), first_id=random.randrange(10_000))
+    for n in sizes:
+        e = make_entry(n, first_id=random.randrange(10_000))
         store.save(key(), e, start=have)
         parts.append(e)
         have += e.num_tokens
@@ -69,10 +70,11 @@ def saved_in_turns(tmp_path, turns):
     return parts
 
 
-def reading_mid_history(tmp_path, turns, read_before):
+def reading_mid_history(tmp_path, turns, read_before, sizes=None, max_chunk_tokens=None):
     """A restarted partial-prefetch store whose lane has read the first ``read_before`` chunks of the session
-    and is blocked in the next one's read."""
-    parts = saved_in_turns(tmp_path, turns)
+    (``turns`` saves of random sizes, or of ``sizes``) and is blocked in the next one's read."""
+    sizes = sizes or [random.randint(3, 24) for _ in range(turns)]
+    parts = saved_in_turns(tmp_path, sizes, max_chunk_tokens)
     disk = GatedDisk(tmp_path, 1 << 24)
     store = TieredStore(1 << 20, disk, policy=Scheduler(), high_watermark=1.0, partial_prefetch=True)
     assert store.update_queue([key()]) == [key()]
@@ -108,6 +110,26 @@ def test_a_job_starting_mid_read_gets_exactly_the_prefix_read_and_the_read_stops
     assert_exact(store.load(key(), whole.num_tokens), whole)
     assert len(disk.read) == turns
     store.close()
+
+
+def test_a_long_turn_split_into_chunks_can_be_stopped_within_it(tmp_path):
+    cap = random.randint(4, 12)
+    n = cap * random.randint(4, 8) + random.randint(0, cap - 1)   # one save: ceil(n / cap) chunks
+    chunks = -(-n // cap)
+    read_before = random.randint(1, chunks - 2)
+    store, disk, parts = reading_mid_history(tmp_path, 1, read_before, sizes=[n], max_chunk_tokens=cap)
+    store.job_started(key())
+    assert_exact(store.load(key()), prefix(parts[0], read_before * cap))
+    disk.permits.release()
+    store.sync()
+    assert len(disk.read) == read_before + 1 and store.stats()["disk"]["prefetch_stopped"] == 1
+    disk.gated = False
+    assert_exact(store.load(key(), n), parts[0])
+    assert len(disk.read) == chunks
+    store.close()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_chunk_tokens must be an int >= 1"):
+            TieredStore(1 << 16, max_chunk_tokens=bad)
 
 
 def test_the_job_saves_after_its_prefix_and_the_history_stays_whole_across_a_restart(tmp_path):

@@ -1,6 +1,7 @@
 """TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences,
 with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure),
-with and without partial prefetch (a job that starts mid-read is served the prefix in DRAM)."""
+with and without partial prefetch (a job that starts mid-read is served the prefix in DRAM) and a cap on
+the tokens of a chunk."""
 import collections
 import threading
 from pathlib import Path
@@ -59,13 +60,14 @@ def _take(e: KVEntry, idx: torch.Tensor) -> KVEntry:
 
 class StoreVsDict(RuleBasedStateMachine):
     @initialize(dram_tokens=st.integers(CHUNK_TOKENS + 8, 2 * CHUNK_TOKENS), disk_kib=st.sampled_from([48, 96, 4096]),
-                use_disk=st.booleans(), device_pages=st.integers(3, 16), partial=st.booleans())
-    def start(self, dram_tokens, disk_kib, use_disk, device_pages, partial):
+                use_disk=st.booleans(), device_pages=st.integers(3, 16), partial=st.booleans(),
+                max_chunk_tokens=st.none() | st.integers(4, 40))
+    def start(self, dram_tokens, disk_kib, use_disk, device_pages, partial, max_chunk_tokens):
         import tempfile
         self.dir = Path(tempfile.mkdtemp(prefix="cattn-store-"))
         self.dram_bytes, self.disk_bytes = dram_tokens * TOKEN_BYTES, disk_kib * 1024 if use_disk else None
         self.device_bytes = device_pages * LAYER_PAGE_BYTES
-        self.partial = partial
+        self.partial, self.max_chunk_tokens = partial, max_chunk_tokens
         self.model: dict[EntryKey, KVEntry] = {}
         self.lost = self.drops_before = 0
         self.chunk_tokens = collections.Counter()   # per key: tokens saved since its history was replaced
@@ -75,7 +77,8 @@ class StoreVsDict(RuleBasedStateMachine):
     def _open(self) -> TieredStore:
         disk = StartingDisk(self.dir, self.disk_bytes) if self.disk_bytes else None
         return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5,
-                           device=DeviceTier(self.device_bytes, policy=Scheduler()), partial_prefetch=self.partial)
+                           device=DeviceTier(self.device_bytes, policy=Scheduler()), partial_prefetch=self.partial,
+                           max_chunk_tokens=self.max_chunk_tokens)
 
     def _tally(self) -> None:
         """What this run exercised (reported by ``--hypothesis-show-statistics``)."""

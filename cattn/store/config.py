@@ -49,6 +49,7 @@ class DramConfig:
     disk_read_bytes_per_s: float | None = None
     pin: bool | None = None
     partial_prefetch: bool = False
+    max_chunk_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def _check(c: StoreConfig) -> None:
          "must be > 0, with policy = 'scheduler'"),
         ("store.disk_read_bytes_per_s", s.disk_read_bytes_per_s is None or 0 < s.disk_read_bytes_per_s < float("inf"),
          "must be a positive number"),
+        ("store.max_chunk_tokens", s.max_chunk_tokens is None or s.max_chunk_tokens >= 1, "must be >= 1"),
     ]
     if c.disk is not None:
         rules += [("disk.path", bool(c.disk.path), "must name a directory"),
@@ -265,7 +267,7 @@ def build_store(config=None, **overrides):
     kwargs = dict(policy=make_policy(s.policy, ttl=s.policy_ttl_s), high_watermark=s.high_watermark,
                   low_watermark=s.low_watermark, io_threads=s.io_threads, full_timeout_s=s.full_timeout_s,
                   pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s,
-                  partial_prefetch=s.partial_prefetch) | overrides
+                  partial_prefetch=s.partial_prefetch, max_chunk_tokens=s.max_chunk_tokens) | overrides
     store = TieredStore(s.dram_bytes, lower, **kwargs)
     store.metrics_server = None
     if config.metrics is not None:

@@ -33,13 +33,14 @@ class StoreFullError(RuntimeError):
 
 def allocate_tokens_locked(st: StoreState, layout: KVLayout, m: int) -> list[tuple[int, int]]:
     """``(offset, num_tokens)`` extents for ``m`` tokens: a save may span several chunks, so free space
-    split by other chunks is used as it is, and only a pool short of space evicts."""
+    split by other chunks is used as it is, and only a pool short of space evicts; none holds more than
+    ``st.max_chunk_tokens`` (the pieces a partial prefetch can stop between)."""
     tnb, deadline = layout.token_nbytes, time.monotonic() + st.full_timeout_s
     while sum(s // tnb for s in st.pool.free_extent_sizes()) < m:
         _make_room_locked(st, layout.payload_nbytes(m), None, deadline)
     pieces, left = [], m
     while left:
-        n = min(left, st.pool.largest_free() // tnb)
+        n = min(left, st.pool.largest_free() // tnb, st.max_chunk_tokens or left)
         pieces.append((st.pool.allocate(layout.extent_nbytes(n)), n))
         left -= n
     return pieces

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                disk_read_bytes_per_s, partial_prefetch) -> None:
+                disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens) -> None:
     """`TieredStore`'s arguments, checked before anything is built."""
     if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
         raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
@@ -55,6 +55,9 @@ def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, f
         raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
     if not isinstance(partial_prefetch, bool):
         raise TypeError(f"partial_prefetch must be a bool, got {partial_prefetch!r}")
+    if max_chunk_tokens is not None and (not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool)
+                                         or max_chunk_tokens < 1):
+        raise ValueError(f"max_chunk_tokens must be an int >= 1 or None, got {max_chunk_tokens!r}")
 
 
 class TieredStore(KVStore):
@@ -82,6 +85,8 @@ class TieredStore(KVStore):
             chunk first; a job that starts mid-read (`job_started`) stops it, and until the session's next
             save `lookup` and a load of the whole history serve the part in DRAM (the caller prefills the
             rest). Default False: a read is skipped if late and finished once begun.
+        max_chunk_tokens: split each save into chunks of at most this many tokens (default: no limit), so
+            that a partial prefetch can stop within a long turn's tokens (a chunk is the piece it reads).
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
@@ -90,16 +95,18 @@ class TieredStore(KVStore):
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
                  full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
-                 device: DeviceTier | None = None, partial_prefetch: bool = False):
+                 device: DeviceTier | None = None, partial_prefetch: bool = False,
+                 max_chunk_tokens: int | None = None):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
             _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                        disk_read_bytes_per_s, partial_prefetch)
+                        disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens)
             if device is not None and not isinstance(device, DeviceTier):
                 raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
             self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
                                      low_watermark, full_timeout_s)
+            self._state.max_chunk_tokens = max_chunk_tokens
         except BaseException:
             if disk is not None:
                 disk.close()
