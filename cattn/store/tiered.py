@@ -9,7 +9,6 @@ and the lower tier in `migration.py`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from cattn.store import fileformat as ff
+from cattn.store.arguments import check_arguments
 from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
 from cattn.store.device import DeviceTier
 from cattn.store.entries import Chunk, Entry, cut, token_ids_of
@@ -35,29 +35,6 @@ from cattn.store.tier import LowerTier
 __all__ = ["StoreFullError", "TieredStore"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens) -> None:
-    """`TieredStore`'s arguments, checked before anything is built."""
-    if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
-        raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
-    if policy is not None and not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a cattn.store.policy.Policy, got {type(policy).__name__}")
-    if not all(isinstance(w, (int, float)) for w in (high_watermark, low_watermark)) \
-            or not 0 < low_watermark <= high_watermark <= 1:
-        raise ValueError(f"need 0 < low_watermark <= high_watermark <= 1, got {low_watermark!r}, {high_watermark!r}")
-    if not isinstance(io_threads, int) or io_threads < 1:
-        raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
-    if not isinstance(full_timeout_s, (int, float)) or not 0 <= full_timeout_s < math.inf:
-        raise ValueError(f"full_timeout_s must be a number >= 0, got {full_timeout_s!r}")
-    if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
-        raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
-    if not isinstance(partial_prefetch, bool):
-        raise TypeError(f"partial_prefetch must be a bool, got {partial_prefetch!r}")
-    if max_chunk_tokens is not None and (not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool)
-                                         or max_chunk_tokens < 1):
-        raise ValueError(f"max_chunk_tokens must be an int >= 1 or None, got {max_chunk_tokens!r}")
 
 
 class TieredStore(KVStore):
@@ -100,7 +77,7 @@ class TieredStore(KVStore):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
-            _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
+            check_arguments(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
                         disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens)
             if device is not None and not isinstance(device, DeviceTier):
                 raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
