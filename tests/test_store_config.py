@@ -16,7 +16,7 @@ from cattn.store.shared import DiskOverShared
 BAD_TOML = {
     "store": {"dram_bytes": '"lots"', "high_watermark": "1.5", "low_watermark": "0", "io_threads": "0",
               "full_timeout_s": "-1", "policy": '"belady"', "policy_ttl_s": "-3", "disk_read_bytes_per_s": "0",
-              "pin": '"maybe"'},
+              "pin": '"maybe"', "partial_prefetch": "1", "max_chunk_tokens": "0"},
     "disk": {"path": '""', "capacity_bytes": "0"},
     "redis": {"urls": '["http://127.0.0.1:6379"]', "cluster": '"yes please"', "username": "7", "password": "[1]",
               "tls": "2", "tls_ca_certs": '"ca.pem"', "timeout_s": "0", "retry_after_s": "-1", "ttl_s": "0",
@@ -26,7 +26,7 @@ BAD_TOML = {
 BAD_ENV = {  # the same keys through the environment, where every value is a string
     "store": {"dram_bytes": "0", "high_watermark": "high", "low_watermark": "0.95", "io_threads": "two",
               "full_timeout_s": "0", "policy": "random", "policy_ttl_s": "x", "disk_read_bytes_per_s": "-1",
-              "pin": "sometimes"},
+              "pin": "sometimes", "partial_prefetch": "partly", "max_chunk_tokens": "many"},
     "disk": {"path": "", "capacity_bytes": "1 parsec"},
     "redis": {"urls": "", "cluster": "2", "username": None, "password": None, "tls": "tls", "tls_ca_certs": "ca.pem",
               "timeout_s": "fast", "retry_after_s": "soon", "ttl_s": "-1", "prefix": "{tag}", "piece_bytes": "0",
@@ -86,12 +86,14 @@ def test_file_then_environment_builds_the_store(tmp_path):
                           "disk": {"path": f'"{tmp_path / "disk"}"', "capacity_bytes": '"16MiB"'},
                           "redis": {"urls": '["redis://127.0.0.1:1/0"]', "timeout_s": "0.2", "ttl_s": "3600"}}))
     c = StoreConfig.load(path, environ={"CATTN_STORE_IO_THREADS": "3", "CATTN_REDIS_CLUSTER": "false",
+                                        "CATTN_STORE_PARTIAL_PREFETCH": "true", "CATTN_STORE_MAX_CHUNK_TOKENS": "64",
                                         "CATTN_CACHE_DIR": "not ours"})
     assert (c.store.dram_bytes, c.store.io_threads, c.disk.capacity_bytes) == (3 << 20, 3, 16 << 20)
     assert (c.redis.urls, c.redis.ttl_s, c.redis.timeout_s) == (("redis://127.0.0.1:1/0",), 3600.0, 0.2)
     # Nothing listens on port 1: the store serves from DRAM and disk, the shared tier counts its misses.
     store = TieredStore.from_config(c)
     lower = store._state.disk
+    assert c.store.partial_prefetch and store._readahead.partial and store._state.max_chunk_tokens == 64
     assert isinstance(lower, DiskOverShared) and isinstance(lower.disk, DiskTier) and isinstance(lower.shared, RedisTier)
     key = EntryKey("t", "0123abcd", "s")
     k = torch.randn(2, 5, 1, 8)

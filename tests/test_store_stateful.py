@@ -1,6 +1,9 @@
 """TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences,
-with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure)."""
+with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure),
+with and without partial prefetch (a job that starts mid-read is served the prefix in DRAM) and a cap on
+the tokens of a chunk."""
 import collections
+import threading
 from pathlib import Path
 
 import torch
@@ -11,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cattn.store.base import EntryKey, KVEntry
 from cattn.store.device import DeviceTier, Resident
 from cattn.store.disk import DiskTier
+from cattn.store.migration import _free_persisted_locked, persist_locked
 from cattn.store.policy import Scheduler
 from cattn.store.tiered import TieredStore
 
@@ -23,6 +27,21 @@ CHUNK_TOKENS = 90
 PAGE = 4                            # the device tier's page size here
 LAYER_PAGE_BYTES = 2 * PAGE * H * D * 2
 KEYS = [EntryKey(t, m, s) for t in ("acme", "zeta") for m in ("0123abcd", "fedc9876") for s in ("s0", "s1")]
+
+
+class StartingDisk(DiskTier):
+    """A disk tier that can start a session's job from inside the prefetch lane's read of it (``start_on``:
+    the key and the store), so that the job starts mid-read, between two chunks, every time."""
+
+    start_on = None
+
+    def read_chunk(self, key, layout, chunk_id, num_tokens, into=None):
+        if into is not None and self.start_on and self.start_on[0] == key \
+                and threading.current_thread().name.startswith("cattn-store"):
+            _, store = self.start_on
+            self.start_on = None
+            store.job_started(key)   # the lane holds no store lock while it reads
+        return super().read_chunk(key, layout, chunk_id, num_tokens, into)
 
 
 def make_entry(n: int, seed: int) -> KVEntry:
@@ -41,12 +60,14 @@ def _take(e: KVEntry, idx: torch.Tensor) -> KVEntry:
 
 class StoreVsDict(RuleBasedStateMachine):
     @initialize(dram_tokens=st.integers(CHUNK_TOKENS + 8, 2 * CHUNK_TOKENS), disk_kib=st.sampled_from([48, 96, 4096]),
-                use_disk=st.booleans(), device_pages=st.integers(3, 16))
-    def start(self, dram_tokens, disk_kib, use_disk, device_pages):
+                use_disk=st.booleans(), device_pages=st.integers(3, 16), partial=st.booleans(),
+                max_chunk_tokens=st.none() | st.integers(4, 40))
+    def start(self, dram_tokens, disk_kib, use_disk, device_pages, partial, max_chunk_tokens):
         import tempfile
         self.dir = Path(tempfile.mkdtemp(prefix="cattn-store-"))
         self.dram_bytes, self.disk_bytes = dram_tokens * TOKEN_BYTES, disk_kib * 1024 if use_disk else None
         self.device_bytes = device_pages * LAYER_PAGE_BYTES
+        self.partial, self.max_chunk_tokens = partial, max_chunk_tokens
         self.model: dict[EntryKey, KVEntry] = {}
         self.lost = self.drops_before = 0
         self.chunk_tokens = collections.Counter()   # per key: tokens saved since its history was replaced
@@ -54,9 +75,10 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store = self._open()
 
     def _open(self) -> TieredStore:
-        disk = DiskTier(self.dir, self.disk_bytes) if self.disk_bytes else None
+        disk = StartingDisk(self.dir, self.disk_bytes) if self.disk_bytes else None
         return TieredStore(self.dram_bytes, disk, policy=Scheduler(), high_watermark=0.8, low_watermark=0.5,
-                           device=DeviceTier(self.device_bytes, policy=Scheduler()))
+                           device=DeviceTier(self.device_bytes, policy=Scheduler()), partial_prefetch=self.partial,
+                           max_chunk_tokens=self.max_chunk_tokens)
 
     def _tally(self) -> None:
         """What this run exercised (reported by ``--hypothesis-show-statistics``)."""
@@ -85,6 +107,9 @@ class StoreVsDict(RuleBasedStateMachine):
             self._lose(key)
         else:
             n = want.num_tokens if num_tokens is None else min(num_tokens, want.num_tokens)
+            if self.partial and num_tokens is None and got.num_tokens < n:
+                event("partial prefetch: a prefix in DRAM served")   # its read was stopped by its job
+                n = got.num_tokens
             assert torch.equal(got.token_ids, want.token_ids[:n])
             assert torch.equal(got.k, want.k[:, :n]) and torch.equal(got.v, want.v[:, :n])
 
@@ -129,6 +154,33 @@ class StoreVsDict(RuleBasedStateMachine):
         if started is not None:
             self.store.job_started(started)
         self.store.update_queue(order[:n])
+
+    @precondition(lambda self: self.disk_bytes)
+    @rule(key=st.sampled_from(KEYS), n=st.integers(1, 30), seed=st.integers(0, 2**31))
+    def job_starts_mid_prefetch(self, key, n, seed):
+        """A session (given one more chunk) demoted to disk is queued alone and its job starts while the
+        prefetch lane reads its first chunk: with partial prefetch the read stops after that chunk and the
+        job is served the prefix in DRAM (the rest a later load reads exactly); without, it reads on."""
+        st_ = self.store._state
+        self.save(key, n, seed, 1.0)
+        self.store.sync()
+        with st_.lock:   # down to disk only, if the disk takes it
+            e = st_.entries.get(key)
+            if e is None or e.busy() or not persist_locked(st_, key, e) or st_.entries.get(key) is not e:
+                return
+            _free_persisted_locked(st_, e)
+        st_.disk.start_on = (key, self.store)
+        self.store.update_queue([key])
+        self.store.sync()
+        if st_.disk.start_on is not None:   # the lane did not read it (no room): the job starts now
+            st_.disk.start_on = None
+            self.store.job_started(key)
+        else:
+            event("a job started mid-prefetch")
+        if key in self.model:
+            self._check(key)
+        if key in self.model:   # the rest is still on disk, whole: a load of every token reads it exactly
+            self._check(key, self.model[key].num_tokens)
 
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key):
@@ -225,6 +277,9 @@ class StoreVsDict(RuleBasedStateMachine):
             self._check(key)
             ids = self.store.lookup(key)
             assert (ids is None) == (key not in self.model)
+            if ids is not None:   # the whole history, or with partial prefetch a prefix of it
+                want = self.model[key].token_ids
+                assert torch.equal(ids, want[:ids.numel()]) and (self.partial or ids.numel() == want.numel())
 
     @invariant()
     def within_capacity(self):

@@ -7,14 +7,18 @@ what is measured, and the history is exactly ShareGPT's (messages are clipped to
 ``--max-user-tokens`` / ``--max-answer-tokens`` so that 50 conversations fit in minutes on a
 CPU). The queue is backlogged: every turn is queued from the start, in the order the
 arrival process gives, and the store sees the whole queue as its look-ahead. Where each
-turn found its history (DRAM, disk, nowhere) comes from the store's counters.
+turn found its history (DRAM, disk, nowhere) comes from the store's counters. With
+``--partial-prefetch`` the store runs with ``partial_prefetch=True`` and the simulator with
+`TierModel.partial_prefetch`. The replay waits for the prefetches before each turn and gives
+no expected starts, so in the store no read is cut short or reordered by it: only the
+simulator's turns can use a part of a read.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cattn.replay.costmodel import CostModel, Hardware, ModelShape
 from cattn.replay.queue import Job, JobQueue
@@ -55,9 +59,11 @@ def shape_of(model) -> ModelShape:
 
 
 def replay_real(model, tok, conversations, order: list[str], policy: str, dram_bytes: int, disk_bytes: int,
-                *, progress: bool = True, store_config=None) -> tuple[list[RealTurn], dict]:
+                *, progress: bool = True, store_config=None, partial_prefetch: bool = False
+                ) -> tuple[list[RealTurn], dict]:
     """Run the turns in ``order`` (session ids; each occurrence is that session's next turn) through
-    `ChatSession`s sharing one `TieredStore`; returns what each turn did and the store's counters."""
+    `ChatSession`s sharing one `TieredStore` (with ``partial_prefetch``: `TieredStore`'s option on);
+    returns what each turn did and the store's counters."""
     from cattn.hf import fingerprint
     from cattn.session import ChatSession
     from cattn.store.base import EntryKey
@@ -72,8 +78,10 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
         queue.push(Job(s, 0.0, 1, 0))
     kv_per_token = shape_of(model).kv_bytes_per_token
     with tempfile.TemporaryDirectory(prefix="cattn-replay-") as root:
-        store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), policy=pol) if store_config is None
-                 else TieredStore.from_config(store_config, policy=pol))   # the run's policy, the file's tiers
+        # the run's policy, the file's tiers; the option only when asked, so that a file's setting holds
+        options = {"policy": pol} | ({"partial_prefetch": True} if partial_prefetch else {})
+        store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), **options) if store_config is None
+                 else TieredStore.from_config(store_config, **options))
         sessions, sent, turns, kv_tokens = {}, {s: 0 for s in conversations}, [], {}
         bar = None
         if progress:
@@ -175,16 +183,18 @@ def run_real(args: argparse.Namespace) -> int:
                                          names=names)]
     shape = shape_of(model)
     dram, disk = args.dram or REAL_DRAM, args.disk or REAL_DISK
+    partial = getattr(args, "partial_prefetch", False)
+    tiers = replace(TIERED_STORE, partial_prefetch=True) if partial else TIERED_STORE
     rows, started = [], time.perf_counter()
     for policy in policies:
         t0 = time.perf_counter()
         turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress,
-                                      store_config=getattr(args, "store_config", None))
+                                      store_config=getattr(args, "store_config", None), partial_prefetch=partial)
         wall = time.perf_counter() - t0
         # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
         cost = CostModel(shape, this_machine(shape, turns))
         simulated = summarize(simulate(same_trace_for_the_simulator(turns), policy,
-                                       counters["dram"]["capacity_bytes"], disk, cost, tiers=TIERED_STORE), cost)
+                                       counters["dram"]["capacity_bytes"], disk, cost, tiers=tiers), cost)
         measured = rates([t.tier for t in turns])
         ttft = [t.ttft_s for t in turns]
         rows.append(dict(policy=policy, turns=len(turns), wall_s=wall, measured=measured,

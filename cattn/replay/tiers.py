@@ -33,7 +33,7 @@ class TierModel:
             expected to start, and stop reading one whose job started without it: the job
             recomputes its history anyway, and the read would delay the reads queued behind it.
             (`TieredStore` skips late reads when the caller gives the jobs' expected starts, which the
-            real replay does not, and always finishes a read it began.)
+            real replay does not, and finishes a read it began unless ``partial_prefetch`` is on.)
         partial_prefetch: a read is worth its part that arrives in time: a job that starts while its
             prefetch is being read uses the tokens already in DRAM (the oldest first) and prefills the
             rest, the read stops there; a read that cannot finish before its job is expected to start
@@ -41,6 +41,10 @@ class TierModel:
             history is on disk only reads the oldest part of it, layer by layer, while the GPU
             prefills the rest layer by layer (layer l of the rest needs layer l of the part read):
             as much as the disk delivers in the time the prefill of the rest takes.
+            `TieredStore(partial_prefetch=True)` does the first two, a chunk (one save) at a time: a
+            job that starts mid-read is served the chunks already in DRAM, the oldest first, and the
+            read stops after the chunk in flight. The layer-wise read of a history on disk only is
+            not in the store: its load reads the chunks it needs before the job starts.
         prefetch_after_save: look for prefetches again once a job's history is saved and DRAM made
             room. (`TieredStore` prefetches only when told of the queue, at `update_queue`.)
         one_read_at_a_time: the disk reads one prefetch at a time, and the next is chosen when it is

@@ -48,6 +48,8 @@ class DramConfig:
     policy_ttl_s: float | None = None
     disk_read_bytes_per_s: float | None = None
     pin: bool | None = None
+    partial_prefetch: bool = False
+    max_chunk_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ def _check(c: StoreConfig) -> None:
          "must be > 0, with policy = 'scheduler'"),
         ("store.disk_read_bytes_per_s", s.disk_read_bytes_per_s is None or 0 < s.disk_read_bytes_per_s < float("inf"),
          "must be a positive number"),
+        ("store.max_chunk_tokens", s.max_chunk_tokens is None or s.max_chunk_tokens >= 1, "must be >= 1"),
     ]
     if c.disk is not None:
         rules += [("disk.path", bool(c.disk.path), "must name a directory"),
@@ -263,7 +266,8 @@ def build_store(config=None, **overrides):
         lower = shared if lower is None else DiskOverShared(lower, shared)
     kwargs = dict(policy=make_policy(s.policy, ttl=s.policy_ttl_s), high_watermark=s.high_watermark,
                   low_watermark=s.low_watermark, io_threads=s.io_threads, full_timeout_s=s.full_timeout_s,
-                  pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s) | overrides
+                  pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s,
+                  partial_prefetch=s.partial_prefetch, max_chunk_tokens=s.max_chunk_tokens) | overrides
     store = TieredStore(s.dram_bytes, lower, **kwargs)
     store.metrics_server = None
     if config.metrics is not None:

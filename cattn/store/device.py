@@ -20,10 +20,11 @@ list of page ids over its tensors.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -66,17 +67,26 @@ class DeviceTier:
         config: a `DeviceTierConfig`, or an int: ``budget_bytes``.
         device: where the pages live (``"cpu"`` runs the same code in host memory).
         policy: picks the session that shrinks or leaves under pressure; default `LRU`.
+        free_bytes: ``() -> int``, the bytes of device memory an allocation can get now, which `make_room`
+            keeps above what a turn needs; called with the tier's lock held, so it must not call the tier.
+            Default: the driver's free memory plus what torch's caching allocator holds unused on CUDA;
+            elsewhere no probe (no device limit: `make_room` releases nothing).
     """
 
     def __init__(self, config: DeviceTierConfig | int, device: torch.device | str = "cpu", *,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, free_bytes: Callable[[], int] | None = None):
         if isinstance(config, int) and not isinstance(config, bool):
             config = DeviceTierConfig(budget_bytes=config)
         if not isinstance(config, DeviceTierConfig):
             raise TypeError(f"config must be a DeviceTierConfig or an int, got {type(config).__name__}")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a cattn.store.policy.Policy, got {type(policy).__name__}")
+        if free_bytes is not None and not callable(free_bytes):
+            raise TypeError(f"free_bytes must be a callable returning an int, got {type(free_bytes).__name__}")
         self.config, self.device = config, torch.device(device)
+        if free_bytes is None and self.device.type == "cuda":
+            free_bytes = functools.partial(_free_device_bytes, self.device)
+        self.free_bytes = free_bytes
         if config.budget_bytes is not None:
             self.budget = config.budget_bytes
         elif self.device.type == "cuda":
@@ -147,16 +157,23 @@ class DeviceTier:
         want = rule_layers if self.config.layers is None else self.config.layers
         return max(0, min(want, self.budget // max(layer_nbytes, 1)))
 
-    def make_room(self, nbytes: int) -> None:
-        """Release resident pages until the device has ``nbytes`` (plus ``reserve_bytes``) free: called
-        before a turn allocates its pages. On CPU there is no device limit to keep within."""
-        if self.device.type != "cuda":
-            return
-        need = nbytes + self.config.reserve_bytes
+    def make_room(self, nbytes: int) -> int:
+        """Demote resident sessions, the policy's victims first, until `free_bytes` reports ``nbytes`` (plus
+        ``reserve_bytes``) free or nothing is resident: called before a turn allocates its pages. The probe is
+        asked again after each demotion, so no session leaves that the room did not need. Without a probe (not
+        CUDA, none given) there is no device limit to keep within. Returns the sessions demoted (each also
+        counted in ``released_for_room``); their KV stays in DRAM."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        if self.free_bytes is None:
+            return 0
+        need, released = nbytes + self.config.reserve_bytes, 0
         with self._lock:
-            while self._resident and _free_device_bytes(self.device) < need:
+            while self._resident and self.free_bytes() < need:
                 self._demote_locked(self._victim_locked(None))
                 self.counters["released_for_room"] += 1
+                released += 1
+        return released
 
     def record_not_copied(self, nbytes: int) -> None:
         with self._lock:

@@ -42,6 +42,10 @@ class Entry:
     io_lock: threading.Lock = field(default_factory=threading.Lock)
     reading: threading.Event | None = None     # a promotion to DRAM is in flight
     removed: bool = False
+    # Partial prefetch (`cattn.store.partial`): its job started while its prefetch was being read, and
+    # the read stopped; until its next save or job, a lookup or a load of "all" shows the part in DRAM.
+    # The history (views, chunks, files) is unchanged: only what is served is shorter.
+    dram_prefix_only: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -33,13 +33,14 @@ class StoreFullError(RuntimeError):
 
 def allocate_tokens_locked(st: StoreState, layout: KVLayout, m: int) -> list[tuple[int, int]]:
     """``(offset, num_tokens)`` extents for ``m`` tokens: a save may span several chunks, so free space
-    split by other chunks is used as it is, and only a pool short of space evicts."""
+    split by other chunks is used as it is, and only a pool short of space evicts; none holds more than
+    ``st.max_chunk_tokens`` (the pieces a partial prefetch can stop between)."""
     tnb, deadline = layout.token_nbytes, time.monotonic() + st.full_timeout_s
     while sum(s // tnb for s in st.pool.free_extent_sizes()) < m:
         _make_room_locked(st, layout.payload_nbytes(m), None, deadline)
     pieces, left = [], m
     while left:
-        n = min(left, st.pool.largest_free() // tnb)
+        n = min(left, st.pool.largest_free() // tnb, st.max_chunk_tokens or left)
         pieces.append((st.pool.allocate(layout.extent_nbytes(n)), n))
         left -= n
     return pieces
@@ -294,10 +295,12 @@ def _unfragment_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     return _free_persisted_locked(st, e) > 0
 
 
-def prefetch_one(st: StoreState, key: EntryKey) -> float | None:
+def prefetch_one(st: StoreState, key: EntryKey,
+                 read_locked: Callable[[StoreState, EntryKey, Entry], int] | None = None) -> tuple[float, int] | None:
     """Read ``key``'s chunks into the pool below the high watermark, first demoting sessions the policy
-    values less than ``key`` if that makes room (as the paper's scheduler does); the seconds the read
-    took, or None if it did not happen."""
+    values less than ``key`` if that makes room (as the paper's scheduler does). ``read_locked(st, key, e)``
+    reads them once room is made and returns the bytes it read (default: all at once); returns the
+    seconds the read took and its bytes, or None if it did not happen."""
     with st.lock:
         e = st.entries.get(key)
         if e is None or e.busy():
@@ -311,7 +314,12 @@ def prefetch_one(st: StoreState, key: EntryKey) -> float | None:
                 return None
             need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
         t0 = time.monotonic()
-        if need and promote_locked(st, key, e, e.views, False):
+        if need and (nbytes := (read_locked or _read_all_locked)(st, key, e)):
             st.counters["disk"]["prefetched"] += 1
-            return time.monotonic() - t0
+            return time.monotonic() - t0, nbytes
         return None
+
+
+def _read_all_locked(st: StoreState, key: EntryKey, e: Entry) -> int:
+    need = sum(c.extent_nbytes for c in chunks_of(e.views) if c.offset is None)
+    return need if promote_locked(st, key, e, e.views, False) else 0

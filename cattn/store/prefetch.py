@@ -8,7 +8,9 @@ jobs with durations and deadlines, maximize the number done on time. Moore and H
 algorithm (1968) solves it exactly: take the reads in deadline order and, whenever the
 last one taken would be late, give up the longest taken so far.
 
-The simulator (`cattn.replay.tiers`) and `TieredStore` both choose their next read with it.
+The simulator (`cattn.replay.tiers`) and `TieredStore` both choose their next read with it; with
+partial prefetch (a late read is still worth what arrives of it) both read every one, soonest
+deadline first (`soonest_first`).
 """
 from __future__ import annotations
 
@@ -64,3 +66,10 @@ def on_time(reads: Sequence[Read], begin: float) -> tuple[list[Hashable], list[H
             busy += neg_seconds
             given_up.append(taken.pop(-neg_i).key)
     return [taken[i].key for i in sorted(taken)] + [r.key for r in reads if r.due is None], given_up
+
+
+def soonest_first(reads: Sequence[Read]) -> list[Hashable]:
+    """Every read, those with a deadline soonest first, then those without in the policy's order: the
+    order when a late read is still worth the part of it that arrives in time (partial prefetch)."""
+    timed = sorted((r for r in reads if r.due is not None), key=lambda r: r.due)
+    return [r.key for r in timed] + [r.key for r in reads if r.due is None]

@@ -9,6 +9,10 @@ policy values less are demoted, and, when the
 caller gave the queued jobs' expected start times, only those the disk can finish in
 time, as many as possible (`cattn.store.prefetch.on_time`). The disk's read bandwidth is
 measured on these reads, unless given.
+
+With partial prefetch (`cattn.store.partial`) a read is worth the part of it that arrives in
+time: every read is issued, soonest expected start first, each reads its session oldest
+chunk first, and one whose job starts meanwhile stops after the chunk in flight.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from collections.abc import Callable, Hashable, Sequence
 from cattn.store.base import EntryKey
 from cattn.store.entries import chunks_of
 from cattn.store.migration import prefetch_one
-from cattn.store.prefetch import Read, on_time
+from cattn.store.partial import read_oldest_first_locked
+from cattn.store.prefetch import Read, on_time, soonest_first
 from cattn.store.state import StoreState
 
 
@@ -31,11 +36,14 @@ class ReadAhead:
         submit: runs a callable in the store's background threads (called with the lock held).
         read_bytes_per_s: the disk's read bandwidth for deadlines (checked by the store); None:
             measured on the reads.
+        partial: partial prefetch (`cattn.store.partial`): late reads are issued, soonest first, and
+            read oldest chunk first; a job that starts mid-read stops it and takes the part in DRAM.
     """
 
     def __init__(self, st: StoreState, submit: Callable[[Callable[[], None]], None],
-                 read_bytes_per_s: float | None = None):
-        self.st, self.submit = st, submit
+                 read_bytes_per_s: float | None = None, partial: bool = False):
+        self.st, self.submit, self.partial = st, submit, partial
+        self.reading: EntryKey | None = None   # the session the lane is reading now
         self.read_bytes_per_s = read_bytes_per_s
         self.measured = read_bytes_per_s is None
         self.due: dict[Hashable, float] = {}  # key -> time.monotonic() its next job is expected to start
@@ -57,7 +65,11 @@ class ReadAhead:
         self.due = due
 
     def started_locked(self, key: Hashable) -> None:
+        """``key``'s job started: its deadline is gone; with partial prefetch, a read of it in flight stops
+        after its current chunk and the job is served the part in DRAM (a new job ends an earlier stop's)."""
         self.due.pop(key, None)
+        if self.partial and (e := self.st.entries.get(key)) is not None:
+            e.dram_prefix_only = key == self.reading
 
     def _missing_bytes(self, key: EntryKey) -> int:
         return sum(c.extent_nbytes for c in chunks_of(self.st.entries[key].views) if c.offset is None)
@@ -67,9 +79,11 @@ class ReadAhead:
         and the bandwidth are known."""
         st = self.st
         on_disk = [k for k, e in st.entries.items() if k not in exclude and e.reading is None
-                   and any(c.offset is None for c, _, _ in e.views)]
+                   and not e.dram_prefix_only and any(c.offset is None for c, _, _ in e.views)]
         allowed = set(on_disk)
         wanted = [k for k in st.policy.prefetch(on_disk) if k in allowed]
+        if self.partial and self.due:  # a late read is still worth what arrives of it: none is skipped
+            return soonest_first([Read(k, 0.0, self.due.get(k)) for k in wanted])
         if not self.due or not self.read_bytes_per_s:
             return wanted
         reads = [Read(k, self._missing_bytes(k) / self.read_bytes_per_s, self.due.get(k)) for k in wanted]
@@ -96,10 +110,15 @@ class ReadAhead:
                     if not plan:  # under the same lock as a `kick_locked` that would find the lane busy
                         self.running = False
                         return
-                    key, nbytes = plan[0], self._missing_bytes(plan[0])
+                    key = self.reading = plan[0]
                 tried.add(key)
-                seconds = prefetch_one(st, key)
-                if seconds is not None and self.measured and nbytes:
+                try:
+                    done = prefetch_one(st, key, read_oldest_first_locked if self.partial else None)
+                finally:
+                    with st.lock:
+                        self.reading = None
+                if done is not None and self.measured:
+                    seconds, nbytes = done
                     rate = nbytes / max(seconds, 1e-9)
                     with st.lock:
                         old = self.read_bytes_per_s

@@ -39,11 +39,12 @@ class StoreState:
         self.entries: dict[EntryKey, Entry] = {}
         self.disk_used = 0
         self.demoting = False            # a background demotion is queued or running
+        self.max_chunk_tokens: int | None = None   # a save is split into chunks of at most this many tokens
         self.counters = {"dram": dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, dropped=0),
                          "transfer": dict(loads=0, bytes=0, load_s_hidden=0.0, load_s_exposed=0.0)}
         if disk is not None:
             self.counters["disk"] = dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, corrupt=0,
-                                         write_errors=0, prefetched=0)
+                                         write_errors=0, prefetched=0, prefetch_stopped=0)
             self._index_lower_tier()
 
     def _index_lower_tier(self) -> None:

@@ -9,7 +9,6 @@ and the lower tier in `migration.py`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from cattn.store import fileformat as ff
+from cattn.store.arguments import check_arguments
 from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
 from cattn.store.device import DeviceTier
 from cattn.store.entries import Chunk, Entry, cut, token_ids_of
@@ -24,6 +24,7 @@ from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
                                    persist_locked, promote_locked, read_ids_locked)
+from cattn.store.partial import servable_tokens
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
 from cattn.store.readahead import ReadAhead
@@ -34,24 +35,6 @@ from cattn.store.tier import LowerTier
 __all__ = ["StoreFullError", "TieredStore"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                disk_read_bytes_per_s) -> None:
-    """`TieredStore`'s arguments, checked before anything is built."""
-    if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
-        raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
-    if policy is not None and not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a cattn.store.policy.Policy, got {type(policy).__name__}")
-    if not all(isinstance(w, (int, float)) for w in (high_watermark, low_watermark)) \
-            or not 0 < low_watermark <= high_watermark <= 1:
-        raise ValueError(f"need 0 < low_watermark <= high_watermark <= 1, got {low_watermark!r}, {high_watermark!r}")
-    if not isinstance(io_threads, int) or io_threads < 1:
-        raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
-    if not isinstance(full_timeout_s, (int, float)) or not 0 <= full_timeout_s < math.inf:
-        raise ValueError(f"full_timeout_s must be a number >= 0, got {full_timeout_s!r}")
-    if disk_read_bytes_per_s is not None and not (0 < disk_read_bytes_per_s < math.inf):
-        raise ValueError(f"disk_read_bytes_per_s must be a positive number or None, got {disk_read_bytes_per_s!r}")
 
 
 class TieredStore(KVStore):
@@ -74,6 +57,13 @@ class TieredStore(KVStore):
         device: the tier above DRAM (`cattn.store.device`), a cache of sessions' first layers on the
             accelerator; the store keeps it consistent (truncate, delete, edits, queue) and empties it at
             `close`. ``store.device`` is what `ChatSession` takes resident layers from.
+        partial_prefetch: a prefetch is worth the part of it that arrives in time (`cattn.store.partial`):
+            reads a deadline makes late are issued anyway, soonest first; each reads its session oldest
+            chunk first; a job that starts mid-read (`job_started`) stops it, and until the session's next
+            save `lookup` and a load of the whole history serve the part in DRAM (the caller prefills the
+            rest). Default False: a read is skipped if late and finished once begun.
+        max_chunk_tokens: split each save into chunks of at most this many tokens (default: no limit), so
+            that a partial prefetch can stop within a long turn's tokens (a chunk is the piece it reads).
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
@@ -82,16 +72,18 @@ class TieredStore(KVStore):
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
                  full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
-                 device: DeviceTier | None = None):
+                 device: DeviceTier | None = None, partial_prefetch: bool = False,
+                 max_chunk_tokens: int | None = None):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
-            _check_args(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                        disk_read_bytes_per_s)
+            check_arguments(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
+                        disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens)
             if device is not None and not isinstance(device, DeviceTier):
                 raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
             self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
                                      low_watermark, full_timeout_s)
+            self._state.max_chunk_tokens = max_chunk_tokens
         except BaseException:
             if disk is not None:
                 disk.close()
@@ -99,7 +91,7 @@ class TieredStore(KVStore):
         self.device = device
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="cattn-store")
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
-        self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s)
+        self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s, partial_prefetch)
         self._state.counters["dram"]["partial_hits"] = 0   # leases of fewer tokens than stored
 
     @classmethod
@@ -122,7 +114,11 @@ class TieredStore(KVStore):
         st = self._state
         with st.lock:
             e = st.entries.get(key) or self._find_shared_locked(key)
-            if e is None or not read_ids_locked(st, key, e):
+            if e is None:
+                return None
+            if e.dram_prefix_only:   # a stopped partial prefetch: what is in DRAM (ids known) is served
+                return token_ids_of(cut(e.views, 0, servable_tokens(e)))
+            if not read_ids_locked(st, key, e):
                 return None
             return token_ids_of(e.views)
 
@@ -173,8 +169,8 @@ class TieredStore(KVStore):
         """Counters per tier. ``dram``/``disk``: hits, misses, bytes in/out, evictions, used and capacity
         bytes, entries; ``dram`` also dropped (evicted with no room below); ``disk`` also corrupt (files
         found bad, dropped), skipped (directory entries it did not make or cannot read, left in place),
-        write_errors, prefetched, read_bytes_per_s (given, or measured on the
-        prefetches; 0 until known);
+        write_errors, prefetched, prefetch_stopped (partial prefetch: reads a starting job stopped),
+        read_bytes_per_s (given, or measured on the prefetches; 0 until known);
         ``transfer``: layer-wise loads and their seconds hidden behind compute vs exposed."""
         st = self._state
         with st.lock:
@@ -197,7 +193,8 @@ class TieredStore(KVStore):
     def acquire(self, key: EntryKey, num_tokens: int | None = None) -> KVLease | None:
         """The first ``num_tokens`` (default all) tokens of ``key`` as pinned pool views, or None on a miss.
 
-        Chunks on disk are read into the pool first. The lease keeps its chunks in the pool until
+        Chunks on disk are read into the pool first. "All" is what `lookup` shows: with partial prefetch,
+        after a read its job stopped, the part in DRAM. The lease keeps its chunks in the pool until
         released; a concurrent save or truncate of the session does not change what it shows.
         """
         check_key(key)
@@ -209,7 +206,7 @@ class TieredStore(KVStore):
                 return None
             from_disk = False
             while True:  # the lock is released while chunks are read: the history may change meanwhile
-                n = e.num_tokens if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
+                n = servable_tokens(e) if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
                 views = cut(e.views, 0, n)
                 if all(c.offset is not None for c, _, _ in views):
                     break
@@ -276,6 +273,7 @@ class TieredStore(KVStore):
             e.layout = layout  # a change only if start == 0, and then every old chunk retires below
             e.views = cut(e.views, 0, start) + [(c, 0, c.num_tokens) for c in chunks]
             e.chunks.update((c.id, c) for c in chunks)
+            e.dram_prefix_only = False   # the turn that took the prefix saved: the whole history is served again
             st.retire_dead_locked(e)
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
@@ -354,7 +352,8 @@ class TieredStore(KVStore):
         return plan
 
     def job_started(self, key: EntryKey) -> None:
-        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone)."""
+        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone; with
+        ``partial_prefetch``, a read of it in flight stops and the job is served the part in DRAM)."""
         check_key(key)
         if self.device is not None:
             self.device.job_started(key)
