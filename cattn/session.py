@@ -30,6 +30,7 @@ from concurrent.futures import Future
 
 import torch
 
+from cattn.buffer_rule import BufferRule
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
 from cattn.turns import FirstTokenTimer, TurnStats, common_prefix, render
 from cattn.session_window import SLACK, WindowEntries, window_key
@@ -38,12 +39,10 @@ from cattn.store.device import DeviceTier, Resident
 from cattn.store.lease import KVLease
 from cattn.store.memory import MemoryStore
 from cattn.store.migration import StoreFullError
-from cattn.store.transfer import copy_bandwidth, preload_layers
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 log = logging.getLogger(__name__)
-_bandwidth: dict[torch.device, float] = {}   # measured host->device copy bandwidth, once per device
 
 
 class ChatSession:
@@ -88,8 +87,7 @@ class ChatSession:
         self._saved = False
         self._closed = False
         self._saves: list[Future] = []              # the last turn's saves, committing in the background on CUDA
-        self._layer_s_per_token: float | None = None  # one layer's prefill compute per new token, as measured
-        self._rule_layers: int | None = None          # the buffer rule's k at the last turn's end
+        self._rule = BufferRule(self.layout.num_layers, self._token_nbytes())   # measured by every turn
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -153,9 +151,7 @@ class ChatSession:
         finally:
             self._saves = cache.finish()
         self._saved = False
-        measured = cache.layer_seconds()
-        if measured is not None:
-            self._layer_s_per_token = measured[1] / measured[0]
+        self._rule.measured(cache.layer_seconds())
         if (device := self._device()) is not None:
             ids = torch.tensor((prompt + reply_ids)[:cached], dtype=torch.long)
             res = cache.take_resident(ids, self.layout.num_layers)
@@ -296,7 +292,7 @@ class ChatSession:
         lay = self.layout
         token_nbytes = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
         layer_nbytes = token_nbytes // lay.num_layers * -(-max_tokens // lay.page_size) * lay.page_size
-        keep = device.layers_for(layer_nbytes, lay.num_layers if self._rule_layers is None else self._rule_layers)
+        keep = device.layers_for(layer_nbytes, self._rule.keep())
         device.make_room(token_nbytes * max_tokens)
         try:
             return PagedCache(self.model, max_tokens=max_tokens, resident=res, keep_layers=keep,
@@ -311,24 +307,12 @@ class ChatSession:
     def _resident_share(self, device: DeviceTier, res: Resident, new_tokens: int) -> int:
         """Layers to keep resident: the buffer rule's ``k`` for a turn of ``new_tokens`` new tokens (from the
         measured copy bandwidth and per-layer compute), within the device tier's budget."""
-        layers = self.layout.num_layers
-        if self._layer_s_per_token is not None and res.num_tokens:
-            bandwidth = self._bandwidth(res.k[0].device if res.k else self.model.device)
-            history_layer_nbytes = res.num_tokens * self._token_nbytes() // layers
-            self._rule_layers = preload_layers(layers, history_layer_nbytes / bandwidth,
-                                               self._layer_s_per_token * max(new_tokens, 1))
-        return device.layers_for(res.layer_nbytes, layers if self._rule_layers is None else self._rule_layers)
+        k = self._rule.resident_layers(res.num_tokens, res.k[0].device if res.k else self.model.device, new_tokens)
+        return device.layers_for(res.layer_nbytes, k)
 
     def _token_nbytes(self) -> int:
         lay = self.layout
         return 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
-
-    @staticmethod
-    def _bandwidth(device) -> float:
-        device = torch.device(device)
-        if device not in _bandwidth:
-            _bandwidth[device] = copy_bandwidth(device, nbytes=(64 if device.type == "cuda" else 8) << 20)
-        return _bandwidth[device]
 
     def _load(self, cache: PagedCache, prompt: list[int], reused: int, res: Resident | None = None) -> int:
         """Start streaming the stored KV of ``prompt[:reused]`` into ``cache``, layer by layer; returns
@@ -348,8 +332,10 @@ class ChatSession:
                     lease.release()
                 return 0
         try:
-            cache.load_layerwise(lease, preload=self._preload(cache, lease or tail, len(prompt) - reused),
-                                 window=tail, num_tokens=reused)
+            first = lease or tail
+            preload = self._rule.preload(first.nbytes / first.layout.num_layers, cache.kv.device,
+                                         len(prompt) - reused, cache.resident_layers)
+            cache.load_layerwise(lease, preload=preload, window=tail, num_tokens=reused)
         except BaseException:
             for taken in (lease, tail):
                 if taken is not None:
@@ -358,17 +344,6 @@ class ChatSession:
         if res is not None:
             self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
         return reused
-
-    def _preload(self, cache: PagedCache, lease: KVLease, new_tokens: int) -> int:
-        """Layers to copy before the forward (the buffer rule, `preload_layers`): from the measured copy
-        bandwidth and this session's measured per-layer prefill compute; all of them before a measurement."""
-        layers = self.layout.num_layers
-        if self._layer_s_per_token is None:
-            return layers
-        # Resident layers are the first of the rule's k: only the rest of them is copied ahead.
-        k = preload_layers(layers, lease.nbytes / lease.layout.num_layers / self._bandwidth(cache.kv.device),
-                           self._layer_s_per_token * new_tokens)
-        return max(0, k - cache.resident_layers)
 
     def _acquire(self, cache: PagedCache, prompt: list[int], reused: int) -> KVLease | None:
         """The stored KV of ``prompt[:reused]`` (the cache's `stored_layers`), or None (a miss)."""
