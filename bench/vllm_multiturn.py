@@ -10,6 +10,11 @@ prefix cache: the case cattn's hierarchy is for. Each engine runs in a process o
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):   # run by path: import `cattn` and `bench` from this checkout, as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os
