@@ -148,10 +148,29 @@ def test_partial_prefetch_of_a_read_in_flight():
     assert (found, wait) == ("disk", pytest.approx(5.0))
     # waiting 5 s, reading on (0.1 s per token) or prefilling all 110 (1.1 s) lose to using the 50
     # tokens there and prefilling the other 60 (0.6 s)
-    tier, reused, stall, prefill = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
-    assert (tier, reused) == ("partial", 50) and stall + prefill == pytest.approx(0.6, rel=0.01)
-    tier, reused, _, prefill = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
-    assert (tier, reused, prefill) == ("recomputed", 0, pytest.approx(1.1, rel=0.01))
+    tier, reused, stall, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
+    assert (tier, reused, reads_on) == ("partial", 50, True) and stall + prefill == pytest.approx(0.6, rel=0.01)
+    tier, reused, _, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
+    assert (tier, reused, prefill, reads_on) == ("recomputed", 0, pytest.approx(1.1, rel=0.01), False)
+
+
+def test_a_job_that_starts_as_its_prefetch_begins_reads_on_overlapped():
+    # a job arriving to an empty queue starts when its prefetch does: nothing has arrived yet, and it
+    # must still get the overlapped read a history on disk only gets (it used to recompute it all)
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("a", 30.0, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2000, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    turn = res.records[2]
+    assert turn.start == 30.0 and res.counters["prefetches"] == 1  # a came up from disk as it started
+    # as if on disk only: p of the 90 tokens read (0.02 s each) while the other 100 - p prefill (0.01 s)
+    assert turn.tier == "disk" and 32 <= turn.reused_tokens <= 34
+    assert turn.stall + turn.prefill == pytest.approx(2 / 3 * 1.1, rel=0.03)
+    assert res.counters["recomputed_hits"] == 0
+    # and the disk read only those tokens: the prefetch stopped where the job took over
+    cost_fast_gpu = CostModel(shape, Hardware(gpus=1, peak_flops=2e12, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    fast = sim.simulate(jobs, "scheduler", 2000, 10**6, cost_fast_gpu, tiers=sim.TierModel(partial_prefetch=True))
+    assert fast.records[2].tier == "recomputed"  # a GPU this fast prefills it before any read pays
 
 
 def test_model_shape_spec_and_bad_fields_are_named():

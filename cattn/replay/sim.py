@@ -118,34 +118,40 @@ class ReplayResult:
 
 
 def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
-           stored: int, partial: bool) -> tuple[str, int, float, float]:
+           stored: int, partial: bool) -> tuple[str, int, float, float, bool]:
     """How a turn uses what the store has of its history, the fastest way: ``(tier, reused tokens,
-    stall, prefill)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens fit the
-    context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk after
-    ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn whose
-    prefetch is still being read may take the part already in DRAM and prefill the rest ("partial")."""
+    stall, prefill, reads on)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens
+    fit the context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk
+    after ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn
+    whose prefetch is still being read may take the part already in DRAM and prefill the rest
+    ("partial"; "disk" if none of it has arrived), the job then reading on by itself (``reads on``:
+    the prefetch stops where it is)."""
     recompute = cost.prefill_time(new + kept, 0)
     if found != "first" and not kept:
-        return "overflow", 0, 0.0, recompute  # the new message and answer fill the context
+        return "overflow", 0, 0.0, recompute, False  # the new message and answer fill the context
     if found not in HITS:
-        return found, 0, 0.0, recompute
-    options = [(recompute, "recomputed", 0, 0.0, recompute)]
+        return found, 0, 0.0, recompute, False
+    options = [(recompute, "recomputed", 0, 0.0, recompute, False)]
     prefill = cost.prefill_time(new, kept)
     stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
-    options.append((stall + prefill, found, kept, stall, prefill))
+    options.append((stall + prefill, found, kept, stall, prefill, False))
     if partial and found == "disk" and key in store.dram:  # its prefetch is still being read
         arrived = store.arrived_tokens(key, now, stored)
         have = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
-        if have and kept == stored:  # the read goes on while the GPU prefills the rest
-            options.append(_overlapped_read(cost, 0.0, new, kept, have, "partial"))
+        if kept == stored:
+            # the read goes on while the GPU prefills the rest; a read that has just begun (a job that
+            # arrived to an empty queue starts as its prefetch does) is a disk read overlapped the same way
+            queued = max(0.0, store.read_begin(key) - now)
+            options.append((*_overlapped_read(cost, queued, new, kept, have, "partial" if have else "disk"), True))
         elif have:
             prefill = cost.prefill_time(new + kept - have, have)
             stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(have)) - prefill)
-            options.append((stall + prefill, "partial", have, stall, prefill))
+            options.append((stall + prefill, "partial", have, stall, prefill, True))
     elif partial and found == "disk" and kept == stored:  # on disk only
-        options.append(_overlapped_read(cost, wait - cost.disk_read_time(cost.kv_bytes(kept)), new, kept, 0, "disk"))
-    _, tier, reused, stall, prefill = min(options, key=lambda o: o[0])  # ties: recompute, no read needed
-    return tier, reused, stall, prefill
+        queued = wait - cost.disk_read_time(cost.kv_bytes(kept))
+        options.append((*_overlapped_read(cost, queued, new, kept, 0, "disk"), False))
+    _, tier, reused, stall, prefill, reads_on = min(options, key=lambda o: o[0])  # ties: recompute, no read
+    return tier, reused, stall, prefill, reads_on
 
 
 def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: int,
@@ -244,16 +250,16 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         new, kept = _fit(job.new_tokens, job.output_tokens, history, max_ctx)  # overflow drops the oldest
         found, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
         recompute = cost.prefill_time(new + kept, 0)
-        tier, reused, stall, prefill = _serve(store, cost, job.session, start, found, wait, new, kept, history,
-                                              tiers.partial_prefetch)
+        tier, reused, stall, prefill, reads_on = _serve(store, cost, job.session, start, found, wait, new, kept,
+                                                        history, tiers.partial_prefetch)
         in_flight = store.dram.get(job.session, start) > start
-        have = store.arrived_tokens(job.session, start, history) - (history - kept) if in_flight else 0
+        have = max(0, store.arrived_tokens(job.session, start, history) - (history - kept)) if in_flight else 0
         if tier in HITS and not in_flight:
             store.read(job.session, start, cost.kv_bytes(reused) if found == "disk" else None)
         elif found in HITS and tier not in HITS:
             store.counters["recomputed_hits"] += 1
-        store.started(job.session, start, recomputed=tier not in HITS or tier == "partial")
-        if tier == "partial" and reused:  # what it reads beyond the prefix already in DRAM, now
+        store.started(job.session, start, recomputed=tier not in HITS or (in_flight and reads_on))
+        if in_flight and reads_on and reused:  # what it reads beyond the prefix already in DRAM, now
             store.read_more(job.session, start, cost.kv_bytes(max(0, reused - have)))
         if found in HITS:
             pol.touch(job.session, start)  # its history was loaded (or found too slow): as the store does

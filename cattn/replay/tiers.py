@@ -276,6 +276,10 @@ class SimTiers:
                 return int(tokens * min(1.0, max(0.0, now - begin) / max(end - begin, 1e-12)))
         return 0
 
+    def read_begin(self, key: str) -> float:
+        """When the disk begins (or began) the read of ``key`` in flight; ``read_free`` if there is none."""
+        return next((b for k, b, _ in reversed(self.reads.values()) if k == key), self.read_free)
+
     def find(self, key: str, now: float) -> tuple[str, float]:
         """Where a job starting at ``now`` finds ``key`` ("dram", "disk" or "miss") and the seconds
         it would wait for the disk; `read` commits a read from disk."""
