@@ -173,6 +173,20 @@ def test_a_job_that_starts_as_its_prefetch_begins_reads_on_overlapped():
     assert fast.records[2].tier == "recomputed"  # a GPU this fast prefills it before any read pays
 
 
+def test_what_a_partial_prefetch_job_reads_on_from_disk_is_disk_reuse():
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    # a goes to disk (b takes DRAM); a's next turn queues behind c at 20.5, its prefetch begins then and
+    # c ends at 21.0: 25 of a's 90 tokens are in DRAM, and a reads 25 more while prefilling the other 40
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("c", 20.0, 100, 1), Job("a", 20.5, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2000, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    turn = res.records[3]
+    assert (turn.tier, turn.reused_tokens, turn.dram_tokens) == ("partial", 50, 25)
+    s = summarize(res, cost)
+    assert (s["reuse"], s["dram_reuse"], s["disk_reuse"]) == pytest.approx((50 / 90, 25 / 90, 25 / 90))
+    assert s["dram_hit_rate"] == 1.0  # turn-weighted, a partial prefetch's turn counts as DRAM
+
+
 def test_model_shape_spec_and_bad_fields_are_named():
     m = parse_model_shape("layers=32,kv_heads=8,heads=32,head_dim=128,dtype=bf16,context=131072,params=8.03e9")
     assert (m.kv_bytes_per_token, m.max_context, m.num_heads) == (131_072, 131072, 32)

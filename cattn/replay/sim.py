@@ -102,6 +102,9 @@ class TurnRecord:
     history_tokens: int = 0   # the conversation so far, before this turn (what a perfect store would hold)
     reused_tokens: int = 0    # history tokens whose KV was loaded instead of prefilled
     recompute_s: float = 0.0  # seconds this turn would take prefilling its whole prompt (the saving's base)
+    # of the reused tokens, those DRAM held when the job started (None: all of them if the tier is "dram" or
+    # "partial"); a partial prefetch's job reads the rest from disk itself, and they count as disk reuse
+    dram_tokens: int | None = None
 
     @property
     def ttft(self) -> float:
@@ -268,7 +271,9 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         records.append(TurnRecord(job.session, job.turn, job.arrival, start, tier, kept + new,
                                   new + kept - reused, stall, prefill, decode,
                                   history_tokens=full.get(job.session, 0), reused_tokens=reused,
-                                  recompute_s=recompute + decode))
+                                  recompute_s=recompute + decode,
+                                  dram_tokens=reused if tier == "dram" else min(have, reused) if tier == "partial"
+                                  else 0))
         full[job.session] = full.get(job.session, 0) + job.new_tokens + job.output_tokens
         server_free = end
         service = end - start if not service else 0.99 * service + 0.01 * (end - start)
