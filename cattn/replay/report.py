@@ -21,6 +21,31 @@ def percentile(values: Sequence[float], q: float) -> float:
 HISTORY_BUCKETS = (("<2K", 0, 2048), ("2-8K", 2048, 8192), ("8-32K", 8192, 32768), (">=32K", 32768, float("inf")))
 
 
+# idle time (seconds from a session's previous turn ending to this one arriving) of the per-idle breakdown
+IDLE_BUCKETS = (("<1 min", 0, 60), ("1-4 min", 60, 240), (">=4 min", 240, float("inf")))
+
+
+def by_idle_time(records: Sequence[TurnRecord]) -> dict:
+    """Turns with a history by how long their session was idle: turns, token-weighted reuse (all tiers,
+    DRAM) and the GPU time they saved as a share of prefilling every prompt of the trace whole: where a
+    policy's saving comes from."""
+    ended: dict[str, float] = {}
+    groups: dict[str, list[TurnRecord]] = {name: [] for name, _, _ in IDLE_BUCKETS}
+    for r in records:
+        if r.tier != "first" and r.session in ended:
+            idle = max(0.0, r.arrival - ended[r.session])  # a trace may queue a turn before the last ends
+            groups[next(name for name, lo, hi in IDLE_BUCKETS if lo <= idle < hi)].append(r)
+        ended[r.session] = r.start + r.stall + r.prefill + r.decode
+    base = sum(r.recompute_s for r in records) or 1.0
+    out = {}
+    for name, group in groups.items():
+        tokens = max(1, sum(r.history_tokens for r in group))
+        out[name] = dict(turns=len(group), reuse=sum(r.reused_tokens for r in group if r.tier in HITS) / tokens,
+                         dram_reuse=sum(_dram_tokens(r) for r in group) / tokens,
+                         gpu_saved=sum(r.recompute_s - r.stall - r.prefill - r.decode for r in group) / base)
+    return out
+
+
 def _dram_tokens(r: TurnRecord) -> int:
     if r.dram_tokens is not None:
         return r.dram_tokens
@@ -59,6 +84,7 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
                                dram_reuse=sum(_dram_tokens(r) for r in group) / max(1, tokens))
     return dict(
         policy=result.policy, turns=len(recs), turns_with_history=len(later), by_history_length=by_length,
+        by_idle_time=by_idle_time(recs),
         history_tokens=history, reused_tokens=sum(r.reused_tokens for r in later),
         reuse=reused / max(1, history),
         dram_reuse=dram / max(1, history), disk_reuse=(reused - dram) / max(1, history),

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
-from cattn.store.policy import make_policy
+from cattn.store.policy import Policy, make_policy
 
 __all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult", "SimTiers", "TierModel",
-           "TurnRecord", "TruncationWarning", "context_cut", "simulate"]
+           "TurnRecord", "TruncationWarning", "context_cut", "simulate", "value_options"]
 
 RECOMPUTE = "recompute"  # no store at all: every turn prefills its whole history
 HITS = ("dram", "partial", "disk")
@@ -183,14 +183,25 @@ def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: 
     return total, tier, best, total - prefill, prefill
 
 
-def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
+def value_options(cost: CostModel, options: dict | None = None) -> dict:
+    """`cattn.store.value.ValueConfig` fields for ``cost``'s model: ``options`` with its KV bytes per token
+    and FLOP crossover (params / (layers x heads x head_dim)) filled in."""
+    m = cost.model
+    out = dict(options or {})
+    out.setdefault("bytes_per_token", m.kv_bytes_per_token)
+    out.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+    return out
+
+
+def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
              ttl: float | None = None, tiers: TierModel = EXCLUSIVE, policy_options: dict | None = None,
              on_job: Callable[[], None] | None = None) -> ReplayResult:
     """Replay ``jobs`` (in serving order, as `number_turns` returns them) under one policy.
 
     Args:
         jobs: the trace.
-        policy: a name of `cattn.store.policy.POLICIES`, or ``"recompute"`` (no store).
+        policy: a name of `cattn.store.policy.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
+            this trace (used as is; ``ttl`` and ``policy_options`` must then be left out).
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
         ttl: scheduler only: drop sessions untouched this long (seconds).
@@ -202,15 +213,15 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
     for name, value in (("dram_bytes", dram_bytes), ("disk_bytes", disk_bytes)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if policy == RECOMPUTE:
+    if isinstance(policy, Policy):
+        if ttl is not None or policy_options:
+            raise ValueError("ttl and policy_options apply to a policy given by name, not to a Policy instance")
+        pol = policy
+    elif policy == RECOMPUTE:
         dram_bytes = disk_bytes = 0
         pol = make_policy("lru")
     else:
-        options = dict(policy_options or {})
-        if policy == "value":
-            m = cost.model
-            options.setdefault("bytes_per_token", m.kv_bytes_per_token)
-            options.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+        options = value_options(cost, policy_options) if policy == "value" else dict(policy_options or {})
         pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl, **options)
     cut = context_cut(jobs, cost.model.max_context)
     if cut.share > 0:
@@ -289,4 +300,5 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
                 store.prefetch(end)
         if on_job is not None:
             on_job()
-    return ReplayResult(policy, records, dict(store.counters), dram_bytes, disk_bytes)
+    return ReplayResult(pol.name if isinstance(policy, Policy) else policy, records, dict(store.counters), dram_bytes,
+                        disk_bytes)

@@ -45,6 +45,9 @@ class ValueConfig:
         speculative: (measured, off: no gain) when the disk is idle, bring up sessions with no queued job whose rate of
             return now is higher than that of a session in DRAM (which it then replaces).
         own_gaps: (measured, off: no gain) scale a session's idle time by its own gaps.
+        horizon_s: (measured, off: no gain) rank by the probability of returning within this many seconds
+            from now instead of at all: DRAM holds a session for about a minute, and a session idle
+            far past the median gap is less likely to come back soon than ever. None: at all.
         value_per_byte: weigh by GPU time saved per byte (needs `Policy.sized` and ``bytes_per_token``).
         bytes_per_token: KV bytes of one token (the model's); 0: unknown, sizes are not used.
         crossover_tokens: h0 above: params / (layers x query heads x head_dim) of the model.
@@ -58,6 +61,7 @@ class ValueConfig:
     speculative: bool = False
     prefetch_queued: bool = True
     own_gaps: bool = False
+    horizon_s: float | None = None
     value_per_byte: bool = True
     bytes_per_token: int = 0
     crossover_tokens: float = 60_000.0
@@ -68,6 +72,9 @@ class ValueConfig:
         if isinstance(self.bytes_per_token, bool) or not isinstance(self.bytes_per_token, int) \
                 or self.bytes_per_token < 0:
             raise ValueError(f"bytes_per_token must be an int >= 0, got {self.bytes_per_token!r}")
+        if self.horizon_s is not None and (isinstance(self.horizon_s, bool) or not isinstance(self.horizon_s, (int, float))
+                                           or not 0 < self.horizon_s < math.inf):
+            raise ValueError(f"horizon_s must be a positive number of seconds or None, got {self.horizon_s!r}")
         if not self.crossover_tokens > 0:
             raise ValueError(f"crossover_tokens must be > 0, got {self.crossover_tokens!r}")
         for name in ("gap_samples", "max_turn_class"):
@@ -138,21 +145,23 @@ class ValuePolicy(Scheduler):
 
     # ---- the estimate
 
+    def survival(self, idle: float) -> float:
+        """Share of the gaps seen so far longer than ``idle`` seconds (one more assumed: never 0)."""
+        gaps = self._sorted_gaps
+        return (len(gaps) - bisect.bisect_right(gaps, idle) + 1) / (len(gaps) + 1)
+
     def return_probability(self, key, now: float | None = None) -> float:
-        """Estimated probability that ``key``'s session has another turn, given its turns and idle time."""
+        """Estimated probability that ``key``'s session has another turn (with ``horizon_s``: within that
+        many seconds from now), given its turns and idle time."""
         now = self._now if now is None else now
         k = max(1, self._turns.get(key, 0))
         p = (self._reached.get(k + 1, 0) + 1) / (self._reached.get(k, 0) + 2)  # Laplace: 1/2 with no data
-        gaps = self._sorted_gaps
-        if not gaps:
+        if not self._sorted_gaps:
             return p
-        idle = max(0.0, now - self._last_save.get(key, now))
-        own = self._turns.get(key, 0) - 1  # gaps it has had
-        if self.config.own_gaps and own > 0 and self._gap_sum[key] > 0:
-            median = gaps[len(gaps) // 2]
-            idle *= min(4.0, max(0.25, median / (self._gap_sum[key] / own)))
-        survive = (len(gaps) - bisect.bisect_right(gaps, idle) + 1) / (len(gaps) + 1)
-        return p * survive / (1 - p + p * survive)
+        idle = self._idle(key, now)
+        survive = self.survival(idle)
+        soon = survive - self.survival(idle + self.config.horizon_s) if self.config.horizon_s else survive
+        return p * soon / (1 - p + p * survive)
 
     def _idle(self, key, now: float) -> float:
         idle = max(0.0, now - self._last_save.get(key, now))
@@ -176,7 +185,7 @@ class ValuePolicy(Scheduler):
         n = len(gaps) + 1
         inside = bisect.bisect_right(gaps, t * 1.5) - bisect.bisect_left(gaps, t / 1.5)
         density = (inside + 0.5) / (n * t * (1.5 - 1 / 1.5))
-        survive = (len(gaps) - bisect.bisect_right(gaps, t) + 1) / n
+        survive = self.survival(t)
         return p * density / (1 - p + p * survive)
 
     def score(self, key, now: float | None = None, *, rate: bool = False) -> float:

@@ -1,0 +1,49 @@
+"""Told policies: the ``value`` policy given part of the future, to measure what its online estimate
+cannot know. Diagnostics for docs/replay.md ("What is left to the bound"): they read the trace, so
+they are bounds to compare with, never policies to serve with, and `make_policy` does not offer them.
+
+- ``which``: told which sessions have another turn in the trace, not when. The return probability
+  is 0 for a session with no turn left; among the others, the online estimate of the timing ranks
+  them (the share of the gaps seen so far that end within the next ``horizon_s``, given the idle time).
+- ``when``: told when each session's next turn arrives; the sooner, the more it is worth.
+
+Everything else (the queue look-ahead, value per byte, the tiers' mechanics) is the ``value``
+policy's, so the gap between a told row and the online one is what knowing that part is worth.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from cattn.replay.queue import Job
+from cattn.store.value import ValueConfig, ValuePolicy
+
+TOLD = ("which", "when")
+
+
+class ToldValuePolicy(ValuePolicy):
+    """The ``value`` policy told ``told`` (one of `TOLD`) about ``jobs``, the trace it replays."""
+
+    def __init__(self, jobs: Sequence[Job], told: str, config: ValueConfig | None = None, horizon_s: float = 60.0):
+        if told not in TOLD:
+            raise ValueError(f"told must be one of {TOLD}, got {told!r}")
+        if isinstance(horizon_s, bool) or not isinstance(horizon_s, (int, float)) or not horizon_s > 0:
+            raise ValueError(f"horizon_s must be a positive number of seconds, got {horizon_s!r}")
+        super().__init__(config)
+        self.told, self.horizon_s = told, float(horizon_s)
+        self.name = f"value told {told}"
+        self._arrivals: dict[str, list[float]] = defaultdict(list)  # session -> its turns' arrivals, in order
+        for job in jobs:
+            self._arrivals[job.session].append(job.arrival)
+
+    def return_probability(self, key, now: float | None = None) -> float:
+        now = self._now if now is None else now
+        arrivals = self._arrivals.get(key, ())
+        started = self._turns.get(key, 0)
+        if started >= len(arrivals):
+            return 0.0  # its last turn in the trace has run
+        if self.told == "when":
+            return 1.0 / max(1.0, arrivals[started] - now)
+        idle = self._idle(key, now)
+        survive = self.survival(idle)
+        return 1e-9 + (survive - self.survival(idle + self.horizon_s)) / survive
