@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cattn.replay.costmodel import CostModel, Hardware, model_shape
 from cattn.replay.longctx import LongContextConfig, long_context_trace
+from cattn.replay.oracle import TOLD as ORACLE_TOLD
 from cattn.replay.oracle import ToldValuePolicy
 from cattn.replay.report import IDLE_BUCKETS, summarize, write_json
 from cattn.replay.sim import simulate, value_options
@@ -38,15 +39,16 @@ ABLATIONS = (  # (row name, value options, partial prefetch)
     ("+ return within 60 s (not at all)", {"horizon_s": 60.0}, True),
     ("+ speculative prefetch", {"speculative": True}, True),
 )
-TOLD = (("value told which sessions return (not when)", "which"), ("value told when each returns", "when"))
+TOLD = (("value told the return odds per turn count (hindsight)", "odds"),
+        ("value told which sessions return (not when)", "which"), ("value told when each returns", "when"))
 SEED_POLICIES = ("lru", "scheduler", "value", "belady-fair")
 
 
 def run(jobs, cost, dram, disk, policy, partial, options=None, label=None) -> dict:
-    """One replay; ``policy`` is a name, or ``"which"``/``"when"`` for the told ``value`` policy."""
+    """One replay; ``policy`` is a name, or one of `cattn.replay.oracle.TOLD` for the told ``value`` policy."""
     t0 = time.perf_counter()
     tiers = EXCLUSIVE_PARTIAL if partial else EXCLUSIVE
-    if policy in ("which", "when"):
+    if policy in ORACLE_TOLD:
         told = ToldValuePolicy(jobs, policy, ValueConfig(**value_options(cost, options)))
         res = simulate(jobs, told, dram, disk, cost, tiers=tiers)
     else:
@@ -106,13 +108,13 @@ def idle_markdown(rows: list[dict]) -> str:
 
 
 def seeds_markdown(rows: list[dict]) -> str:
-    head = ["seed", "disk", "value: of fair bound", "told which", "told when", "scheduler", "value in DRAM",
+    head = ["seed", "disk", "value: of fair bound", "told odds", "told which", "told when", "scheduler", "value in DRAM",
             "LRU in DRAM", "value - LRU"]
     out = [_row(head), "|" + "---|" * len(head)]
     for r in rows:
         share = r["share_of_fair_saving"]
         out.append(_row([str(r["seed"]), f"{r['disk_bytes'] / TB:g} TB", f"{share['value']:.1%}",
-                         f"{share['which']:.1%}", f"{share['when']:.1%}", f"{share['scheduler']:.1%}",
+                         f"{share['odds']:.1%}", f"{share['which']:.1%}", f"{share['when']:.1%}", f"{share['scheduler']:.1%}",
                          f"{r['dram_reuse']['value']:.1%}", f"{r['dram_reuse']['lru']:.1%}",
                          f"{100 * (r['dram_reuse']['value'] - r['dram_reuse']['lru']):.1f} points"]))
     return "\n".join(out)
@@ -149,10 +151,9 @@ def other_seeds(seeds: list[int], gpus: int) -> list[dict]:
         jobs, cost = _long_trace(3600.0, seed, gpus)
         for disk in (10 * TB, 1 * TB):
             print(f"seed {seed}, disk {disk / TB:g} TB")
-            rows = [run(jobs, cost, 128 * GB, disk, p, True) for p in (*SEED_POLICIES, "which", "when")]
+            rows = [run(jobs, cost, 128 * GB, disk, p, True) for p in (*SEED_POLICIES, *ORACLE_TOLD)]
             fair = _fair(rows)
-            key = {r["policy"]: r for r in rows}
-            key["which"], key["when"] = rows[-2], rows[-1]
+            key = {**{r["policy"]: r for r in rows[:len(SEED_POLICIES)]}, **dict(zip(ORACLE_TOLD, rows[len(SEED_POLICIES):]))}
             out.append(dict(seed=seed, disk_bytes=disk, gpu_saved={k: r["gpu_saved"] for k, r in key.items()},
                             share_of_fair_saving={k: r["gpu_saved"] / fair["gpu_saved"] for k, r in key.items()},
                             dram_reuse={k: r["dram_reuse"] for k, r in key.items()}))

@@ -187,6 +187,63 @@ def test_what_a_partial_prefetch_job_reads_on_from_disk_is_disk_reuse():
     assert s["dram_hit_rate"] == 1.0  # turn-weighted, a partial prefetch's turn counts as DRAM
 
 
+def test_dram_hits_are_told_apart_kept_or_prefetched_and_broken_down_by_idle_time():
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    # a goes to disk; its next turn queues at 20.5 behind c (3 s of prefill): its 1.8 s read is in time
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("c", 20.0, 300, 1), Job("a", 20.5, 10, 1),
+                         Job("a", 400.0, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2100, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    assert [r.tier for r in res.records] == ["first", "first", "first", "dram", "dram"]
+    # the first found its read done (prefetched), the second its history where its save left it (kept)
+    assert (res.counters["dram_prefetched"], res.counters["dram_kept"]) == (1, 1)
+    s = summarize(res, cost)
+    idle = s["by_idle_time"]
+    assert [b["turns"] for b in idle.values()] == [1, 0, 1]  # idle 20 s, then about 376 s
+    saved = [r.recompute_s - r.stall - r.prefill - r.decode for r in res.records]
+    assert idle["<1 min"]["gpu_saved"] == pytest.approx(saved[3] / sum(r.recompute_s for r in res.records))
+    assert idle[">=4 min"]["dram_reuse"] == idle[">=4 min"]["reuse"] == 1.0
+    assert sum(b["gpu_saved"] for b in idle.values()) == pytest.approx(s["gpu_saved"])
+
+
+def test_told_value_policy_knows_which_sessions_return_and_when():
+    from cattn.replay.oracle import ToldValuePolicy
+    jobs = number_turns([Job("a", 0.0, 5, 5), Job("b", 1.0, 5, 5), Job("a", 100.0, 5, 5), Job("c", 2.0, 5, 5),
+                         Job("c", 50.0, 5, 5)])
+    for told in ("which", "when"):  # both know b has no turn left
+        p = ToldValuePolicy(jobs, told)
+        for key, t in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+            p.start(key, t)
+            p.touch(key, t + 1)
+        assert p.return_probability("b", 10.0) == 0.0  # b has no turn left
+        assert p.victim("dram", {"a", "b", "c"}) == "b"
+        assert p.name == f"value told {told}"
+    # told when: c (due at 50) is worth more than a (due at 100); told which, both are sure to return
+    when = ToldValuePolicy(jobs, "when")
+    which = ToldValuePolicy(jobs, "which")
+    for p in (when, which):
+        for key, t in (("a", 0.0), ("c", 2.0)):
+            p.start(key, t)
+            p.touch(key, t + 1)
+    assert when.victim("dram", {"a", "c"}) == "a"
+    assert which.return_probability("a", 10.0) > 0 and which.return_probability("c", 10.0) > 0
+    # told the odds: 2 of the 3 sessions have a second turn; which ones, it is not told
+    odds = ToldValuePolicy(jobs, "odds")
+    for key, t in (("a", 0.0), ("b", 1.0)):
+        odds.start(key, t)
+        odds.touch(key, t + 1)
+    assert odds.return_probability("b", 10.0) == odds.return_probability("a", 10.0) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="told must be one of"):
+        ToldValuePolicy(jobs, "who")
+    with pytest.raises(ValueError, match="horizon_s"):
+        ToldValuePolicy(jobs, "which", horizon_s=0)
+    # a policy instance replays as is, named by itself; options for a named policy do not apply to it
+    res = sim.simulate(jobs, ToldValuePolicy(jobs, "when"), 10**6, 10**6, CostModel(TINY))
+    assert res.policy == "value told when" and [r.tier for r in res.records][2:] == ["first", "dram", "dram"]
+    with pytest.raises(ValueError, match="policy_options"):
+        sim.simulate(jobs, ToldValuePolicy(jobs, "when"), 10**6, 10**6, CostModel(TINY), ttl=5.0)
+
+
 def test_model_shape_spec_and_bad_fields_are_named():
     m = parse_model_shape("layers=32,kv_heads=8,heads=32,head_dim=128,dtype=bf16,context=131072,params=8.03e9")
     assert (m.kv_bytes_per_token, m.max_context, m.num_heads) == (131_072, 131072, 32)

@@ -2,6 +2,8 @@
 cannot know. Diagnostics for docs/replay.md ("What is left to the bound"): they read the trace, so
 they are bounds to compare with, never policies to serve with, and `make_policy` does not offer them.
 
+- ``odds``: told, per turn count k, the share of the trace's sessions with k turns that have another
+  (in hindsight, instead of the running estimate); the timing stays the online estimate.
 - ``which``: told which sessions have another turn in the trace, not when. The return probability
   is 0 for a session with no turn left; among the others, the online estimate of the timing ranks
   them (the share of the gaps seen so far that end within the next ``horizon_s``, given the idle time).
@@ -12,13 +14,13 @@ policy's, so the gap between a told row and the online one is what knowing that 
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from cattn.replay.queue import Job
 from cattn.store.value import ValueConfig, ValuePolicy
 
-TOLD = ("which", "when")
+TOLD = ("odds", "which", "when")
 
 
 class ToldValuePolicy(ValuePolicy):
@@ -35,15 +37,21 @@ class ToldValuePolicy(ValuePolicy):
         self._arrivals: dict[str, list[float]] = defaultdict(list)  # session -> its turns' arrivals, in order
         for job in jobs:
             self._arrivals[job.session].append(job.arrival)
+        self._trace_reached: Counter = Counter()  # k -> sessions of the trace with at least k turns
+        for arrivals in self._arrivals.values():
+            self._trace_reached.update(range(1, len(arrivals) + 1))
 
     def return_probability(self, key, now: float | None = None) -> float:
         now = self._now if now is None else now
-        arrivals = self._arrivals.get(key, ())
         started = self._turns.get(key, 0)
+        survive = self.survival(self._idle(key, now))
+        if self.told == "odds":  # as the online estimate, with the whole trace's shares of sessions going on
+            k = max(1, started)
+            p = self._trace_reached[k + 1] / self._trace_reached[k] if self._trace_reached[k] else 0.0
+            return p * survive / (1 - p + p * survive)
+        arrivals = self._arrivals.get(key, ())
         if started >= len(arrivals):
             return 0.0  # its last turn in the trace has run
         if self.told == "when":
             return 1.0 / max(1.0, arrivals[started] - now)
-        idle = self._idle(key, now)
-        survive = self.survival(idle)
-        return 1e-9 + (survive - self.survival(idle + self.horizon_s)) / survive
+        return 1e-9 + (survive - self.survival(self._idle(key, now) + self.horizon_s)) / survive
