@@ -32,6 +32,7 @@ ABLATIONS = (  # (row name, value options, partial prefetch)
     ("- partial prefetch", {}, False),
     ("- return estimate in DRAM", {"dram_return": False}, True),
     ("- return estimate on disk", {"disk_return": False}, True),
+    ("- first turns leave DRAM first", {"first_turns_first": False}, True),
     ("- queued prefetch", {"prefetch_queued": False}, True),
     ("+ own gaps", {"own_gaps": True}, True),
     ("- value per byte", {"value_per_byte": False}, True),

@@ -54,6 +54,21 @@ def test_dram_demotes_the_session_least_likely_to_return_and_keeps_queued_ones()
     assert p.victim("dram", {"r"}, incoming="fresh") == "r" and p.victim("dram", {"fresh"}, incoming="r") is None
 
 
+def test_a_first_turn_never_displaces_a_session_that_came_back_from_dram():
+    on, off = ValuePolicy(), ValuePolicy(ValueConfig(first_turns_first=False))
+    for p in (on, off):
+        t = population(p)
+        turn(p, "fresh", t + 99, t + 100)  # r idle 100 s, past every gap seen: 3/5 x 1/6 / (2/5 + 1/10) = 0.2
+        assert p.return_probability("r", t + 100) == pytest.approx(0.2)
+        assert p.return_probability("fresh", t + 100) == pytest.approx(4 / 14)  # likelier: one turn, just saved
+    assert off.victim("dram", {"r", "fresh"}) == "r"
+    assert on.victim("dram", {"r", "fresh"}) == "fresh"
+    assert on.victim("dram", {"r", "fresh", "single3"}) == "single3"  # among first turns, the estimate orders
+    assert on.victim("disk", {"r", "fresh"}) == off.victim("disk", {"r", "fresh"}) == "r"  # DRAM only
+    on.update_queue(["fresh"])
+    assert on.victim("dram", {"r", "fresh"}) == "r"  # a queued job's history still stays
+
+
 def test_horizon_keeps_the_session_whose_turn_is_due():
     def population_with_gaps(p):
         t = 0.0

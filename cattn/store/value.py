@@ -10,9 +10,13 @@ tiers and the queue report:
   gaps between turns seen so far (survival ``S``). A session idle for ``t`` returns with
   probability ``p_k S(t) / (1 - p_k + p_k S(t))``; with ``own_gaps``, ``t`` is first scaled by the
   population's median gap over the session's own mean gap (a fast typist's silence means more).
-  Two more directions are built and measured but off by default (no gain on the long-context
-  workload, docs/replay.md): ranking DRAM by the rate of return now (``hazard``) and bringing up,
-  when the disk is idle, sessions likelier to come now than one in DRAM (``speculative``).
+  Three more directions are built and measured but off by default (no gain on the long-context
+  workload, docs/replay.md): ranking DRAM by the rate of return now (``hazard``) or by the
+  probability of returning within a horizon (``horizon_s``), and bringing up, when the disk is
+  idle, sessions likelier to come now than one in DRAM (``speculative``).
+- **DRAM admission** (``first_turns_first``): in DRAM, a session that has had one turn leaves
+  before any that has had more (most conversations have one turn; one that came back is worth
+  the room more than the estimate alone says, measured on every seed and disk size).
 - **Value per byte**: with ``value_per_byte`` and the session's size known (`Policy.sized`), the
   GPU time its reuse saves per byte: prefilling ``h`` history tokens again costs ``2 params h (1 +
   h / h0)`` FLOPs (matmuls, then attention; ``h0 = params / (layers x heads x head_dim)`` =
@@ -45,6 +49,9 @@ class ValueConfig:
         speculative: (measured, off: no gain) when the disk is idle, bring up sessions with no queued job whose rate of
             return now is higher than that of a session in DRAM (which it then replaces).
         own_gaps: (measured, off: no gain) scale a session's idle time by its own gaps.
+        first_turns_first: in DRAM, sessions off the queue that have had one turn leave before any that
+            has had more, whatever the estimate says (DRAM admission: a first turn, likely a
+            conversation's only one, never displaces a conversation that already came back).
         horizon_s: (measured, off: no gain) rank by the probability of returning within this many seconds
             from now instead of at all: DRAM holds a session for about a minute, and a session idle
             far past the median gap is less likely to come back soon than ever. None: at all.
@@ -61,6 +68,7 @@ class ValueConfig:
     speculative: bool = False
     prefetch_queued: bool = True
     own_gaps: bool = False
+    first_turns_first: bool = True
     horizon_s: float | None = None
     value_per_byte: bool = True
     bytes_per_token: int = 0
@@ -225,8 +233,15 @@ class ValuePolicy(Scheduler):
             if len(cands) > 4 * len(self._order) + 64:  # keys the policy was never told about
                 return super().victim(tier, cands, incoming)
         rate = tier == "dram" and self.config.hazard
-        key = max(cands, key=lambda k: (self._distance(k), -self.score(k, rate=rate)
-                                        if math.isinf(self._distance(k)) else -self._recency(k)))
+        first_last = tier == "dram" and self.config.first_turns_first
+
+        def order(k):  # the largest leaves first
+            d = self._distance(k)
+            if not math.isinf(d):
+                return d, False, -self._recency(k)
+            return d, first_last and self._turns.get(k, 0) <= 1, -self.score(k, rate=rate)
+
+        key = max(cands, key=order)
         if incoming is not None and math.isinf(floor):
             # a speculative read: only for a session clearly likelier to come now than the one it replaces
             if not math.isinf(self._distance(key)):
