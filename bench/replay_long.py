@@ -2,7 +2,7 @@
 policy, the ablation of each direction of the ``value`` policy, what being told the future is worth,
 other seeds and disk bandwidths, as tables and one JSON.
 
-    python -m bench.replay_long                 # all of it (about 10 minutes on one core)
+    python -m bench.replay_long                 # all of it (about 20 minutes on one core)
     python -m bench.replay_long --quick         # 15 minutes of the long trace, no paper run (seconds)
     python -m bench.replay_long --tables bench/results/replay_long.json   # the docs' tables, from the JSON
 
@@ -173,16 +173,43 @@ def disk_bandwidth(seed: int, gpus: int, gbps: tuple[float, ...] = (10.0, 20.0))
     return out
 
 
-def paper(sessions: int) -> dict:
-    jobs = schedule(synthetic_conversations(SyntheticConfig(num_sessions=sessions, seed=0)),
-                    ArrivalConfig(rate=3.0, think_mean=60.0, seed=0))
+def _paper_trace(sessions: int, seed: int):
+    return schedule(synthetic_conversations(SyntheticConfig(num_sessions=sessions, seed=seed)),
+                    ArrivalConfig(rate=3.0, think_mean=60.0, seed=seed))
+
+
+def paper(sessions: int, seeds: list[int]) -> dict:
+    """The paper's configuration: every policy on seed 0, and value against the scheduler on ``seeds``."""
+    jobs = _paper_trace(sessions, 0)
     cost = CostModel(model_shape("llama2-13b"), Hardware())
     print(f"paper's configuration ({sessions} sessions)")
     rows = [run(jobs, cost, 128 * GB, 10 * TB, p, False) for p in ("recompute", "lru", "scheduler", "value",
                                                                       "belady-fair", "belady")]
     rows.append(run(jobs, cost, 128 * GB, 10 * TB, "value", True, label="value + partial prefetch"))
-    return dict(rows=with_bound_share(rows, _fair(rows)), config=dict(model="llama2-13b", gpus=4, dram_bytes=128 * GB,
-                                                                      disk_bytes=10 * TB, sessions=sessions))
+    against = []
+    for seed in seeds:
+        if seed == 0:
+            pair = {r["policy"]: r for r in rows[2:4]}  # run above
+        else:
+            print(f"paper's configuration, seed {seed}")
+            jobs = _paper_trace(sessions, seed)
+            pair = {p: run(jobs, cost, 128 * GB, 10 * TB, p, False) for p in ("scheduler", "value")}
+        against.append(dict(seed=seed, **{f"{p}_{k}": r[k] for p, r in pair.items()
+                                          for k in ("gpu_saved", "dram_reuse", "dram_hit_rate")}))
+    return dict(rows=with_bound_share(rows, _fair(rows)), seeds=against,
+                config=dict(model="llama2-13b", gpus=4, dram_bytes=128 * GB, disk_bytes=10 * TB, sessions=sessions))
+
+
+def paper_seeds_markdown(rows: list[dict]) -> str:
+    head = ["seed", "GPU saved: scheduler", "value", "value - scheduler", "in DRAM: scheduler", "value",
+            "DRAM hit: scheduler", "value"]
+    out = [_row(head), "|" + "---|" * len(head)]
+    for r in rows:
+        out.append(_row([str(r["seed"]), f"{r['scheduler_gpu_saved']:.2%}", f"{r['value_gpu_saved']:.2%}",
+                         f"{100 * (r['value_gpu_saved'] - r['scheduler_gpu_saved']):+.2f} points",
+                         f"{r['scheduler_dram_reuse']:.1%}", f"{r['value_dram_reuse']:.1%}",
+                         f"{r['scheduler_dram_hit_rate']:.1%}", f"{r['value_dram_hit_rate']:.1%}"]))
+    return "\n".join(out)
 
 
 def tables(payload: dict) -> str:
@@ -202,6 +229,7 @@ def tables(payload: dict) -> str:
         parts.append("disk bandwidth (seed 0, 10 TB, partial prefetch)\n" + markdown(payload["disk_bandwidth"]))
     if "paper" in payload:
         parts.append("paper\n" + markdown(payload["paper"]["rows"]))
+        parts.append("paper, seeds\n" + paper_seeds_markdown(payload["paper"]["seeds"]))
     return "\n\n".join(parts)
 
 
@@ -222,7 +250,7 @@ def main() -> None:
         payload["long_context_small_disk"] = long_context(3600.0, args.seed, args.gpus, 1 * TB)
         payload["seeds"] = other_seeds([int(s) for s in args.other_seeds.split(",") if s.strip()], args.gpus)
         payload["disk_bandwidth"] = disk_bandwidth(args.seed, args.gpus)
-        payload["paper"] = paper(17000)
+        payload["paper"] = paper(17000, [0, 1, 2, 3])
     from bench.common import results_dir
     path = write_json(args.out or results_dir() / "replay_long.json", payload)
     print("\n" + tables(payload))
