@@ -217,6 +217,7 @@ def test_told_value_policy_knows_which_sessions_return_and_when():
             p.touch(key, t + 1)
         assert p.return_probability("b", 10.0) == 0.0  # b has no turn left
         assert p.victim("dram", {"a", "b", "c"}) == "b"
+        assert not p.config.first_turns_first  # a first turn told it returns stays over one told it ends
         assert p.name == f"value told {told}"
     # told when: c (due at 50) is worth more than a (due at 100); told which, both are sure to return
     when = ToldValuePolicy(jobs, "when")

@@ -10,12 +10,14 @@ they are bounds to compare with, never policies to serve with, and `make_policy`
 - ``when``: told when each session's next turn arrives; the sooner, the more it is worth.
 
 Everything else (the queue look-ahead, value per byte, the tiers' mechanics) is the ``value``
-policy's, so the gap between a told row and the online one is what knowing that part is worth.
+policy's, but for ``first_turns_first``, which they leave off: what they are told decides instead. The
+gap between a told row and the online one is what knowing that part is worth.
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
 from cattn.replay.queue import Job
 from cattn.store.value import ValueConfig, ValuePolicy
@@ -31,7 +33,9 @@ class ToldValuePolicy(ValuePolicy):
             raise ValueError(f"told must be one of {TOLD}, got {told!r}")
         if isinstance(horizon_s, bool) or not isinstance(horizon_s, (int, float)) or not horizon_s > 0:
             raise ValueError(f"horizon_s must be a positive number of seconds, got {horizon_s!r}")
-        super().__init__(config)
+        # what it is told supersedes the rule that a first turn leaves DRAM first (that rule stands in for
+        # not knowing which sessions come back)
+        super().__init__(replace(config or ValueConfig(), first_turns_first=False))
         self.told, self.horizon_s = told, float(horizon_s)
         self.name = f"value told {told}"
         self._arrivals: dict[str, list[float]] = defaultdict(list)  # session -> its turns' arrivals, in order
