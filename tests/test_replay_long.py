@@ -230,6 +230,7 @@ def test_told_value_policy_knows_which_sessions_return_and_when():
     assert which.return_probability("a", 10.0) > 0 and which.return_probability("c", 10.0) > 0
     # told the odds: 2 of the 3 sessions have a second turn; which ones, it is not told
     odds = ToldValuePolicy(jobs, "odds")
+    assert odds.config.first_turns_first  # not told which: the online rule stays
     for key, t in (("a", 0.0), ("b", 1.0)):
         odds.start(key, t)
         odds.touch(key, t + 1)

@@ -10,7 +10,7 @@ they are bounds to compare with, never policies to serve with, and `make_policy`
 - ``when``: told when each session's next turn arrives; the sooner, the more it is worth.
 
 Everything else (the queue look-ahead, value per byte, the tiers' mechanics) is the ``value``
-policy's, but for ``first_turns_first``, which they leave off: what they are told decides instead. The
+policy's, but for ``first_turns_first``, which ``which`` and ``when`` leave off: what they are told decides. The
 gap between a told row and the online one is what knowing that part is worth.
 """
 from __future__ import annotations
@@ -33,9 +33,10 @@ class ToldValuePolicy(ValuePolicy):
             raise ValueError(f"told must be one of {TOLD}, got {told!r}")
         if isinstance(horizon_s, bool) or not isinstance(horizon_s, (int, float)) or not horizon_s > 0:
             raise ValueError(f"horizon_s must be a positive number of seconds, got {horizon_s!r}")
-        # what it is told supersedes the rule that a first turn leaves DRAM first (that rule stands in for
-        # not knowing which sessions come back)
-        super().__init__(replace(config or ValueConfig(), first_turns_first=False))
+        # knowing which sessions come back supersedes the rule that a first turn leaves DRAM first (the rule
+        # stands in for not knowing it); told only the odds, the policy keeps it
+        config = config or ValueConfig()
+        super().__init__(config if told == "odds" else replace(config, first_turns_first=False))
         self.told, self.horizon_s = told, float(horizon_s)
         self.name = f"value told {told}"
         self._arrivals: dict[str, list[float]] = defaultdict(list)  # session -> its turns' arrivals, in order
