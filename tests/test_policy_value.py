@@ -54,6 +54,49 @@ def test_dram_demotes_the_session_least_likely_to_return_and_keeps_queued_ones()
     assert p.victim("dram", {"r"}, incoming="fresh") == "r" and p.victim("dram", {"fresh"}, incoming="r") is None
 
 
+def test_a_first_turn_never_displaces_a_session_that_came_back_from_dram():
+    on, off = ValuePolicy(), ValuePolicy(ValueConfig(first_turns_first=False))
+    for p in (on, off):
+        t = population(p)
+        turn(p, "fresh", t + 99, t + 100)  # r idle 100 s, past every gap seen: 3/5 x 1/6 / (2/5 + 1/10) = 0.2
+        assert p.return_probability("r", t + 100) == pytest.approx(0.2)
+        assert p.return_probability("fresh", t + 100) == pytest.approx(4 / 14)  # likelier: one turn, just saved
+    assert off.victim("dram", {"r", "fresh"}) == "r"
+    assert on.victim("dram", {"r", "fresh"}) == "fresh"
+    assert on.victim("dram", {"r", "fresh", "single3"}) == "single3"  # among first turns, the estimate orders
+    assert on.victim("disk", {"r", "fresh"}) == off.victim("disk", {"r", "fresh"}) == "r"  # DRAM only
+    on.update_queue(["fresh"])
+    assert on.victim("dram", {"r", "fresh"}) == "r"  # a queued job's history still stays
+
+
+def test_horizon_keeps_the_session_whose_turn_is_due():
+    def population_with_gaps(p):
+        t = 0.0
+        for i, gap in enumerate([30.0] * 4 + [60.0] * 4):  # eight two-turn sessions: gaps of 30 s and 60 s
+            turn(p, f"g{i}", t, t + 1)
+            turn(p, f"g{i}", t + 1 + gap, t + 2 + gap)
+            t += 100
+        turn(p, "r", t + 35, t + 36)  # one turn each; at t + 76, r is idle 40 s and q 5 s
+        turn(p, "q", t + 70, t + 71)
+        return t + 76
+
+    ever, soon = ValuePolicy(), ValuePolicy(ValueConfig(horizon_s=30.0))
+    now = population_with_gaps(ever)
+    assert population_with_gaps(soon) == now
+    # at all: q (idle 5 s, every gap still ahead) is likelier than r (idle 40 s, half the gaps passed)
+    assert ever.return_probability("q", now) > ever.return_probability("r", now)
+    assert ever.victim("dram", {"r", "q"}) == "r"
+    # within 30 s: 4 of the 9 (smoothed) gaps end in q's next 30 s, 4 of r's 5 left end in r's: r stays
+    p1 = ever.return_probability("q", now)
+    assert soon.return_probability("q", now) == pytest.approx(p1 * 4 / 9)
+    assert soon.return_probability("r", now) == pytest.approx(p1 * 4 / 9 / (1 - p1 + p1 * 5 / 9))
+    assert soon.victim("dram", {"r", "q"}) == "q"
+    with pytest.raises(ValueError, match="horizon_s"):
+        ValueConfig(horizon_s=0)
+    with pytest.raises(ValueError, match="horizon_s"):
+        ValueConfig(horizon_s=True)
+
+
 def test_value_per_byte_keeps_the_longer_history_of_two_alike():
     cfg = ValueConfig(bytes_per_token=100, crossover_tokens=1000.0)
     p = ValuePolicy(cfg)

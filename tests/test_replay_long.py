@@ -148,10 +148,102 @@ def test_partial_prefetch_of_a_read_in_flight():
     assert (found, wait) == ("disk", pytest.approx(5.0))
     # waiting 5 s, reading on (0.1 s per token) or prefilling all 110 (1.1 s) lose to using the 50
     # tokens there and prefilling the other 60 (0.6 s)
-    tier, reused, stall, prefill = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
-    assert (tier, reused) == ("partial", 50) and stall + prefill == pytest.approx(0.6, rel=0.01)
-    tier, reused, _, prefill = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
-    assert (tier, reused, prefill) == ("recomputed", 0, pytest.approx(1.1, rel=0.01))
+    tier, reused, stall, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
+    assert (tier, reused, reads_on) == ("partial", 50, True) and stall + prefill == pytest.approx(0.6, rel=0.01)
+    tier, reused, _, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
+    assert (tier, reused, prefill, reads_on) == ("recomputed", 0, pytest.approx(1.1, rel=0.01), False)
+
+
+def test_a_job_that_starts_as_its_prefetch_begins_reads_on_overlapped():
+    # a job arriving to an empty queue starts when its prefetch does: nothing has arrived yet, and it
+    # must still get the overlapped read a history on disk only gets (it used to recompute it all)
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("a", 30.0, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2000, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    turn = res.records[2]
+    assert turn.start == 30.0 and res.counters["prefetches"] == 1  # a came up from disk as it started
+    # as if on disk only: p of the 90 tokens read (0.02 s each) while the other 100 - p prefill (0.01 s)
+    assert turn.tier == "disk" and 32 <= turn.reused_tokens <= 34
+    assert turn.stall + turn.prefill == pytest.approx(2 / 3 * 1.1, rel=0.03)
+    assert res.counters["recomputed_hits"] == 0
+    # and the disk read only those tokens: the prefetch stopped where the job took over
+    cost_fast_gpu = CostModel(shape, Hardware(gpus=1, peak_flops=2e12, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    fast = sim.simulate(jobs, "scheduler", 2000, 10**6, cost_fast_gpu, tiers=sim.TierModel(partial_prefetch=True))
+    assert fast.records[2].tier == "recomputed"  # a GPU this fast prefills it before any read pays
+
+
+def test_what_a_partial_prefetch_job_reads_on_from_disk_is_disk_reuse():
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    # a goes to disk (b takes DRAM); a's next turn queues behind c at 20.5, its prefetch begins then and
+    # c ends at 21.0: 25 of a's 90 tokens are in DRAM, and a reads 25 more while prefilling the other 40
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("c", 20.0, 100, 1), Job("a", 20.5, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2000, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    turn = res.records[3]
+    assert (turn.tier, turn.reused_tokens, turn.dram_tokens) == ("partial", 50, 25)
+    s = summarize(res, cost)
+    assert (s["reuse"], s["dram_reuse"], s["disk_reuse"]) == pytest.approx((50 / 90, 25 / 90, 25 / 90))
+    assert s["dram_hit_rate"] == 1.0  # turn-weighted, a partial prefetch's turn counts as DRAM
+
+
+def test_dram_hits_are_told_apart_kept_or_prefetched_and_broken_down_by_idle_time():
+    shape = ModelShape("ten", 10, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)  # 20 B per token
+    cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=1000.0))
+    # a goes to disk; its next turn queues at 20.5 behind c (3 s of prefill): its 1.8 s read is in time
+    jobs = number_turns([Job("a", 0.0, 50, 40), Job("b", 5.0, 50, 40), Job("c", 20.0, 300, 1), Job("a", 20.5, 10, 1),
+                         Job("a", 400.0, 10, 1)])
+    res = sim.simulate(jobs, "scheduler", 2100, 10**6, cost, tiers=sim.TierModel(partial_prefetch=True))
+    assert [r.tier for r in res.records] == ["first", "first", "first", "dram", "dram"]
+    # the first found its read done (prefetched), the second its history where its save left it (kept)
+    assert (res.counters["dram_prefetched"], res.counters["dram_kept"]) == (1, 1)
+    s = summarize(res, cost)
+    idle = s["by_idle_time"]
+    assert [b["turns"] for b in idle.values()] == [1, 0, 1]  # idle 20 s, then about 376 s
+    saved = [r.recompute_s - r.stall - r.prefill - r.decode for r in res.records]
+    assert idle["<1 min"]["gpu_saved"] == pytest.approx(saved[3] / sum(r.recompute_s for r in res.records))
+    assert idle[">=4 min"]["dram_reuse"] == idle[">=4 min"]["reuse"] == 1.0
+    assert sum(b["gpu_saved"] for b in idle.values()) == pytest.approx(s["gpu_saved"])
+
+
+def test_told_value_policy_knows_which_sessions_return_and_when():
+    from cattn.replay.oracle import ToldValuePolicy
+    jobs = number_turns([Job("a", 0.0, 5, 5), Job("b", 1.0, 5, 5), Job("a", 100.0, 5, 5), Job("c", 2.0, 5, 5),
+                         Job("c", 50.0, 5, 5)])
+    for told in ("which", "when"):  # both know b has no turn left
+        p = ToldValuePolicy(jobs, told)
+        for key, t in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+            p.start(key, t)
+            p.touch(key, t + 1)
+        assert p.return_probability("b", 10.0) == 0.0  # b has no turn left
+        assert p.victim("dram", {"a", "b", "c"}) == "b"
+        assert not p.config.first_turns_first  # a first turn told it returns stays over one told it ends
+        assert p.name == f"value told {told}"
+    # told when: c (due at 50) is worth more than a (due at 100); told which, both are sure to return
+    when = ToldValuePolicy(jobs, "when")
+    which = ToldValuePolicy(jobs, "which")
+    for p in (when, which):
+        for key, t in (("a", 0.0), ("c", 2.0)):
+            p.start(key, t)
+            p.touch(key, t + 1)
+    assert when.victim("dram", {"a", "c"}) == "a"
+    assert which.return_probability("a", 10.0) > 0 and which.return_probability("c", 10.0) > 0
+    # told the odds: 2 of the 3 sessions have a second turn; which ones, it is not told
+    odds = ToldValuePolicy(jobs, "odds")
+    assert odds.config.first_turns_first  # not told which: the online rule stays
+    for key, t in (("a", 0.0), ("b", 1.0)):
+        odds.start(key, t)
+        odds.touch(key, t + 1)
+    assert odds.return_probability("b", 10.0) == odds.return_probability("a", 10.0) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="told must be one of"):
+        ToldValuePolicy(jobs, "who")
+    with pytest.raises(ValueError, match="horizon_s"):
+        ToldValuePolicy(jobs, "which", horizon_s=0)
+    # a policy instance replays as is, named by itself; options for a named policy do not apply to it
+    res = sim.simulate(jobs, ToldValuePolicy(jobs, "when"), 10**6, 10**6, CostModel(TINY))
+    assert res.policy == "value told when" and [r.tier for r in res.records][2:] == ["first", "dram", "dram"]
+    with pytest.raises(ValueError, match="policy_options"):
+        sim.simulate(jobs, ToldValuePolicy(jobs, "when"), 10**6, 10**6, CostModel(TINY), ttl=5.0)
 
 
 def test_model_shape_spec_and_bad_fields_are_named():

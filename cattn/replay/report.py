@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cattn.replay.costmodel import CostModel
-from cattn.replay.sim import ReplayResult
+from cattn.replay.sim import HITS, ReplayResult, TurnRecord
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -21,10 +21,42 @@ def percentile(values: Sequence[float], q: float) -> float:
 HISTORY_BUCKETS = (("<2K", 0, 2048), ("2-8K", 2048, 8192), ("8-32K", 8192, 32768), (">=32K", 32768, float("inf")))
 
 
+# idle time (seconds from a session's previous turn ending to this one arriving) of the per-idle breakdown
+IDLE_BUCKETS = (("<1 min", 0, 60), ("1-4 min", 60, 240), (">=4 min", 240, float("inf")))
+
+
+def by_idle_time(records: Sequence[TurnRecord]) -> dict:
+    """Turns with a history by how long their session was idle: turns, token-weighted reuse (all tiers,
+    DRAM) and the GPU time they saved as a share of prefilling every prompt of the trace whole: where a
+    policy's saving comes from."""
+    ended: dict[str, float] = {}
+    groups: dict[str, list[TurnRecord]] = {name: [] for name, _, _ in IDLE_BUCKETS}
+    for r in records:
+        if r.tier != "first" and r.session in ended:
+            idle = max(0.0, r.arrival - ended[r.session])  # a trace may queue a turn before the last ends
+            groups[next(name for name, lo, hi in IDLE_BUCKETS if lo <= idle < hi)].append(r)
+        ended[r.session] = r.start + r.stall + r.prefill + r.decode
+    base = sum(r.recompute_s for r in records) or 1.0
+    out = {}
+    for name, group in groups.items():
+        tokens = max(1, sum(r.history_tokens for r in group))
+        out[name] = dict(turns=len(group), reuse=sum(r.reused_tokens for r in group if r.tier in HITS) / tokens,
+                         dram_reuse=sum(_dram_tokens(r) for r in group) / tokens,
+                         gpu_saved=sum(r.recompute_s - r.stall - r.prefill - r.decode for r in group) / base)
+    return out
+
+
+def _dram_tokens(r: TurnRecord) -> int:
+    if r.dram_tokens is not None:
+        return r.dram_tokens
+    return r.reused_tokens if r.tier in ("dram", "partial") else 0
+
+
 def summarize(result: ReplayResult, cost: CostModel) -> dict:
     """What a replay measured. Headline figures are token-weighted: ``reuse`` = history tokens whose
     KV was loaded / history tokens of every turn that has one (``dram_reuse``, ``disk_reuse``: by the
-    tier that served them), and ``gpu_saved`` = the share of the GPU time of prefilling every prompt
+    tier that held them when the job started: what a partial prefetch's job reads on from disk is disk
+    reuse), and ``gpu_saved`` = the share of the GPU time of prefilling every prompt
     whole that the store saved. Beside them, turn-weighted rates over the turns with a history: a
     turn is a hit only if it reused at least one token, counted on the tier that served it (a
     partial prefetch's prefix counts as DRAM)
@@ -34,8 +66,8 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
     later = [r for r in recs if r.tier != "first"]
     rate = (lambda tier: sum(r.tier == tier for r in later) / len(later)) if later else (lambda tier: 0.0)
     history = sum(r.history_tokens for r in later)
-    reuse = (lambda tiers: sum(r.reused_tokens for r in later if r.tier in tiers) / history) if history \
-        else (lambda tiers: 0.0)
+    reused = sum(r.reused_tokens for r in later if r.tier in HITS)
+    dram = sum(_dram_tokens(r) for r in later)
     ttft = [r.ttft for r in recs]
     waits = [r.start - r.arrival for r in recs]
     busy = sum(r.stall + r.prefill + r.decode for r in recs)
@@ -49,12 +81,13 @@ def summarize(result: ReplayResult, cost: CostModel) -> dict:
         tokens = sum(r.history_tokens for r in group)
         by_length[name] = dict(turns=len(group), dram_hit_rate=sum(r.tier in ("dram", "partial") for r in group)
                                / max(1, len(group)),
-                               dram_reuse=sum(r.reused_tokens for r in group if r.tier in ("dram", "partial"))
-                               / max(1, tokens))
+                               dram_reuse=sum(_dram_tokens(r) for r in group) / max(1, tokens))
     return dict(
         policy=result.policy, turns=len(recs), turns_with_history=len(later), by_history_length=by_length,
+        by_idle_time=by_idle_time(recs),
         history_tokens=history, reused_tokens=sum(r.reused_tokens for r in later),
-        reuse=reuse(("dram", "partial", "disk")), dram_reuse=reuse(("dram", "partial")), disk_reuse=reuse(("disk",)),
+        reuse=reused / max(1, history),
+        dram_reuse=dram / max(1, history), disk_reuse=(reused - dram) / max(1, history),
         partial_hit_rate=rate("partial"),
         gpu_saved=(recompute - busy) / recompute if recompute else 0.0,
         gpu_saved_hours=(recompute - busy) * cost.hw.gpus / 3600,

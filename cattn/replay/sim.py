@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
-from cattn.store.policy import make_policy
+from cattn.store.policy import Policy, make_policy
 
 __all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult", "SimTiers", "TierModel",
-           "TurnRecord", "TruncationWarning", "context_cut", "simulate"]
+           "TurnRecord", "TruncationWarning", "context_cut", "simulate", "value_options"]
 
 RECOMPUTE = "recompute"  # no store at all: every turn prefills its whole history
 HITS = ("dram", "partial", "disk")
@@ -102,6 +102,9 @@ class TurnRecord:
     history_tokens: int = 0   # the conversation so far, before this turn (what a perfect store would hold)
     reused_tokens: int = 0    # history tokens whose KV was loaded instead of prefilled
     recompute_s: float = 0.0  # seconds this turn would take prefilling its whole prompt (the saving's base)
+    # of the reused tokens, those DRAM held when the job started (None: all of them if the tier is "dram" or
+    # "partial"); a partial prefetch's job reads the rest from disk itself, and they count as disk reuse
+    dram_tokens: int | None = None
 
     @property
     def ttft(self) -> float:
@@ -118,34 +121,40 @@ class ReplayResult:
 
 
 def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
-           stored: int, partial: bool) -> tuple[str, int, float, float]:
+           stored: int, partial: bool) -> tuple[str, int, float, float, bool]:
     """How a turn uses what the store has of its history, the fastest way: ``(tier, reused tokens,
-    stall, prefill)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens fit the
-    context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk after
-    ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn whose
-    prefetch is still being read may take the part already in DRAM and prefill the rest ("partial")."""
+    stall, prefill, reads on)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens
+    fit the context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk
+    after ``wait``) only if that beats prefilling it again ("recomputed"); with ``partial``, a turn
+    whose prefetch is still being read may take the part already in DRAM and prefill the rest
+    ("partial"; "disk" if none of it has arrived), the job then reading on by itself (``reads on``:
+    the prefetch stops where it is)."""
     recompute = cost.prefill_time(new + kept, 0)
     if found != "first" and not kept:
-        return "overflow", 0, 0.0, recompute  # the new message and answer fill the context
+        return "overflow", 0, 0.0, recompute, False  # the new message and answer fill the context
     if found not in HITS:
-        return found, 0, 0.0, recompute
-    options = [(recompute, "recomputed", 0, 0.0, recompute)]
+        return found, 0, 0.0, recompute, False
+    options = [(recompute, "recomputed", 0, 0.0, recompute, False)]
     prefill = cost.prefill_time(new, kept)
     stall = wait + max(0.0, cost.host_to_gpu_time(cost.kv_bytes(kept)) - prefill)  # layer-wise overlap
-    options.append((stall + prefill, found, kept, stall, prefill))
+    options.append((stall + prefill, found, kept, stall, prefill, False))
     if partial and found == "disk" and key in store.dram:  # its prefetch is still being read
         arrived = store.arrived_tokens(key, now, stored)
         have = max(0, min(kept, arrived - (stored - kept)))  # overflow dropped the oldest: they come first
-        if have and kept == stored:  # the read goes on while the GPU prefills the rest
-            options.append(_overlapped_read(cost, 0.0, new, kept, have, "partial"))
+        if kept == stored:
+            # the read goes on while the GPU prefills the rest; a read that has just begun (a job that
+            # arrived to an empty queue starts as its prefetch does) is a disk read overlapped the same way
+            queued = max(0.0, store.read_begin(key) - now)
+            options.append((*_overlapped_read(cost, queued, new, kept, have, "partial" if have else "disk"), True))
         elif have:
             prefill = cost.prefill_time(new + kept - have, have)
             stall = max(0.0, cost.host_to_gpu_time(cost.kv_bytes(have)) - prefill)
-            options.append((stall + prefill, "partial", have, stall, prefill))
+            options.append((stall + prefill, "partial", have, stall, prefill, True))
     elif partial and found == "disk" and kept == stored:  # on disk only
-        options.append(_overlapped_read(cost, wait - cost.disk_read_time(cost.kv_bytes(kept)), new, kept, 0, "disk"))
-    _, tier, reused, stall, prefill = min(options, key=lambda o: o[0])  # ties: recompute, no read needed
-    return tier, reused, stall, prefill
+        queued = wait - cost.disk_read_time(cost.kv_bytes(kept))
+        options.append((*_overlapped_read(cost, queued, new, kept, 0, "disk"), False))
+    _, tier, reused, stall, prefill, reads_on = min(options, key=lambda o: o[0])  # ties: recompute, no read
+    return tier, reused, stall, prefill, reads_on
 
 
 def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: int,
@@ -174,14 +183,25 @@ def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: 
     return total, tier, best, total - prefill, prefill
 
 
-def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
+def value_options(cost: CostModel, options: dict | None = None) -> dict:
+    """`cattn.store.value.ValueConfig` fields for ``cost``'s model: ``options`` with its KV bytes per token
+    and FLOP crossover (params / (layers x heads x head_dim)) filled in."""
+    m = cost.model
+    out = dict(options or {})
+    out.setdefault("bytes_per_token", m.kv_bytes_per_token)
+    out.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+    return out
+
+
+def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_bytes: int, cost: CostModel, *,
              ttl: float | None = None, tiers: TierModel = EXCLUSIVE, policy_options: dict | None = None,
              on_job: Callable[[], None] | None = None) -> ReplayResult:
     """Replay ``jobs`` (in serving order, as `number_turns` returns them) under one policy.
 
     Args:
         jobs: the trace.
-        policy: a name of `cattn.store.policy.POLICIES`, or ``"recompute"`` (no store).
+        policy: a name of `cattn.store.policy.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
+            this trace (used as is; ``ttl`` and ``policy_options`` must then be left out).
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
         ttl: scheduler only: drop sessions untouched this long (seconds).
@@ -193,15 +213,15 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
     for name, value in (("dram_bytes", dram_bytes), ("disk_bytes", disk_bytes)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if policy == RECOMPUTE:
+    if isinstance(policy, Policy):
+        if ttl is not None or policy_options:
+            raise ValueError("ttl and policy_options apply to a policy given by name, not to a Policy instance")
+        pol = policy
+    elif policy == RECOMPUTE:
         dram_bytes = disk_bytes = 0
         pol = make_policy("lru")
     else:
-        options = dict(policy_options or {})
-        if policy == "value":
-            m = cost.model
-            options.setdefault("bytes_per_token", m.kv_bytes_per_token)
-            options.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
+        options = value_options(cost, policy_options) if policy == "value" else dict(policy_options or {})
         pol = make_policy(policy, accesses=[j.session for j in jobs], ttl=ttl, **options)
     cut = context_cut(jobs, cost.model.max_context)
     if cut.share > 0:
@@ -244,16 +264,16 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         new, kept = _fit(job.new_tokens, job.output_tokens, history, max_ctx)  # overflow drops the oldest
         found, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
         recompute = cost.prefill_time(new + kept, 0)
-        tier, reused, stall, prefill = _serve(store, cost, job.session, start, found, wait, new, kept, history,
-                                              tiers.partial_prefetch)
+        tier, reused, stall, prefill, reads_on = _serve(store, cost, job.session, start, found, wait, new, kept,
+                                                        history, tiers.partial_prefetch)
         in_flight = store.dram.get(job.session, start) > start
-        have = store.arrived_tokens(job.session, start, history) - (history - kept) if in_flight else 0
+        have = max(0, store.arrived_tokens(job.session, start, history) - (history - kept)) if in_flight else 0
         if tier in HITS and not in_flight:
             store.read(job.session, start, cost.kv_bytes(reused) if found == "disk" else None)
         elif found in HITS and tier not in HITS:
             store.counters["recomputed_hits"] += 1
-        store.started(job.session, start, recomputed=tier not in HITS or tier == "partial")
-        if tier == "partial" and reused:  # what it reads beyond the prefix already in DRAM, now
+        store.started(job.session, start, recomputed=tier not in HITS or (in_flight and reads_on))
+        if in_flight and reads_on and reused:  # what it reads beyond the prefix already in DRAM, now
             store.read_more(job.session, start, cost.kv_bytes(max(0, reused - have)))
         if found in HITS:
             pol.touch(job.session, start)  # its history was loaded (or found too slow): as the store does
@@ -262,7 +282,9 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
         records.append(TurnRecord(job.session, job.turn, job.arrival, start, tier, kept + new,
                                   new + kept - reused, stall, prefill, decode,
                                   history_tokens=full.get(job.session, 0), reused_tokens=reused,
-                                  recompute_s=recompute + decode))
+                                  recompute_s=recompute + decode,
+                                  dram_tokens=reused if tier == "dram" else min(have, reused) if tier == "partial"
+                                  else 0))
         full[job.session] = full.get(job.session, 0) + job.new_tokens + job.output_tokens
         server_free = end
         service = end - start if not service else 0.99 * service + 0.01 * (end - start)
@@ -278,4 +300,5 @@ def simulate(jobs: Sequence[Job], policy: str, dram_bytes: int, disk_bytes: int,
                 store.prefetch(end)
         if on_job is not None:
             on_job()
-    return ReplayResult(policy, records, dict(store.counters), dram_bytes, disk_bytes)
+    return ReplayResult(pol.name if isinstance(policy, Policy) else policy, records, dict(store.counters), dram_bytes,
+                        disk_bytes)

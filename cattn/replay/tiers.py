@@ -106,7 +106,8 @@ class SimTiers:
         self.unused_prefetches: set[str] = set()  # prefetched, and their job has not started yet
         self.skipped: set[str] = set()            # a prefetch was not issued: too late for its job
         self.counters = dict(demotions=0, drops=0, prefetches=0, prefetch_bytes=0, prefetch_late=0,
-                             prefetch_wasted=0, prefetch_skipped=0, disk_write_bytes=0, recomputed_hits=0)
+                             prefetch_wasted=0, prefetch_skipped=0, disk_write_bytes=0, recomputed_hits=0,
+                             dram_kept=0, dram_prefetched=0)
 
     def _leave_dram(self, key: str) -> None:
         self.dram_used -= self.nbytes[key]
@@ -280,6 +281,10 @@ class SimTiers:
                 return int(tokens * min(1.0, max(0.0, now - begin) / max(end - begin, 1e-12)))
         return 0
 
+    def read_begin(self, key: str) -> float:
+        """When the disk begins (or began) the read of ``key`` in flight; ``read_free`` if there is none."""
+        return next((b for k, b, _ in reversed(self.reads.values()) if k == key), self.read_free)
+
     def find(self, key: str, now: float) -> tuple[str, float]:
         """Where a job starting at ``now`` finds ``key`` ("dram", "disk" or "miss") and the seconds
         it would wait for the disk; `read` commits a read from disk."""
@@ -308,9 +313,12 @@ class SimTiers:
             self.skipped.discard(key)
             self.counters["prefetch_skipped"] += 1
         if key not in self.unused_prefetches:
+            if self.dram.get(key, now + 1) <= now:
+                self.counters["dram_kept"] += 1  # found in DRAM where its last save left it
             return
         self.unused_prefetches.discard(key)
         if self.dram[key] <= now:
+            self.counters["dram_prefetched"] += 1  # brought up from disk in time
             return
         self.counters["prefetch_late"] += 1
         if not (recomputed and (self.model.prefetch_deadlines or self.model.partial_prefetch)):

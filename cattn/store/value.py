@@ -10,9 +10,13 @@ tiers and the queue report:
   gaps between turns seen so far (survival ``S``). A session idle for ``t`` returns with
   probability ``p_k S(t) / (1 - p_k + p_k S(t))``; with ``own_gaps``, ``t`` is first scaled by the
   population's median gap over the session's own mean gap (a fast typist's silence means more).
-  Two more directions are built and measured but off by default (no gain on the long-context
-  workload, docs/replay.md): ranking DRAM by the rate of return now (``hazard``) and bringing up,
-  when the disk is idle, sessions likelier to come now than one in DRAM (``speculative``).
+  Three more directions are built and measured but off by default (no gain on the long-context
+  workload, docs/replay.md): ranking DRAM by the rate of return now (``hazard``) or by the
+  probability of returning within a horizon (``horizon_s``), and bringing up, when the disk is
+  idle, sessions likelier to come now than one in DRAM (``speculative``).
+- **DRAM admission** (``first_turns_first``): in DRAM, a session that has had one turn leaves
+  before any that has had more (most conversations have one turn; one that came back is worth
+  the room more than the estimate alone says, measured on every seed and disk size).
 - **Value per byte**: with ``value_per_byte`` and the session's size known (`Policy.sized`), the
   GPU time its reuse saves per byte: prefilling ``h`` history tokens again costs ``2 params h (1 +
   h / h0)`` FLOPs (matmuls, then attention; ``h0 = params / (layers x heads x head_dim)`` =
@@ -45,6 +49,12 @@ class ValueConfig:
         speculative: (measured, off: no gain) when the disk is idle, bring up sessions with no queued job whose rate of
             return now is higher than that of a session in DRAM (which it then replaces).
         own_gaps: (measured, off: no gain) scale a session's idle time by its own gaps.
+        first_turns_first: in DRAM, sessions off the queue that have had one turn leave before any that
+            has had more, whatever the estimate says (DRAM admission: a first turn, likely a
+            conversation's only one, never displaces a conversation that already came back).
+        horizon_s: (measured, off: no gain) rank by the probability of returning within this many seconds
+            from now instead of at all: DRAM holds a session for about a minute, and a session idle
+            far past the median gap is less likely to come back soon than ever. None: at all.
         value_per_byte: weigh by GPU time saved per byte (needs `Policy.sized` and ``bytes_per_token``).
         bytes_per_token: KV bytes of one token (the model's); 0: unknown, sizes are not used.
         crossover_tokens: h0 above: params / (layers x query heads x head_dim) of the model.
@@ -58,6 +68,8 @@ class ValueConfig:
     speculative: bool = False
     prefetch_queued: bool = True
     own_gaps: bool = False
+    first_turns_first: bool = True
+    horizon_s: float | None = None
     value_per_byte: bool = True
     bytes_per_token: int = 0
     crossover_tokens: float = 60_000.0
@@ -68,6 +80,9 @@ class ValueConfig:
         if isinstance(self.bytes_per_token, bool) or not isinstance(self.bytes_per_token, int) \
                 or self.bytes_per_token < 0:
             raise ValueError(f"bytes_per_token must be an int >= 0, got {self.bytes_per_token!r}")
+        if self.horizon_s is not None and (isinstance(self.horizon_s, bool) or not isinstance(self.horizon_s, (int, float))
+                                           or not 0 < self.horizon_s < math.inf):
+            raise ValueError(f"horizon_s must be a positive number of seconds or None, got {self.horizon_s!r}")
         if not self.crossover_tokens > 0:
             raise ValueError(f"crossover_tokens must be > 0, got {self.crossover_tokens!r}")
         for name in ("gap_samples", "max_turn_class"):
@@ -138,21 +153,23 @@ class ValuePolicy(Scheduler):
 
     # ---- the estimate
 
+    def survival(self, idle: float) -> float:
+        """Share of the gaps seen so far longer than ``idle`` seconds (one more assumed: never 0)."""
+        gaps = self._sorted_gaps
+        return (len(gaps) - bisect.bisect_right(gaps, idle) + 1) / (len(gaps) + 1)
+
     def return_probability(self, key, now: float | None = None) -> float:
-        """Estimated probability that ``key``'s session has another turn, given its turns and idle time."""
+        """Estimated probability that ``key``'s session has another turn (with ``horizon_s``: within that
+        many seconds from now), given its turns and idle time."""
         now = self._now if now is None else now
         k = max(1, self._turns.get(key, 0))
         p = (self._reached.get(k + 1, 0) + 1) / (self._reached.get(k, 0) + 2)  # Laplace: 1/2 with no data
-        gaps = self._sorted_gaps
-        if not gaps:
+        if not self._sorted_gaps:
             return p
-        idle = max(0.0, now - self._last_save.get(key, now))
-        own = self._turns.get(key, 0) - 1  # gaps it has had
-        if self.config.own_gaps and own > 0 and self._gap_sum[key] > 0:
-            median = gaps[len(gaps) // 2]
-            idle *= min(4.0, max(0.25, median / (self._gap_sum[key] / own)))
-        survive = (len(gaps) - bisect.bisect_right(gaps, idle) + 1) / (len(gaps) + 1)
-        return p * survive / (1 - p + p * survive)
+        idle = self._idle(key, now)
+        survive = self.survival(idle)
+        soon = survive - self.survival(idle + self.config.horizon_s) if self.config.horizon_s else survive
+        return p * soon / (1 - p + p * survive)
 
     def _idle(self, key, now: float) -> float:
         idle = max(0.0, now - self._last_save.get(key, now))
@@ -176,7 +193,7 @@ class ValuePolicy(Scheduler):
         n = len(gaps) + 1
         inside = bisect.bisect_right(gaps, t * 1.5) - bisect.bisect_left(gaps, t / 1.5)
         density = (inside + 0.5) / (n * t * (1.5 - 1 / 1.5))
-        survive = (len(gaps) - bisect.bisect_right(gaps, t) + 1) / n
+        survive = self.survival(t)
         return p * density / (1 - p + p * survive)
 
     def score(self, key, now: float | None = None, *, rate: bool = False) -> float:
@@ -216,8 +233,15 @@ class ValuePolicy(Scheduler):
             if len(cands) > 4 * len(self._order) + 64:  # keys the policy was never told about
                 return super().victim(tier, cands, incoming)
         rate = tier == "dram" and self.config.hazard
-        key = max(cands, key=lambda k: (self._distance(k), -self.score(k, rate=rate)
-                                        if math.isinf(self._distance(k)) else -self._recency(k)))
+        first_last = tier == "dram" and self.config.first_turns_first
+
+        def order(k):  # the largest leaves first
+            d = self._distance(k)
+            if not math.isinf(d):
+                return d, False, -self._recency(k)
+            return d, first_last and self._turns.get(k, 0) <= 1, -self.score(k, rate=rate)
+
+        key = max(cands, key=order)
         if incoming is not None and math.isinf(floor):
             # a speculative read: only for a session clearly likelier to come now than the one it replaces
             if not math.isinf(self._distance(key)):
