@@ -6,9 +6,16 @@ other seeds and disk bandwidths, as tables and one JSON.
     python -m bench.replay_long --quick         # 15 minutes of the long trace, no paper run (seconds)
     python -m bench.replay_long --tables bench/results/replay_long.json   # the docs' tables, from the JSON
 
-Writes ``bench/results/replay_long.json`` (or under ``$OUT``), with cattn's version, commit and time.
+Writes ``replay_long.json`` in the results folder (``$OUT``, ``$CATTN_RESULTS_DIR``, ``./cattn-results``
+or the user cache folder; never the source tree; ``--out`` names a path), with cattn's version, commit and
+time. The committed ``bench/results/replay_long.json`` is such a run, copied there.
 """
 from __future__ import annotations
+
+if __package__ in (None, ""):   # run by path: import `cattn` and `bench` from this checkout, as `python -m` does
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
@@ -239,7 +246,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--other-seeds", default="1,2", help="comma-separated seeds for the headline shares")
-    p.add_argument("--out", type=Path, default=None, help="the JSON (default bench/results/replay_long.json)")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (default: replay_long.json in the results folder)")
     p.add_argument("--tables", type=Path, default=None, help="print the tables of this JSON and exit")
     args = p.parse_args()
     if args.tables is not None:

@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of the policies to compare")
     s.add_argument("--partial-prefetch", action="store_true",
                    help="a read is worth the part that arrives in time, and a history on disk is read layer "
-                        "by layer while the rest is prefilled (TierModel.partial_prefetch)")
+                        "by layer while the rest is prefilled (TierModel.partial_prefetch); with --mode real, the "
+                        "store's TieredStore(partial_prefetch=True) too")
     s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
     s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus, help="GPUs serving the trace")
     s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
