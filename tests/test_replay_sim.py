@@ -366,3 +366,12 @@ def test_the_next_read_starts_when_the_disk_frees_up_between_events(catch_up, mo
     # a's read runs 9-10 s; b's starts when the disk is free at 10 s, when no job arrives or starts, and
     # is done at 11 s. Decided at the next event (12.1 s) it would still be in flight when b starts
     assert b1.tier == ("dram" if catch_up else "disk")
+
+
+def test_a_real_replay_records_the_device_its_model_ran_on(tmp_path):
+    from cattn.replay.report import write_json
+
+    sim = json.loads(write_json(tmp_path / "s.json", {"config": {"mode": "sim", "device": "cpu"}}).read_text())
+    real = json.loads(write_json(tmp_path / "r.json", {"config": {"mode": "real", "device": "cuda:0"}}).read_text())
+    assert sim["environment"]["device"].startswith("simulated")
+    assert real["environment"]["device"].startswith("cuda:0 (real replay")

@@ -122,16 +122,26 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
+SIMULATED = "simulated (cost model); host CPU runs the simulator"
+
+
+def environment(device: str = SIMULATED) -> dict:
     from cattn.results import provenance
     return dict(python=sys.version.split()[0], **provenance(), platform=platform.platform(),
-                machine=platform.machine(), device="simulated (cost model); host CPU runs the simulator")
+                machine=platform.machine(), device=device)
+
+
+def real_device(device: str) -> str:
+    """What a real replay ran on: the model on ``device``, the simulator beside it on the host."""
+    return f"{device} (real replay: the model through ChatSession and TieredStore); {SIMULATED}"
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(environment=environment(), **payload), indent=1) + "\n")
+    config = payload.get("config", {})
+    device = real_device(config["device"]) if config.get("mode") == "real" else SIMULATED
+    path.write_text(json.dumps(dict(environment=environment(device), **payload), indent=1) + "\n")
     return path
 
 
