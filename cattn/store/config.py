@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cattn.store.redis_client import RedisOptions
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, from PyPI (a dependency there only)
@@ -59,19 +61,10 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
-class RedisConfig:
+class RedisConfig(RedisOptions):
+    """The ``[redis]`` section: `RedisOptions`, except that no server is named unless ``urls`` are."""
+
     urls: tuple[str, ...] = ()
-    cluster: bool = False
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    tls_ca_certs: str | None = None
-    timeout_s: float = 1.0
-    retry_after_s: float = 1.0
-    ttl_s: float | None = None
-    prefix: str = "cattn"
-    piece_bytes: int = 32 << 20
-    capacity_bytes: int = 1 << 50
 
 
 @dataclass(frozen=True)
@@ -251,7 +244,7 @@ def build_store(config=None, **overrides):
     from cattn.store.disk import DiskTier
     from cattn.store.metrics import serve_metrics
     from cattn.store.policy import make_policy
-    from cattn.store.redis_tier import RedisOptions, RedisTier
+    from cattn.store.redis_tier import RedisTier
     from cattn.store.shared import DiskOverShared
     from cattn.store.tiered import TieredStore
 
@@ -261,8 +254,7 @@ def build_store(config=None, **overrides):
     if config.disk is not None:
         lower = DiskTier(config.disk.path, config.disk.capacity_bytes)
     if (r := config.redis) is not None:
-        options = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "capacity_bytes"}
-        shared = RedisTier(RedisOptions(capacity=r.capacity_bytes, **options))
+        shared = RedisTier(r)
         lower = shared if lower is None else DiskOverShared(lower, shared)
     kwargs = dict(policy=make_policy(s.policy, ttl=s.policy_ttl_s), high_watermark=s.high_watermark,
                   low_watermark=s.low_watermark, io_threads=s.io_threads, full_timeout_s=s.full_timeout_s,

@@ -29,7 +29,7 @@ class RedisOptions:
     ttl_s: float | None = None
     prefix: str = "cattn"
     piece_bytes: int = 32 << 20
-    capacity: int = 1 << 50
+    capacity_bytes: int = 1 << 50
 
 
 def connect(o: RedisOptions):

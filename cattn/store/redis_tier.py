@@ -49,11 +49,11 @@ class RedisTier:
         self.options = o = options or RedisOptions(**kwargs)
         if not o.urls or not all(isinstance(u, str) and u.split("://")[0] in ("redis", "rediss") for u in o.urls):
             raise ValueError(f"redis urls must be redis:// or rediss:// URLs, got {o.urls!r}")
-        if not o.timeout_s > 0 or not o.retry_after_s >= 0 or o.piece_bytes <= 0 or o.capacity <= 0:
-            raise ValueError(f"redis timeout_s, piece_bytes, capacity must be > 0 and retry_after_s >= 0: {o}")
+        if not o.timeout_s > 0 or not o.retry_after_s >= 0 or o.piece_bytes <= 0 or o.capacity_bytes <= 0:
+            raise ValueError(f"redis timeout_s, piece_bytes, capacity_bytes must be > 0 and retry_after_s >= 0: {o}")
         if o.ttl_s is not None and not o.ttl_s > 0:
             raise ValueError(f"redis ttl_s must be > 0 or None, got {o.ttl_s!r}")
-        self.capacity, self.metrics = o.capacity, TierMetrics()
+        self.capacity, self.metrics = o.capacity_bytes, TierMetrics()
         self._lock, self._redis, self._down_until = threading.RLock(), None, 0.0
         self._px = None if o.ttl_s is None else max(1, int(o.ttl_s * 1000))
         # Sessions whose last read failed in transport or found a key absent: the store drops such a
