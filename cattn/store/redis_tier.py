@@ -151,12 +151,7 @@ class RedisTier:
 
         def header() -> bytes:
             return self._header(key, layout, chunk_id, token_ids, checksum[0])
-        try:
-            with self.metrics.timed("write"):
-                self._call(write)
-        except RemoteTierError:
-            self.metrics.add(write_errors=1)
-            raise
+        self._timed_write(write)
         self.metrics.add(bytes_in=len(data))
         return self.chunk_nbytes(key, layout, chunk_id, token_ids.numel())
 
@@ -227,13 +222,17 @@ class RedisTier:
                 pipe.pexpire(name, self._px)
             pipe.set(self._key(key, "m"), data, px=self._px)
             pipe.execute()
+        self._timed_write(write)
+        return len(data)
+
+    def _timed_write(self, write) -> None:
+        """Run ``write(client)`` through `_call`, timed as a write; a failure is counted, then raised."""
         try:
             with self.metrics.timed("write"):
                 self._call(write)
         except RemoteTierError:
             self.metrics.add(write_errors=1)
             raise
-        return len(data)
 
     def remove(self, key: EntryKey, incarnation: str, chunk_ids: list[str], manifest: bool) -> None:
         """Best effort: a removal that fails leaves keys that TTL or maxmemory reclaim; a manifest is
