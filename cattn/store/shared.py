@@ -1,4 +1,6 @@
-"""A machine's disk in front of a tier shared by machines, and how a store adopts a shared session.
+"""A machine's disk in front of a tier shared by machines, and the write-through of each commit to it.
+
+A session found in the shared tier is indexed as a restart indexes the disk's (`StoreState.index_locked`).
 
 `DiskOverShared(disk, shared)` is the lower tier of a store on one serving machine of
 many: every chunk and manifest goes to the local disk (the capacity the store
@@ -18,7 +20,6 @@ import threading
 import torch
 
 from cattn.store.base import EntryKey
-from cattn.store.entries import Chunk, Entry
 from cattn.store.layout import KVLayout
 from cattn.store.migration import persist_locked
 from cattn.store.redis_values import parse_frame
@@ -98,17 +99,6 @@ class DiskOverShared:
 
     def tier_stats(self) -> dict:
         return self.shared.tier_stats()
-
-
-def adopt_locked(st: StoreState, s: StoredEntry) -> Entry:
-    """Index a session found in the shared tier as a restart indexes the disk's (token ids unread)."""
-    e = Entry(s.layout, s.incarnation, s.created_ns, version=s.version, manifest=(s.version, s.manifest_nbytes))
-    e.chunks = {cid: Chunk(cid, m, None, extent_nbytes=s.layout.extent_nbytes(m), file_nbytes=nb)
-                for cid, (m, nb) in s.chunks.items()}
-    e.views = [(e.chunks[cid], lo, hi) for cid, lo, hi in s.views]
-    st.entries[s.key] = e
-    st.disk_used += e.disk_nbytes
-    return e
 
 
 def publish(st: StoreState, key: EntryKey) -> None:

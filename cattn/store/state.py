@@ -54,14 +54,20 @@ class StoreState:
         # Entries a directory-backed tier left in place (not its own, or unreadable); others have none.
         self.counters["disk"]["skipped"] = getattr(self.disk, "skipped", 0)
         for s in sorted(stored, key=lambda s: s.created_ns):
-            e = Entry(s.layout, s.incarnation, s.created_ns, version=s.version, manifest=(s.version, s.manifest_nbytes))
-            e.chunks = {cid: Chunk(cid, m, None, extent_nbytes=s.layout.extent_nbytes(m), file_nbytes=nb)
-                        for cid, (m, nb) in s.chunks.items()}
-            e.views = [(e.chunks[cid], lo, hi) for cid, lo, hi in s.views]
-            self.entries[s.key] = e
-            self.disk_used += e.disk_nbytes
+            self.index_locked(s)
             self.policy.touch(s.key, s.created_ns / 1e9)
 
+
+    def index_locked(self, s) -> Entry:
+        """Index a session the lower tier holds (a `StoredEntry`: on disk at a restart, or found in the
+        shared tier), its chunks on that tier only and its token ids unread."""
+        e = Entry(s.layout, s.incarnation, s.created_ns, version=s.version, manifest=(s.version, s.manifest_nbytes))
+        e.chunks = {cid: Chunk(cid, m, None, extent_nbytes=s.layout.extent_nbytes(m), file_nbytes=nb)
+                    for cid, (m, nb) in s.chunks.items()}
+        e.views = [(e.chunks[cid], lo, hi) for cid, lo, hi in s.views]
+        self.entries[s.key] = e
+        self.disk_used += e.disk_nbytes
+        return e
     def count_miss_locked(self) -> None:
         self.counters["dram"]["misses"] += 1
         if self.disk is not None:

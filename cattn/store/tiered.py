@@ -28,7 +28,7 @@ from cattn.store.partial import servable_tokens
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
 from cattn.store.readahead import ReadAhead
-from cattn.store.shared import adopt_locked, publish
+from cattn.store.shared import publish
 from cattn.store.state import StoreState
 from cattn.store.tier import LowerTier
 
@@ -306,7 +306,7 @@ class TieredStore(KVStore):
             found = st.disk.find(key)
         if found is None or key in st.entries:   # another thread may have indexed or saved it meanwhile
             return st.entries.get(key)
-        e = adopt_locked(st, found)
+        e = st.index_locked(found)
         st.policy.touch(key, time.time())
         return e
 
