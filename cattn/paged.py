@@ -154,9 +154,14 @@ class PagedSequences:
         token numbering is unchanged). Returns the number of pages given back."""
         seq = self.seqs[seq_id]
         stop = min(_count(num_tokens, "num_tokens"), seq.num_tokens) // self.page_size
-        given = [p for p in seq.pages[:stop] if p != HOLE]
+        # Holes are always a prefix: walk back from the cut to the last one, so a decode step costs
+        # the pages it gives back, not the sequence's length.
+        first = stop
+        while first > 0 and seq.pages[first - 1] != HOLE:
+            first -= 1
+        given = seq.pages[first:stop]
         self.pool.free(given)
-        seq.pages[:stop] = [HOLE] * stop
+        seq.pages[first:stop] = [HOLE] * (stop - first)
         return len(given)
 
     def start_with_holes(self, seq_id: Hashable, num_tokens: int) -> None:
