@@ -164,6 +164,7 @@ def test_write_timing_out_before_the_manifest_is_bounded_and_never_wrong(chat_mo
     # manifest came after every chunk it names, so another machine gets this history or a miss.
     b = machine(tmp_path / "b", [server.url])
     turn_two(chat_model, b, first)
+    b.sync()     # b writes its own longer history in the background: it must land before the deletes
     # A writer that died between its chunks and its manifest: the chunks alone are a miss.
     import redis
 
