@@ -59,6 +59,26 @@ class BufferRule:
                                            self.layer_s_per_token * max(new_tokens, 1))
         return self.keep()
 
+    def disk_tokens(self, history: int, in_dram: int, new_tokens: int, disk_bytes_per_s: float | None) -> int:
+        """How many of a history's ``history`` tokens to load when only the first ``in_dram`` are in DRAM and
+        the rest stream from disk, layer by layer, while the GPU prefills the tokens not loaded and the
+        ``new_tokens``: the split whose turn ends first (the replay's partial-read model). The turn takes
+        max(read, prefill) plus one layer of the read (the first layer waits for it); the read grows with
+        the split and the prefill shrinks, so the best split is where they cross, or an end. Every token
+        before a measurement, or without the disk's bandwidth."""
+        if self.layer_s_per_token is None or not disk_bytes_per_s or history <= in_dram:
+            return history
+        read_s = self.token_nbytes / disk_bytes_per_s           # per token, all layers
+        prefill_s = self.layer_s_per_token * self.num_layers     # per token, all layers
+
+        def turn_s(p: int) -> float:
+            read, prefill = (p - in_dram) * read_s, (new_tokens + history - p) * prefill_s
+            return max(read, prefill) + read / self.num_layers
+
+        cross = in_dram + (new_tokens + history - in_dram) * prefill_s / (read_s + prefill_s)
+        near = {min(max(int(cross) + d, in_dram), history) for d in (0, 1)}
+        return min({in_dram, history} | near, key=lambda p: (turn_s(p), -p))
+
     def keep(self) -> int:
         """The last ``k`` for the device tier: every layer before a measurement."""
         return self.num_layers if self.resident is None else self.resident

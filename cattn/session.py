@@ -36,9 +36,11 @@ from cattn.turns import FirstTokenTimer, TurnStats, common_prefix, render
 from cattn.session_window import SLACK, WindowEntries, window_key
 from cattn.store.base import EntryKey, KVStore
 from cattn.store.device import DeviceTier, Resident
+from cattn.store.layerwise import HistoryLost
 from cattn.store.lease import KVLease
 from cattn.store.memory import MemoryStore
 from cattn.store.migration import StoreFullError
+from cattn.store.tiered import TieredStore
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -111,6 +113,16 @@ class ChatSession:
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
         start = time.perf_counter()
+        try:
+            return self._send(message, max_new, dict(generate_kwargs), start)
+        except HistoryLost as exc:
+            # A history read from disk layer by layer failed its checksum mid-prefill: the store has
+            # dropped it, and the turn is done again without it (its prefill had produced no token yet).
+            log.warning("session %r: %s; recomputing the turn", self.key.session, exc)
+            self._forget()
+            return self._send(message, max_new, generate_kwargs, start)
+
+    def _send(self, message, max_new: int, generate_kwargs: dict, start: float) -> str:
         self._settle_saves()
         messages = self._next_messages(message)
         rendered = render(self.tokenizer, messages, generation_prompt=True)
@@ -321,9 +333,11 @@ class ChatSession:
         if res is not None and res.num_layers >= self.layout.num_layers:   # fully resident: nothing to copy
             self._device().record_not_copied(reused * self._token_nbytes())
             return reused
-        lease = self._acquire(cache, prompt, reused) if cache.stored_layers else None
+        lease = self._acquire(cache, prompt, reused, split=res is None) if cache.stored_layers else None
         if lease is None and cache.stored_layers:
             return 0
+        if lease is not None:
+            reused = lease.num_tokens   # fewer if the rest is faster prefilled than read from disk
         tail = None
         if cache.window is not None:
             tail = self._windows.acquire(self._history, reused)
@@ -345,11 +359,18 @@ class ChatSession:
             self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
         return reused
 
-    def _acquire(self, cache: PagedCache, prompt: list[int], reused: int) -> KVLease | None:
-        """The stored KV of ``prompt[:reused]`` (the cache's `stored_layers`), or None (a miss)."""
+    def _acquire(self, cache: PagedCache, prompt: list[int], reused: int, split: bool) -> KVLease | None:
+        """The stored KV of ``prompt[:reused]`` (the cache's `stored_layers`), or None (a miss). From a
+        `TieredStore`, what is on disk streams in layer by layer; with ``split``, only the first tokens, as many
+        as the disk delivers while the rest is prefilled (`BufferRule.disk_tokens`)."""
         try:
-            if hasattr(self.store, "acquire"):        # TieredStore: pinned pool views, no staging copy
-                lease = self.store.acquire(self.key, reused)
+            if isinstance(self.store, TieredStore):   # pinned pool views, no staging copy
+                if split and cache.window is None:    # a window's tail entry holds the history's end only
+                    reused = self._rule.disk_tokens(reused, self.store.tokens_in_dram(self.key),
+                                                    len(prompt) - reused, self.store.disk_read_bytes_per_s)
+                if not reused:
+                    return None
+                lease = self.store.acquire(self.key, reused, layerwise=True)
             else:
                 entry = self.store.load(self.key, reused)
                 lease = None if entry is None else KVLease.from_entry(entry)

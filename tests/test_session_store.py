@@ -78,7 +78,7 @@ def test_a_store_that_cannot_lend_is_a_miss(chat_model, monkeypatch):
     session = ChatSession(model, tok, session_id="s", store=store, system=SYSTEM)
     session.send("Hello there", **GREEDY)
 
-    def full(key, num_tokens=None):
+    def full(key, num_tokens=None, **kwargs):
         raise StoreFullError("every session is leased")
     monkeypatch.setattr(store, "acquire", full)
     session.send("Tell me more", **GREEDY)

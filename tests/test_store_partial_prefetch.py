@@ -1,5 +1,6 @@
 """Partial prefetch (`TieredStore(partial_prefetch=True)`): a read oldest chunk first that a starting job
-stops, the prefix in DRAM served exactly, the rest still whole on disk; late reads issued soonest first."""
+stops, the prefix in DRAM served exactly (`tokens_in_dram`), the rest still whole on disk; late reads
+issued soonest first."""
 import random
 import threading
 import time
@@ -92,8 +93,8 @@ def test_a_job_starting_mid_read_gets_exactly_the_prefix_read_and_the_read_stops
     have = sum(p.num_tokens for p in parts[:read_before])
 
     store.job_started(key())                          # the chunk in flight is the last one read
-    assert torch.equal(store.lookup(key()), whole.token_ids[:have])
-    assert_exact(store.load(key()), prefix(whole, have))
+    assert store.tokens_in_dram(key()) == have        # served without the disk
+    assert_exact(store.load(key(), have), prefix(whole, have))
     with store.acquire(key(), have) as lease:
         assert lease.num_tokens == have
         assert_exact(lease.to_entry(), prefix(whole, have))
@@ -104,7 +105,9 @@ def test_a_job_starting_mid_read_gets_exactly_the_prefix_read_and_the_read_stops
     assert s["disk"]["prefetch_stopped"] == 1 and s["disk"]["prefetched"] == 1
     assert s["dram"]["misses"] == 0 and s["dram"]["partial_hits"] >= 1
     now = have + parts[read_before].num_tokens        # the chunk that was in flight came in whole
-    assert_exact(store.load(key()), prefix(whole, now))
+    assert store.tokens_in_dram(key()) == now
+    assert torch.equal(store.lookup(key()), whole.token_ids)   # the history is still all there
+    assert_exact(store.load(key(), now), prefix(whole, now))
 
     disk.gated = False   # a load of an explicit length still reads what it needs from disk, exactly
     assert_exact(store.load(key(), whole.num_tokens), whole)
@@ -119,7 +122,8 @@ def test_a_long_turn_split_into_chunks_can_be_stopped_within_it(tmp_path):
     read_before = random.randint(1, chunks - 2)
     store, disk, parts = reading_mid_history(tmp_path, 1, read_before, sizes=[n], max_chunk_tokens=cap)
     store.job_started(key())
-    assert_exact(store.load(key()), prefix(parts[0], read_before * cap))
+    assert store.tokens_in_dram(key()) == read_before * cap
+    assert_exact(store.load(key(), read_before * cap), prefix(parts[0], read_before * cap))
     disk.permits.release()
     store.sync()
     assert len(disk.read) == read_before + 1 and store.stats()["disk"]["prefetch_stopped"] == 1
@@ -136,14 +140,14 @@ def test_the_job_saves_after_its_prefix_and_the_history_stays_whole_across_a_res
     turns = random.randint(3, 6)
     store, disk, parts = reading_mid_history(tmp_path, turns, random.randint(1, turns - 2))
     store.job_started(key())
-    reused = store.lookup(key()).numel()
+    reused = store.tokens_in_dram(key())
     whole = cat(*parts)
     disk.permits.release()
     # the caller prefills the rest of the history and its new tokens, and saves them after the prefix
     rest = make_entry(whole.num_tokens - reused + random.randint(1, 9), first_id=77)
     store.save(key(), rest, start=reused)
     want = cat(prefix(whole, reused), rest)
-    assert_exact(store.load(key()), want)             # the save ends the prefix-only serving
+    assert_exact(store.load(key()), want)
     store.close()
     disk_bytes = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock")
     store = TieredStore(1 << 20, DiskTier(tmp_path, 1 << 24))
@@ -178,9 +182,9 @@ def test_a_partial_copy_is_never_taken_for_the_whole_entry(tmp_path):
     store.truncate(key(), drop, keep_first)
     idx = torch.cat([torch.arange(keep_first), torch.arange(keep_first + drop, whole.num_tokens)])
     want = KVEntry(whole.token_ids[idx], whole.k[:, idx], whole.v[:, idx])
-    shown = store.lookup(key())
-    assert torch.equal(shown, want.token_ids[:shown.numel()])   # a prefix of the truncated history
-    assert_exact(store.load(key()), prefix(want, shown.numel()))
+    assert torch.equal(store.lookup(key()), want.token_ids)
+    shown = store.tokens_in_dram(key())                          # a prefix of the truncated history
+    assert_exact(store.load(key(), shown), prefix(want, shown))
     assert not store.flush()
     st = store._state
     with st.lock:   # what is left of the prefix (the cut may have taken it all) goes down to disk again

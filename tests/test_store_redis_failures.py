@@ -51,12 +51,12 @@ class Timed:
         finally:
             self.seconds.append(time.monotonic() - t0)
 
-    def acquire(self, key, num_tokens=None):
+    def acquire(self, key, num_tokens=None, **kwargs):
         if self.before_acquire is not None:
             self.before_acquire()
         t0 = time.monotonic()
         try:
-            return self._acquire(key, num_tokens)
+            return self._acquire(key, num_tokens, **kwargs)
         finally:
             self.seconds.append(time.monotonic() - t0)
 

@@ -18,6 +18,7 @@ import torch
 
 from cattn.hf.step import ForwardStep
 from cattn.store.base import EntryKey, KVStore
+from cattn.store.layerwise import HistoryLost
 from cattn.store.lease import KVLease
 from cattn.store.migration import StoreFullError
 from cattn.store.transfer import LayerLoader, LayerSaver
@@ -143,7 +144,10 @@ class StoreStreaming:
     def finish(self) -> list[Future]:
         """Complete the load, order the current stream after every save's copies, hand over the
         saves' futures (see `PagedCache.finish`)."""
-        self.finish_load()
+        try:
+            self.finish_load()
+        except HistoryLost:   # the forward that needed the lost layers raised it already
+            pass
         if self._saver is not None:        # a step stopped before its last layer: its copies are incomplete
             self._saver.abort()
             self._saver = None
@@ -155,11 +159,16 @@ class StoreStreaming:
     def finish_load(self) -> None:
         """Complete the history load (every layer copied, lease released, its times reported)."""
         if self._loaders:
-            for loader, _ in self._loaders:
-                loader.close()
-            self._load_s = (sum(loader.hidden_s for loader, _ in self._loaders),
-                            sum(loader.exposed_s for loader, _ in self._loaders))
-            self._loaders, self._loading = [], False
+            loaders, self._loaders, self._loading = self._loaders, [], False
+            lost = None
+            for loader, _ in loaders:
+                try:
+                    loader.close()
+                except HistoryLost as exc:   # a history read from disk failed: the others still close
+                    lost = exc
+            self._load_s = (sum(loader.hidden_s for loader, _ in loaders), sum(loader.exposed_s for loader, _ in loaders))
+            if lost is not None:
+                raise lost
 
     # ---- measurements --------------------------------------------------------------------------
     def load_seconds(self) -> tuple[float, float]:

@@ -41,10 +41,10 @@ class TierModel:
             history is on disk only reads the oldest part of it, layer by layer, while the GPU
             prefills the rest layer by layer (layer l of the rest needs layer l of the part read):
             as much as the disk delivers in the time the prefill of the rest takes.
-            `TieredStore(partial_prefetch=True)` does the first two, a chunk (one save) at a time: a
-            job that starts mid-read is served the chunks already in DRAM, the oldest first, and the
-            read stops after the chunk in flight. The layer-wise read of a history on disk only is
-            not in the store: its load reads the chunks it needs before the job starts.
+            `TieredStore(partial_prefetch=True)` with `ChatSession` does all three, a chunk (one save)
+            at a time: a job that starts mid-read stops the read after the chunk in flight, takes the
+            chunks in DRAM and reads on layer by layer (`cattn.store.layerwise`), as much as the disk
+            delivers while the rest is prefilled (`BufferRule.disk_tokens`, the same balance).
         prefetch_after_save: look for prefetches again once a job's history is saved and DRAM made
             room. (`TieredStore` prefetches only when told of the queue, at `update_queue`.)
         one_read_at_a_time: the disk reads one prefetch at a time, and the next is chosen when it is

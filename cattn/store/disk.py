@@ -164,6 +164,10 @@ class DiskTier:
                    into: torch.Tensor | None = None) -> torch.Tensor:
         return ff.read_chunk(self._file(key, chunk_id, ".kv"), key, layout, chunk_id, num_tokens, into)
 
+    def open_layers(self, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> ff.ChunkLayers | None:
+        """The chunk open for layer-wise reads, or None if it can only be read whole (see `LowerTier`)."""
+        return ff.open_chunk_layers(self._file(key, chunk_id, ".kv"), key, layout, chunk_id, num_tokens)
+
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
         path = self._file(key, incarnation, ".manifest")
         d = self._make_dir(key)

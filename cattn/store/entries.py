@@ -45,7 +45,7 @@ class Entry:
     # Partial prefetch (`cattn.store.partial`): its job started while its prefetch was being read, and
     # the read stopped; until its next save or job, a lookup or a load of "all" shows the part in DRAM.
     # The history (views, chunks, files) is unchanged: only what is served is shorter.
-    dram_prefix_only: bool = False
+    prefetch_stopped: bool = False
 
     @property
     def num_tokens(self) -> int:

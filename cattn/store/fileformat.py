@@ -8,7 +8,9 @@ The checksum covers everything before it. A *chunk file* is a frame whose json
 names the key, chunk id, token count, layout and the payload's xxh3_64, whose
 blob is the token ids (int64), then zero padding to a 4096-byte boundary, then
 the payload: ``k [L, m, Hkv, D]`` and ``v [L, m, Hkv, D]``, the bytes of the
-chunk's host pool extent. A *manifest* is a frame alone: the session's chunks
+chunk's host pool extent. The header also holds one xxh3_64 per layer, over that layer's
+``k[l]`` then ``v[l]``, so that a layer can be read and vouched for alone (`ChunkLayers`: a
+history streamed from disk layer by layer while the GPU computes). A *manifest* is a frame alone: the session's chunks
 and the token ranges of them that make up its history, in order. A write goes
 to a temporary file, is fsynced, renamed into place, and the directory fsynced,
 so a reader sees the previous file or the new one, never a torn one.
@@ -121,11 +123,33 @@ def _check_meta(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) -
 
 # ---- chunk files ------------------------------------------------------------------------------------
 
-def _chunk_header(key, layout, chunk_id, token_ids: torch.Tensor, payload_sum: int) -> tuple[bytes, int]:
+def layer_spans(layout: KVLayout, num_tokens: int) -> list[tuple[int, int]]:
+    """Per layer, the payload offsets of its ``k[l]`` and ``v[l]`` bytes (each `layer_nbytes` long)."""
+    n, half = layer_nbytes(layout, num_tokens), layout.payload_nbytes(num_tokens) // 2
+    return [(l * n, half + l * n) for l in range(layout.num_layers)]
+
+
+def layer_nbytes(layout: KVLayout, num_tokens: int) -> int:
+    """Bytes of one layer's K (or V) in a chunk of ``num_tokens``."""
+    return layout.payload_nbytes(num_tokens) // (2 * layout.num_layers)
+
+
+def _layer_sums(data: memoryview, layout: KVLayout, num_tokens: int) -> list[str]:
+    n, sums = layer_nbytes(layout, num_tokens), []
+    for k, v in layer_spans(layout, num_tokens):
+        h = xxhash.xxh3_64(data[k:k + n])
+        h.update(data[v:v + n])
+        sums.append(f"{h.intdigest():016x}")
+    return sums
+
+
+def _chunk_header(key, layout, chunk_id, token_ids: torch.Tensor, payload_sum: int,
+                  layer_sums: list[str] | None = None) -> tuple[bytes, int]:
     m = token_ids.numel()
     meta = _key_meta(key, layout, "chunk") | dict(chunk=chunk_id, num_tokens=m, payload_offset=0,
                                                  payload_nbytes=layout.payload_nbytes(m),
-                                                 payload_xxh3=f"{payload_sum:016x}")
+                                                 payload_xxh3=f"{payload_sum:016x}",
+                                                 layer_xxh3=layer_sums or ["0" * 16] * layout.num_layers)
     ids = bytes(bytes_of(token_ids.contiguous())) if m else b""
     # The payload offset is a field of the header it precedes: size the header with a placeholder at
     # least as wide as any real offset, then fill it in.
@@ -151,8 +175,10 @@ def write_chunk(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, toke
     data = bytes_of(payload)
     # Checksum while the payload is written (xxhash releases the GIL); the header, whose length does
     # not depend on the checksum's value, is written last over its placeholder.
-    checksum: list[int] = []
-    hasher = threading.Thread(target=lambda: checksum.append(xxhash.xxh3_64_intdigest(data)))
+    m = token_ids.numel()
+    checksum: list = []
+    hasher = threading.Thread(target=lambda: checksum.extend(
+        (xxhash.xxh3_64_intdigest(data), _layer_sums(data, layout, m))))
     hasher.start()
     try:
         placeholder, offset = _chunk_header(key, layout, chunk_id, token_ids, 0)
@@ -160,7 +186,7 @@ def write_chunk(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, toke
             write_all(fd, placeholder + bytes(offset - len(placeholder)), 0)
             write_all(fd, data, offset)
             hasher.join()
-            header, _ = _chunk_header(key, layout, chunk_id, token_ids, checksum[0])
+            header, _ = _chunk_header(key, layout, chunk_id, token_ids, *checksum)
             write_all(fd, header, 0)
     finally:
         hasher.join()
@@ -173,23 +199,79 @@ def read_chunk(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, num_t
     its payload, read straight into ``into`` and checksummed. Raises FormatError, OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        meta, blob, frame_len = read_frame(fd)
-        _check_meta(meta, key, layout, "chunk")
-        nbytes = layout.payload_nbytes(num_tokens)
-        if meta.get("chunk") != chunk_id or meta.get("num_tokens") != num_tokens \
-                or meta.get("payload_nbytes") != nbytes or len(blob) != 8 * num_tokens:
-            raise FormatError(f"chunk header does not match chunk {chunk_id} of {num_tokens} tokens")
-        offset = meta.get("payload_offset")
-        if offset != align_up(frame_len, PAYLOAD_ALIGN) or os.fstat(fd).st_size != offset + nbytes:
-            raise FormatError("chunk file size or payload offset does not match its header")
-        if os.pread(fd, offset - frame_len, frame_len) != bytes(offset - frame_len):
-            raise FormatError("chunk header padding is not zero")
-        ids = torch.frombuffer(bytearray(blob), dtype=torch.int64) if num_tokens else torch.empty(0, dtype=torch.int64)
+        meta, ids, offset = _open_chunk(fd, key, layout, chunk_id, num_tokens)
         if into is not None:
-            _read_checksummed(fd, bytes_of(into[:nbytes]), offset, meta.get("payload_xxh3"))
+            _read_checksummed(fd, bytes_of(into[:layout.payload_nbytes(num_tokens)]), offset, meta.get("payload_xxh3"))
         return ids
     finally:
         os.close(fd)
+
+
+def _open_chunk(fd: int, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> tuple[dict, torch.Tensor, int]:
+    """``(header meta, token ids, payload offset)`` of the chunk file open as ``fd``, once its header checks out."""
+    meta, blob, frame_len = read_frame(fd)
+    _check_meta(meta, key, layout, "chunk")
+    nbytes = layout.payload_nbytes(num_tokens)
+    if meta.get("chunk") != chunk_id or meta.get("num_tokens") != num_tokens \
+            or meta.get("payload_nbytes") != nbytes or len(blob) != 8 * num_tokens:
+        raise FormatError(f"chunk header does not match chunk {chunk_id} of {num_tokens} tokens")
+    offset = meta.get("payload_offset")
+    if offset != align_up(frame_len, PAYLOAD_ALIGN) or os.fstat(fd).st_size != offset + nbytes:
+        raise FormatError("chunk file size or payload offset does not match its header")
+    if os.pread(fd, offset - frame_len, frame_len) != bytes(offset - frame_len):
+        raise FormatError("chunk header padding is not zero")
+    ids = torch.frombuffer(bytearray(blob), dtype=torch.int64) if num_tokens else torch.empty(0, dtype=torch.int64)
+    return meta, ids, offset
+
+
+class ChunkLayers:
+    """A chunk file open for reading one layer at a time, its header checked (`open_chunk_layers`).
+
+    ``token_ids``: ``[num_tokens] int64``. `read_layer` reads layer ``l``'s K and V into a payload buffer
+    (``[>= payload] uint8`` host bytes laid out as the file's payload, e.g. the chunk's pool extent) and
+    checks that layer's checksum; nothing else of the buffer is touched. Raises FormatError, OSError.
+    """
+
+    def __init__(self, fd: int, layout: KVLayout, num_tokens: int, ids: torch.Tensor, offset: int, sums: list[str]):
+        self._fd, self.token_ids, self._offset, self._sums = fd, ids, offset, sums
+        self._spans, self._n = layer_spans(layout, num_tokens), layer_nbytes(layout, num_tokens)
+
+    def read_layer(self, layer: int, into: torch.Tensor) -> None:
+        view, n, h = bytes_of(into), self._n, xxhash.xxh3_64()
+        for start in self._spans[layer]:
+            part, done = view[start:start + n], 0
+            while done < n:
+                got = os.preadv(self._fd, [part[done:]], self._offset + start + done)
+                if got == 0:
+                    raise FormatError("chunk payload truncated")
+                done += got
+            h.update(part)
+        if f"{h.intdigest():016x}" != self._sums[layer]:
+            raise FormatError(f"chunk layer {layer} checksum mismatch")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open_chunk_layers(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> ChunkLayers | None:
+    """The chunk file at ``path`` open for layer-wise reads, or None if its header has no per-layer
+    checksums (an earlier writer's file: read it whole). Raises FormatError, OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        meta, ids, offset = _open_chunk(fd, key, layout, chunk_id, num_tokens)
+        sums = meta.get("layer_xxh3")
+        if sums is None:
+            os.close(fd)
+            return None
+        if not (isinstance(sums, list) and len(sums) == layout.num_layers
+                and all(isinstance(x, str) and re.fullmatch(r"[0-9a-f]{16}", x) for x in sums)):
+            raise FormatError("chunk header's layer checksums are malformed")
+        return ChunkLayers(fd, layout, num_tokens, ids, offset, sums)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_checksummed(fd: int, view: memoryview, offset: int, want: str | None, piece: int = 64 << 20) -> None:

@@ -49,6 +49,13 @@ class KVLease:
         self._on_release, self._on_transfer = on_release, on_transfer
         self._released = threading.Event()
 
+    # The segments' layers arrive one at a time (a layer-wise read from disk, `cattn.store.layerwise`):
+    # a reader calls `wait_layer(l)` before reading layer l of any segment.
+    streamed = False
+
+    def wait_layer(self, layer: int) -> None:
+        """Block until layer ``layer`` of every segment is in host memory (at once here; see `streamed`)."""
+
     @classmethod
     def from_entry(cls, entry: KVEntry) -> KVLease:
         """A lease over an entry's own tensors (no copy), e.g. what a `MemoryStore` loaded."""

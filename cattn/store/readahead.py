@@ -66,10 +66,10 @@ class ReadAhead:
 
     def started_locked(self, key: Hashable) -> None:
         """``key``'s job started: its deadline is gone; with partial prefetch, a read of it in flight stops
-        after its current chunk and the job is served the part in DRAM (a new job ends an earlier stop's)."""
+        after its current chunk, and the lane leaves the rest to the job's own load (a new job ends an earlier stop)."""
         self.due.pop(key, None)
         if self.partial and (e := self.st.entries.get(key)) is not None:
-            e.dram_prefix_only = key == self.reading
+            e.prefetch_stopped = key == self.reading
 
     def _missing_bytes(self, key: EntryKey) -> int:
         return sum(c.extent_nbytes for c in chunks_of(self.st.entries[key].views) if c.offset is None)
@@ -79,7 +79,7 @@ class ReadAhead:
         and the bandwidth are known."""
         st = self.st
         on_disk = [k for k, e in st.entries.items() if k not in exclude and e.reading is None
-                   and not e.dram_prefix_only and any(c.offset is None for c, _, _ in e.views)]
+                   and not e.prefetch_stopped and any(c.offset is None for c, _, _ in e.views)]
         allowed = set(on_disk)
         wanted = [k for k in st.policy.prefetch(on_disk) if k in allowed]
         if self.partial and self.due:  # a late read is still worth what arrives of it: none is skipped

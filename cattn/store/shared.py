@@ -61,6 +61,12 @@ class DiskOverShared:
         except FileNotFoundError:   # a chunk another machine wrote: only the shared tier has it
             return self.shared.read_chunk(key, layout, chunk_id, num_tokens, into)
 
+    def open_layers(self, key, layout, chunk_id, num_tokens):
+        try:
+            return self.disk.open_layers(key, layout, chunk_id, num_tokens)
+        except FileNotFoundError:   # only the shared tier has it, and reads it whole
+            return None
+
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
         nbytes = self.disk.write_manifest(key, incarnation, data)
         named = {c for c, _, _ in parse_frame(data)[0]["chunks"]}

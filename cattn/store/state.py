@@ -44,7 +44,8 @@ class StoreState:
                          "transfer": dict(loads=0, bytes=0, load_s_hidden=0.0, load_s_exposed=0.0)}
         if disk is not None:
             self.counters["disk"] = dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, corrupt=0,
-                                         write_errors=0, prefetched=0, prefetch_stopped=0)
+                                         write_errors=0, prefetched=0, prefetch_stopped=0,
+                                         layerwise_reads=0)
             self._index_lower_tier()
 
     def _index_lower_tier(self) -> None:

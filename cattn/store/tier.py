@@ -56,6 +56,10 @@ class LowerTier(Protocol):
         """The chunk's token ids, and its payload into ``into`` if given; raises FormatError or OSError
         when it cannot vouch for the bytes."""
 
+    # Optional: ``open_layers(key, layout, chunk_id, num_tokens)``, the chunk open for reading one layer at a
+    # time (`fileformat.ChunkLayers`), or None where the tier can only read it whole. A tier without it
+    # (Redis alone) serves a layer-wise acquire with whole reads.
+
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
         """Make the chunks written before it durable, then replace the manifest of ``incarnation``
         durably and atomically; returns the bytes used."""

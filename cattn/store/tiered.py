@@ -24,7 +24,8 @@ from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
                                    persist_locked, promote_locked, read_ids_locked)
-from cattn.store.partial import servable_tokens
+from cattn.store.layerwise import acquire_layerwise_locked, release_locked
+from cattn.store.partial import dram_prefix
 from cattn.store.policy import LRU, Policy
 from cattn.store.pool import HostPool
 from cattn.store.readahead import ReadAhead
@@ -59,9 +60,10 @@ class TieredStore(KVStore):
             `close`. ``store.device`` is what `ChatSession` takes resident layers from.
         partial_prefetch: a prefetch is worth the part of it that arrives in time (`cattn.store.partial`):
             reads a deadline makes late are issued anyway, soonest first; each reads its session oldest
-            chunk first; a job that starts mid-read (`job_started`) stops it, and until the session's next
-            save `lookup` and a load of the whole history serve the part in DRAM (the caller prefills the
-            rest). Default False: a read is skipped if late and finished once begun.
+            chunk first; a job that starts mid-read (`job_started`) stops it after the chunk in flight, and
+            the job takes the part in DRAM (`tokens_in_dram`), reads on layer by layer (``acquire(...,
+            layerwise=True)``) or prefills the rest. Default False: a read is skipped if late and finished
+            once begun.
         max_chunk_tokens: split each save into chunks of at most this many tokens (default: no limit), so
             that a partial prefetch can stop within a long turn's tokens (a chunk is the piece it reads).
 
@@ -116,8 +118,6 @@ class TieredStore(KVStore):
             e = st.entries.get(key) or self._find_shared_locked(key)
             if e is None:
                 return None
-            if e.dram_prefix_only:   # a stopped partial prefetch: what is in DRAM (ids known) is served
-                return token_ids_of(cut(e.views, 0, servable_tokens(e)))
             if not read_ids_locked(st, key, e):
                 return None
             return token_ids_of(e.views)
@@ -170,7 +170,7 @@ class TieredStore(KVStore):
         bytes, entries; ``dram`` also dropped (evicted with no room below); ``disk`` also corrupt (files
         found bad, dropped), skipped (directory entries it did not make or cannot read, left in place),
         write_errors, prefetched, prefetch_stopped (partial prefetch: reads a starting job stopped),
-        read_bytes_per_s (given, or measured on the prefetches; 0 until known);
+        layerwise_reads (loads that read their chunks from disk one layer at a time), read_bytes_per_s (given, or measured on the prefetches; 0 until known);
         ``transfer``: layer-wise loads and their seconds hidden behind compute vs exposed."""
         st = self._state
         with st.lock:
@@ -190,14 +190,18 @@ class TieredStore(KVStore):
 
     # ---- zero-copy access --------------------------------------------------------------------------
 
-    def acquire(self, key: EntryKey, num_tokens: int | None = None) -> KVLease | None:
+    def acquire(self, key: EntryKey, num_tokens: int | None = None, *, layerwise: bool = False) -> KVLease | None:
         """The first ``num_tokens`` (default all) tokens of ``key`` as pinned pool views, or None on a miss.
 
-        Chunks on disk are read into the pool first. "All" is what `lookup` shows: with partial prefetch,
-        after a read its job stopped, the part in DRAM. The lease keeps its chunks in the pool until
-        released; a concurrent save or truncate of the session does not change what it shows.
+        Chunks on disk are read into the pool first; with ``layerwise``, those on the local disk are read
+        one layer at a time behind the lease instead (`cattn.store.layerwise`: the lease's ``wait_layer``,
+        and `HistoryLost` if a layer turns out corrupt). `tokens_in_dram` says how many are served without
+        the disk. The lease keeps its chunks in the pool until released; a concurrent save or truncate of
+        the session does not change what it shows.
         """
         check_key(key)
+        if not isinstance(layerwise, bool):
+            raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
         st = self._state
         with st.lock:
             e = st.entries.get(key) or self._find_shared_locked(key)
@@ -206,17 +210,25 @@ class TieredStore(KVStore):
                 return None
             from_disk = False
             while True:  # the lock is released while chunks are read: the history may change meanwhile
-                n = servable_tokens(e) if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
+                if layerwise and e.reading is not None:   # a chunk of it in flight (a stopped prefetch): let it land
+                    ev = e.reading
+                    with st.unlocked():
+                        ev.wait()
+                    continue
+                n = e.num_tokens if num_tokens is None else max(0, min(num_tokens, e.num_tokens))
                 views = cut(e.views, 0, n)
                 if all(c.offset is not None for c, _, _ in views):
                     break
                 from_disk = True
+                if layerwise and (lease := acquire_layerwise_locked(
+                        st, key, e, views, lambda held: self._locked(release_locked, st, held),
+                        st.record_transfer)) is not None:
+                    self._count_load_locked(key, e, n, from_disk)
+                    return lease
                 if not promote_locked(st, key, e, views, evict=True):
                     st.count_miss_locked()
                     return None
-            st.counters["dram"]["misses" if from_disk else "hits"] += 1
-            if from_disk:
-                st.counters["disk"]["hits"] += 1
+            self._count_load_locked(key, e, n, from_disk)
             segments, pinned, pos = [], [], 0
             for c, lo, hi in views:
                 k, v = e.layout.views(st.pool.view(c.offset, e.layout.payload_nbytes(c.num_tokens)), c.num_tokens)
@@ -225,12 +237,34 @@ class TieredStore(KVStore):
                 c.pins += 1
                 pos += hi - lo
             ids = token_ids_of(views)
-            st.counters["dram"]["bytes_out"] += e.layout.payload_nbytes(n)
-            if n < e.num_tokens:
-                st.counters["dram"]["partial_hits"] += 1
-            st.policy.touch(key, time.time())
         return KVLease(ids, segments, e.layout, on_release=lambda: self._locked(st.unpin_locked, pinned),
                        on_transfer=st.record_transfer)
+
+    def _count_load_locked(self, key: EntryKey, e: Entry, n: int, from_disk: bool) -> None:
+        st = self._state
+        st.counters["dram"]["misses" if from_disk else "hits"] += 1
+        if from_disk:
+            st.counters["disk"]["hits"] += 1
+        st.counters["dram"]["bytes_out"] += e.layout.payload_nbytes(n)
+        if n < e.num_tokens:
+            st.counters["dram"]["partial_hits"] += 1
+        st.policy.touch(key, time.time())
+
+    @property
+    def disk_read_bytes_per_s(self) -> float | None:
+        """The lower tier's read bandwidth: as configured, else as measured by the prefetch lane (None before
+        its first read)."""
+        return self._readahead.read_bytes_per_s
+
+    def tokens_in_dram(self, key: EntryKey) -> int:
+        """How many of ``key``'s first tokens are in the DRAM tier now (0 on a miss): what `acquire` serves
+        without reading the disk."""
+        check_key(key)
+        with self._state.lock:
+            e = self._state.entries.get(key)
+            if e is None:
+                return 0
+            return sum(hi - lo for _, lo, hi in dram_prefix(e.views))
 
     def begin_save(self, key: EntryKey, token_ids: torch.Tensor, layout: KVLayout, start: int = 0) -> PendingSave:
         """Reserve pool space for ``token_ids [m] int64``'s KV; see `PendingSave`. Committing it is `save`.
@@ -273,7 +307,7 @@ class TieredStore(KVStore):
             e.layout = layout  # a change only if start == 0, and then every old chunk retires below
             e.views = cut(e.views, 0, start) + [(c, 0, c.num_tokens) for c in chunks]
             e.chunks.update((c.id, c) for c in chunks)
-            e.dram_prefix_only = False   # the turn that took the prefix saved: the whole history is served again
+            e.prefetch_stopped = False   # the turn that stopped the read saved: the lane may read it again
             st.retire_dead_locked(e)
             e.version += 1
             st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
@@ -353,7 +387,7 @@ class TieredStore(KVStore):
 
     def job_started(self, key: EntryKey) -> None:
         """Tell the policy that ``key``'s job left the queue and started (its deadline is gone; with
-        ``partial_prefetch``, a read of it in flight stops and the job is served the part in DRAM)."""
+        ``partial_prefetch``, a read of it in flight stops after its chunk in flight)."""
         check_key(key)
         if self.device is not None:
             self.device.job_started(key)

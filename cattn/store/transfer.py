@@ -132,7 +132,9 @@ class LayerLoader:
         if self._cuda:
             if not self._started:  # the job has started: queue every remaining layer behind the preloaded ones
                 self._started = True
-                self._issue_through(self.num_layers - 1)
+                self._issue_through(layer if self.lease.streamed else self.num_layers - 1)
+            elif self.lease.streamed:  # layers still arriving from disk: issue each as it is needed
+                self._issue_through(layer)
             current = torch.cuda.current_stream(self._device)
             self._wanted[layer] = torch.cuda.Event(enable_timing=True)
             self._wanted[layer].record(current)
@@ -144,7 +146,11 @@ class LayerLoader:
 
     def close(self) -> None:
         """Finish every copy, release the lease and report the transfer's hidden and exposed seconds."""
-        self._issue_through(self.num_layers - 1)
+        try:
+            self._issue_through(self.num_layers - 1)
+        except BaseException:   # a streamed lease lost its history: release it all the same
+            self.lease.release()
+            raise
         if self._cuda and self._events:
             self._events[-1][1].synchronize()
             for layer, wanted in self._wanted.items():
@@ -158,6 +164,7 @@ class LayerLoader:
     def _issue_through(self, last: int) -> None:
         while self._issued <= last:
             layer = self._issued
+            self.lease.wait_layer(layer)
             with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
                 if self._cuda:
                     start = torch.cuda.Event(enable_timing=True)
