@@ -23,8 +23,8 @@ import torch
 
 from cattn.store import fileformat as ff
 from cattn.store.base import EntryKey
-from cattn.store.entries import Chunk, Entry, View, chunks_of
-from cattn.store.lease import KVLease, Segment
+from cattn.store.entries import Chunk, Entry, View, chunks_of, segments_of
+from cattn.store.lease import KVLease
 from cattn.store.migration import StoreFullError, _allocate_locked
 from cattn.store.state import StoreState
 
@@ -112,24 +112,14 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
         _settle_locked(st, e, ev, got)
         return None
     ids = {id(c): r.token_ids for c, r in zip(missing, readers)}
-    offsets = {id(c): off for c, off in got}
-    segments, pinned, pos, token_ids = [], [], 0, []
-    for c, lo, hi in views:
-        if id(c) in offsets:
-            buf = st.pool.view(offsets[id(c)], c.extent_nbytes)
-        else:
-            buf = st.pool.view(c.offset, c.extent_nbytes)
-            pinned.append(c)
-            c.pins += 1
-        k, v = e.layout.views(buf, c.num_tokens)
-        segments.append(Segment(pos, k[:, lo:hi], v[:, lo:hi]))
-        token_ids.append((c.token_ids if c.token_ids is not None else ids[id(c)])[lo:hi])
-        pos += hi - lo
-    progress = _Progress()
-    held = _Held(pinned)
-    lease = LayerwiseLease(torch.cat(token_ids) if token_ids else torch.empty(0, dtype=torch.int64), segments,
-                           e.layout, on_release=lambda: on_release(held), on_transfer=on_transfer,
-                           progress=progress)
+    segments = segments_of(views, e.layout, st.pool, {id(c): off for c, off in got})
+    pinned = [c for c in chunks_of(views) if id(c) not in ids]   # in DRAM already
+    for c in pinned:
+        c.pins += 1
+    token_ids = torch.cat([(ids[id(c)] if id(c) in ids else c.token_ids)[lo:hi] for c, lo, hi in views])
+    progress, held = _Progress(), _Held(pinned)
+    lease = LayerwiseLease(token_ids, segments, e.layout, on_release=lambda: on_release(held),
+                           on_transfer=on_transfer, progress=progress)
     st.counters["disk"]["layerwise_reads"] += 1
     threading.Thread(target=_read, args=(st, key, e, ev, got, readers, progress, held), daemon=True,
                      name=f"cattn-layerwise-{key.session}").start()

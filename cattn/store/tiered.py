@@ -19,7 +19,7 @@ from cattn.store import fileformat as ff
 from cattn.store.arguments import check_arguments
 from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
 from cattn.store.device import DeviceTier
-from cattn.store.entries import Chunk, Entry, cut, token_ids_of
+from cattn.store.entries import Chunk, Entry, chunks_of, cut, segments_of, token_ids_of
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, PendingSave, Segment
 from cattn.store.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
@@ -229,13 +229,9 @@ class TieredStore(KVStore):
                     st.count_miss_locked()
                     return None
             self._count_load_locked(key, e, n, from_disk)
-            segments, pinned, pos = [], [], 0
-            for c, lo, hi in views:
-                k, v = e.layout.views(st.pool.view(c.offset, e.layout.payload_nbytes(c.num_tokens)), c.num_tokens)
-                segments.append(Segment(pos, k[:, lo:hi], v[:, lo:hi]))
-                pinned.append(c)
+            segments, pinned = segments_of(views, e.layout, st.pool), chunks_of(views)
+            for c in pinned:
                 c.pins += 1
-                pos += hi - lo
             ids = token_ids_of(views)
         return KVLease(ids, segments, e.layout, on_release=lambda: self._locked(st.unpin_locked, pinned),
                        on_transfer=st.record_transfer)
