@@ -7,7 +7,9 @@ touch of every page, whoever fills them). Disk tier: demotion of a session's new
 file written and checksummed, fsynced, renamed, manifest committed, each rename made durable by a
 directory fsync) against writing the same bytes to a new file and fsyncing it (no rename, no
 directory fsync: not crash-safe); promotion (a new process's `acquire`: chunk read into the pool and
-checksummed) against reading that file into a buffer. Before every read both files' pages are dropped from the
+checksummed; and ``acquire(..., layerwise=True)``: read one layer at a time, each checksummed, with
+the time until its first layer is in against a whole read's, which has it only at the end) against
+reading that file into a buffer. Before every read both files' pages are dropped from the
 page cache (fsync, then posix_fadvise DONTNEED), so both reads come from the disk.
 
     python bench/store.py [--mib 128] [--dir DIR] [--repeats 5]
@@ -150,8 +152,28 @@ def bench_disk(entry: KVEntry, root: Path, repeats: int) -> list[dict]:
         store.acquire(KEY).release()
         read_s.append(time.perf_counter() - t0)
         assert store.stats()["disk"]["bytes_out"] >= nbytes
+        store.close(persist=False)
+
+    def end_round():
+        store = open_store()
         store.truncate(KEY, entry.num_tokens, keep_first=1)   # the turn leaves; its file goes at close
         store.close()
+
+    def store_read_layerwise():
+        store = open_store()
+        for f in store_dir.rglob("*.kv"):
+            drop_cache(f)
+        os.sync()
+        t0 = time.perf_counter()
+        lease = store.acquire(KEY, layerwise=True)
+        lease.wait_layer(0)
+        first_s.append(time.perf_counter() - t0)
+        lease.wait_layer(LAYERS - 1)
+        layerwise_s.append(time.perf_counter() - t0)
+        lease.release()
+        assert lease.streamed and store.stats()["disk"]["layerwise_reads"] == 1
+        store.sync()
+        store.close(persist=False)
 
     def base_write(i):
         (root / f"plain{i - 1}.bin").unlink(missing_ok=True)
@@ -164,18 +186,26 @@ def bench_disk(entry: KVEntry, root: Path, repeats: int) -> list[dict]:
         base_read_s.extend(timed(lambda: plain_read(root / f"plain{i}.bin"), 1))
 
     # Every timed operation starts with nothing dirty (os.sync); the order alternates between rounds.
-    write_s, base_write_s, read_s, base_read_s = [], [], [], []
+    write_s, base_write_s, read_s, base_read_s, first_s, layerwise_s = [], [], [], [], [], []
     for i in range(repeats + 1):
-        writes, reads = [store_write, lambda: base_write(i)], [store_read, lambda: base_read(i)]
+        writes = [store_write, lambda: base_write(i)]
+        reads = [store_read, store_read_layerwise, lambda: base_read(i)]
         for step in (writes + reads if i % 2 else writes[::-1] + reads[::-1]):
             step()
+        end_round()
         if i == 0:  # a warm-up round, on both sides
-            write_s.clear(), base_write_s.clear(), read_s.clear(), base_read_s.clear()
+            for times in (write_s, base_write_s, read_s, base_read_s, first_s, layerwise_s):
+                times.clear()
     assert xxhash.xxh3_64_intdigest(into) == xxhash.xxh3_64_intdigest(view)
     return [dict(tier="disk", op="demote (flush)", bytes=nbytes, seconds=write_s,
                  baseline="write + fsync of a new file", baseline_seconds=base_write_s),
             dict(tier="disk", op="promote (acquire)", bytes=nbytes, seconds=read_s,
-                 baseline="read of that file, page cache dropped", baseline_seconds=base_read_s)]
+                 baseline="read of that file, page cache dropped", baseline_seconds=base_read_s),
+            dict(tier="disk", op="promote, layer-wise", bytes=nbytes, seconds=layerwise_s,
+                 baseline="read of that file, page cache dropped", baseline_seconds=base_read_s),
+            # a latency: when layer 0 can be copied to the GPU (a whole read: when all of it is in)
+            dict(tier="disk", op="first layer, layer-wise", bytes=nbytes, seconds=first_s,
+                 baseline="first layer of a whole acquire", baseline_seconds=read_s)]
 
 
 KINDS = {"b": "resident", "c": "layer-wise", "c0": "layer-wise, no preload", "d": "copy all first"}
