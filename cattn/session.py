@@ -5,7 +5,9 @@ tokenizer's chat template, finds the longest common token prefix with the tokens
 whose KV the store holds for this session, and prefills only the rest. The stored
 KV of that prefix streams into a fresh `PagedCache` layer by layer while the prefill
 runs (a `TieredStore` lends its pinned pool pages, no staging copy; the first layers
-are copied before the forward, as many as the buffer rule says), and each layer's
+are copied before the forward, as many as the buffer rule says; what is on disk
+only is read one layer at a time behind the prefill, as much of it as the disk
+delivers while the rest is prefilled), and each layer's
 new KV goes back to the store as soon as the layer wrote it; the reply's KV follows
 at the end of the turn. Only new tokens are ever saved, the turn never waits for its
 own saves, and the pages are freed. With a device tier (``TieredStore(device=...)``)
