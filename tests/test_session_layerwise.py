@@ -13,6 +13,7 @@ from cattn.store import DiskTier, TieredStore
 from cattn.store.migration import evict_dram_locked
 from cattn.store.policy import Scheduler
 from test_session import GREEDY, SYSTEM, matches_stock, prompt_ids
+from test_session_store import first_turn_on_disk
 from test_store_layerwise import GatedLayers, corrupt_layer
 from test_store_partial_prefetch import GatedDisk, wait_until
 
@@ -26,16 +27,6 @@ def open_disk(tmp_path):
     disk = GatedLayers(tmp_path, 4 << 20)
     disk.permits = threading.Semaphore(1 << 20)   # counted, never held back
     return disk
-
-
-def first_turn_on_disk(chat_model, tmp_path):
-    model, tok = chat_model
-    store = TieredStore(1 << 20, DiskTier(tmp_path, 4 << 20))
-    session = ChatSession(model, tok, session_id="s", tenant="acme", store=store, system=SYSTEM)
-    session.send("Remember the number seven", **GREEDY)
-    state = session.save()
-    store.close()                                   # written to disk; a new process finds it there only
-    return state
 
 
 def test_a_history_on_disk_only_streams_in_layer_by_layer(chat_model, tmp_path):

@@ -88,13 +88,21 @@ def test_a_store_that_cannot_lend_is_a_miss(chat_model, monkeypatch):
     assert session.turns[-1].reused_tokens > 0 and matches_stock(model, session)
 
 
-def test_corrupt_chunk_on_disk_is_a_miss_after_a_restart(chat_model, tmp_path):
+def first_turn_on_disk(chat_model, tmp_path) -> dict:
+    """One turn saved through a store over ``tmp_path`` that then closed: a new process finds the history
+    on disk only. Returns the session's state for `ChatSession.open`."""
     model, tok = chat_model
     store = TieredStore(1 << 20, DiskTier(tmp_path, 4 << 20))
     session = ChatSession(model, tok, session_id="s", tenant="acme", store=store, system=SYSTEM)
     session.send("Remember the number seven", **GREEDY)
     state = session.save()
-    store.close()                                        # written to disk
+    store.close()
+    return state
+
+
+def test_corrupt_chunk_on_disk_is_a_miss_after_a_restart(chat_model, tmp_path):
+    model, tok = chat_model
+    state = first_turn_on_disk(chat_model, tmp_path)
     chunk = next(tmp_path.rglob("*.kv"))
     data = bytearray(chunk.read_bytes())
     data[-3] ^= 0x5A                                     # a flipped byte in the payload
