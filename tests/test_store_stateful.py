@@ -1,7 +1,8 @@
 """TieredStore against a plain dict: save / load / truncate / delete / evict / prefetch / restart sequences,
 with a device tier on top (resident first layers, partial residency, shrinking and demotion under pressure),
-with and without partial prefetch (a job that starts mid-read is served the prefix in DRAM) and a cap on
-the tokens of a chunk."""
+with and without partial prefetch (a job that starts mid-read stops it after the chunk in flight), loads
+that read the disk one layer at a time (given up after any layer, or read to the end), and a cap on the
+tokens of a chunk."""
 import collections
 import threading
 from pathlib import Path
@@ -107,9 +108,6 @@ class StoreVsDict(RuleBasedStateMachine):
             self._lose(key)
         else:
             n = want.num_tokens if num_tokens is None else min(num_tokens, want.num_tokens)
-            if self.partial and num_tokens is None and got.num_tokens < n:
-                event("partial prefetch: a prefix in DRAM served")   # its read was stopped by its job
-                n = got.num_tokens
             assert torch.equal(got.token_ids, want.token_ids[:n])
             assert torch.equal(got.k, want.k[:, :n]) and torch.equal(got.v, want.v[:, :n])
 
@@ -139,6 +137,31 @@ class StoreVsDict(RuleBasedStateMachine):
     def load(self, key, num_tokens):
         self._check(key, num_tokens)
 
+    @rule(key=st.sampled_from(KEYS), num_tokens=st.none() | st.integers(0, 80), stop=st.none() | st.integers(0, L - 1))
+    def load_layerwise(self, key, num_tokens, stop):
+        """A load whose chunks on disk are read one layer at a time; ``stop``: its forward gives up after
+        that layer and releases the lease while the read may still be going."""
+        lease = self.store.acquire(key, num_tokens, layerwise=True)
+        want = self.model.get(key)
+        if lease is None:
+            if want is not None:
+                self._lose(key)
+            return
+        try:
+            assert want is not None
+            n = want.num_tokens if num_tokens is None else min(num_tokens, want.num_tokens)
+            assert torch.equal(lease.token_ids, want.token_ids[:n])
+            if lease.streamed:
+                event("a layer-wise read from disk")
+            for layer in range(L if stop is None else stop + 1):
+                lease.wait_layer(layer)
+                for part in ("k", "v"):
+                    got = [getattr(s, part)[layer] for s in lease.segments]
+                    assert torch.equal(torch.cat(got) if got else getattr(want, part)[layer, :0],
+                                       getattr(want, part)[layer, :n])
+        finally:
+            lease.release()
+
     @rule(key=st.sampled_from(KEYS), num_drop=st.integers(0, 40), keep_first=st.integers(0, 8))
     def truncate(self, key, num_drop, keep_first):
         self.store.truncate(key, num_drop, keep_first)
@@ -156,11 +179,11 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store.update_queue(order[:n])
 
     @precondition(lambda self: self.disk_bytes)
-    @rule(key=st.sampled_from(KEYS), n=st.integers(1, 30), seed=st.integers(0, 2**31))
-    def job_starts_mid_prefetch(self, key, n, seed):
+    @rule(key=st.sampled_from(KEYS), n=st.integers(1, 30), seed=st.integers(0, 2**31), layerwise=st.booleans())
+    def job_starts_mid_prefetch(self, key, n, seed, layerwise):
         """A session (given one more chunk) demoted to disk is queued alone and its job starts while the
-        prefetch lane reads its first chunk: with partial prefetch the read stops after that chunk and the
-        job is served the prefix in DRAM (the rest a later load reads exactly); without, it reads on."""
+        prefetch lane reads its first chunk: with partial prefetch the read stops after that chunk, and
+        the job's load reads the rest (exactly: both checks below); without, the lane reads on."""
         st_ = self.store._state
         self.save(key, n, seed, 1.0)
         self.store.sync()
@@ -177,8 +200,8 @@ class StoreVsDict(RuleBasedStateMachine):
             self.store.job_started(key)
         else:
             event("a job started mid-prefetch")
-        if key in self.model:
-            self._check(key)
+        if key in self.model:   # the job's load: the rest read whole, or a layer at a time
+            self.load_layerwise(key, None, None) if layerwise else self._check(key)
         if key in self.model:   # the rest is still on disk, whole: a load of every token reads it exactly
             self._check(key, self.model[key].num_tokens)
 
@@ -258,8 +281,8 @@ class StoreVsDict(RuleBasedStateMachine):
             self.store.device.put(key, res, keep_layers=res.num_layers)
 
     @precondition(lambda self: self.disk_bytes)
-    @rule(queued=st.none() | st.permutations(KEYS))
-    def restart(self, queued):
+    @rule(queued=st.none() | st.permutations(KEYS), layerwise=st.booleans(), stop=st.none() | st.integers(0, L - 1))
+    def restart(self, queued, layerwise, stop):
         self.store.close()
         self._tally()
         self.drops_before = self._drops()
@@ -268,6 +291,8 @@ class StoreVsDict(RuleBasedStateMachine):
         if queued is not None:  # everything is on disk now: prefetches race the loads below
             self.store.update_queue(queued)
         for key in KEYS:
+            if layerwise:   # read from disk a layer at a time (the forward may give up after ``stop``)
+                self.load_layerwise(key, None, stop)
             self._check(key)
 
     @rule()
