@@ -10,7 +10,8 @@
 2. Runs the benchmarks of `bench.kernels` on the shapes of the GPU notes.
 3. Time to first token after 4K/16K/32K tokens of history on a Llama-3-8B-shaped model, recomputed,
    resident, the buffer rule's first layers resident and the rest streamed, and all streamed from DRAM
-   (`bench.ttft`, in its own process, about 120 s).
+   (`bench.ttft`, in its own process, about 120 s); then the same with the history on disk only, read
+   whole or one layer at a time behind the prefill (`bench.ttft_disk`, at most 90 s).
 4. With the time left, runs the kernel test files under pytest on the GPU (CATTN_TEST_DEVICE=cuda).
 5. Prints the benchmark tables last.
 
@@ -42,7 +43,7 @@ from multiprocessing import get_context  # noqa: E402
 import torch  # noqa: E402
 
 import cattn  # noqa: E402
-from bench import kernels, ttft  # noqa: E402
+from bench import kernels, ttft, ttft_disk  # noqa: E402
 from bench.common import REPO, format_table, results_dir, write_json  # noqa: E402
 from cattn import RopeSpec, reference  # noqa: E402
 
@@ -177,20 +178,31 @@ def tune_part(budget_s: float, out_dir, jobs: int) -> dict:
     return {"file": name, "prefill": payload.get("prefill"), "decode": payload.get("decode")}
 
 
-def ttft_part(budget_s: float) -> dict:
-    """`bench.ttft` in its own process, so that its 16 GB model and pinned pool leave with it; it stops
-    starting histories at ``budget_s`` and is killed 45 s later."""
-    out = results_dir() / "ttft.json"
+def module_part(module: str, json_name: str, timeout_s: float, *args: str) -> dict:
+    """``python -m module *args`` in its own process, so that its 16 GB model and pinned pool leave with it,
+    killed after ``timeout_s``; what it wrote to ``json_name`` (rewritten after each history) comes back."""
+    out = results_dir() / json_name
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench.ttft", "--budget-s", str(int(budget_s))]
     try:
-        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=budget_s + 45)
+        run = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=timeout_s)
         result = {"returncode": run.returncode, "tail": (run.stdout + run.stderr).strip().splitlines()[-20:]}
     except subprocess.TimeoutExpired:
-        result = {"returncode": None, "tail": [f"timed out after {budget_s + 45:.0f} s"]}
+        result = {"returncode": None, "tail": [f"timed out after {timeout_s:.0f} s"]}
     report = json.loads(out.read_text()) if out.exists() else {}
     return {**result, "rows": report.get("rows", []), "skipped": report.get("skipped", []),
             "host_to_device_bytes_per_s": report.get("host_to_device_bytes_per_s")}
+
+
+def ttft_part(budget_s: float) -> dict:
+    """`bench.ttft`: it stops starting histories at ``budget_s`` and is killed 45 s later."""
+    return module_part("bench.ttft", "ttft.json", budget_s + 45, "--budget-s", str(int(budget_s)))
+
+
+def ttft_disk_part(budget_s: float) -> dict:
+    """`bench.ttft_disk`: a history on disk only, read whole or layer by layer; killed after ``budget_s``
+    (each history's row is kept as it is measured, the shortest first)."""
+    return module_part("bench.ttft_disk", "ttft_disk.json", budget_s, "--repeats", "2")
 
 
 # The issue's performance goals, set on an H200: (shape, metric, floor, peers cattn must beat).
@@ -223,6 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-budget-s", type=float, default=120, help="time for bench.tune when this GPU has "
                                                                         "no tuned file (0: never tune)")
     parser.add_argument("--ttft-budget-s", type=float, default=120, help="time for bench.ttft (0: skip it)")
+    parser.add_argument("--ttft-disk-budget-s", type=float, default=90,
+                        help="time for bench.ttft_disk (0: skip it)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes for the correctness checks (their kernel compiles run in parallel)")
     args = parser.parse_args(argv)
@@ -255,6 +269,9 @@ def main(argv=None) -> int:
     if args.ttft_budget_s > 0 and left > 60:
         part("ttft", lambda: ttft_part(min(args.ttft_budget_s, left - 45)))
     left = args.budget_s - (time.perf_counter() - start)
+    if args.ttft_disk_budget_s > 0 and left > 60:
+        part("ttft_disk", lambda: ttft_disk_part(min(args.ttft_disk_budget_s, left - 20)))
+    left = args.budget_s - (time.perf_counter() - start)
     if not args.skip_pytest and left > 60:
         part("pytest_kernels", lambda: pytest_kernel_files(left - 20))
 
@@ -280,6 +297,13 @@ def main(argv=None) -> int:
             print(format_table(ttft_report["rows"], ttft.COLUMNS))
         else:
             print("\n".join(ttft_report.get("tail", [])) or ttft_report.get("error", ""))
+    disk_report = report["parts"].get("ttft_disk")
+    if disk_report is not None:
+        print("\nTTFT after a history on disk only (target: (f) layer-wise within 10% of the reach and at most (e)):")
+        if disk_report.get("rows"):
+            print(format_table(disk_report["rows"], ttft_disk.COLUMNS))
+        else:
+            print("\n".join(disk_report.get("tail", [])) or disk_report.get("error", ""))
     return 0 if checks.get("failed") == 0 and "rows" in timings else 1
 
 

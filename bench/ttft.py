@@ -282,28 +282,44 @@ def run(shape: dict, dtype: torch.dtype, device: torch.device, histories: list[i
     return report
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_arguments(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The flags of every TTFT benchmark (``repeats``: the default timed runs per method)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny Llama on CPU, short histories")
     parser.add_argument("--histories", default=None, help="comma list of history lengths (default 4096,16384,32768)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per request (default 256)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 5)")
-    parser.add_argument("--budget-s", type=float, default=90.0, help="skip longer histories past this")
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=None, help=f"timed runs per method (default {repeats})")
+    parser.set_defaults(default_repeats=repeats)
+    return parser
+
+
+def setup(parser: argparse.ArgumentParser, args, name: str):
+    """``(shape, dtype, device, histories, new tokens, repeats, JSON name)`` of a run: the Llama-3-8B shape on
+    CUDA, the tiny one on CPU with ``--quick`` (``name`` gets ``_quick``); None without CUDA otherwise."""
     if args.quick:
         shape, dtype, device = TINY_LLAMA3, torch.float32, torch.device("cpu")
-        histories, new, repeats, name = [48, 160], 16, 2, "ttft_quick.json"
+        histories, new, repeats, name = [48, 160], 16, 2, f"{name}_quick.json"
     elif torch.cuda.is_available():
         shape, dtype, device = LLAMA3_8B, torch.bfloat16, torch.device("cuda")
-        histories, new, repeats, name = [4096, 16384, 32768], 256, 5, "ttft.json"
+        histories, new, repeats, name = [4096, 16384, 32768], 256, args.default_repeats, f"{name}.json"
     else:
-        print("bench.ttft needs a CUDA GPU; on CPU run `python -m bench.ttft --quick`.")
-        return 2
+        print(f"bench.{name} needs a CUDA GPU; on CPU run `python -m bench.{name} --quick`.")
+        return None
     histories = [int(h) for h in args.histories.split(",")] if args.histories else histories
     new, repeats = args.new_tokens or new, args.repeats or repeats
     if min(histories) < 1 or new < 1 or repeats < 1:
         parser.error("--histories, --new-tokens and --repeats must be positive")
-    report = run(shape, dtype, device, sorted(histories), new, repeats, args.budget_s, name)
+    return shape, dtype, device, sorted(histories), new, repeats, name
+
+
+def main(argv=None) -> int:
+    parser = common_arguments(__doc__, repeats=5)
+    parser.add_argument("--budget-s", type=float, default=90.0, help="skip longer histories past this")
+    args = parser.parse_args(argv)
+    if (chosen := setup(parser, args, "ttft")) is None:
+        return 2
+    shape, dtype, device, histories, new, repeats, name = chosen
+    report = run(shape, dtype, device, histories, new, repeats, args.budget_s, name)
     print(f"\nTTFT, {new} new tokens after a history, {report['dtype']}, host->device "
           f"{report['host_to_device_bytes_per_s'] / 1e9:.1f} GB/s; median of {repeats} "
           f"(JSON: {results_dir() / name})")

@@ -13,7 +13,7 @@ import cattn
 from cattn.results import git_commit, provenance, results_dir, source_tree
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("kernels", "store", "ttft", "gpu_check", "compile_report", "tune", "vllm_multiturn", "replay_long")
+BENCHES = ("kernels", "store", "ttft", "ttft_disk", "gpu_check", "compile_report", "tune", "vllm_multiturn", "replay_long")
 SKIP = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".venv"}
 
 
