@@ -115,16 +115,20 @@ class ChatSession:
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new!r}")
         start = time.perf_counter()
+        streamer = generate_kwargs.pop("streamer", None)
+        timer = FirstTokenTimer(start, streamer)
         try:
-            return self._send(message, max_new, dict(generate_kwargs), start)
+            return self._send(message, max_new, generate_kwargs, timer)
         except HistoryLost as exc:
-            # A history read from disk layer by layer failed its checksum mid-prefill: the store has
-            # dropped it, and the turn is done again without it (its prefill had produced no token yet).
+            # A history read from disk layer by layer failed its checksum before or during the prefill:
+            # the store has dropped it, and the turn is done again without it (no token was produced;
+            # a streamer may have had the prompt, and does not get it twice).
             log.warning("session %r: %s; recomputing the turn", self.key.session, exc)
             self._forget()
-            return self._send(message, max_new, generate_kwargs, start)
+            return self._send(message, max_new, generate_kwargs, FirstTokenTimer(start, streamer, timer.prompt_passed))
 
-    def _send(self, message, max_new: int, generate_kwargs: dict, start: float) -> str:
+    def _send(self, message, max_new: int, generate_kwargs: dict, timer: FirstTokenTimer) -> str:
+        start = timer.start
         self._settle_saves()
         messages = self._next_messages(message)
         rendered = render(self.tokenizer, messages, generation_prompt=True)
@@ -145,7 +149,6 @@ class ChatSession:
         if cache.stored_layers:
             cache.save_next_step(self.store, self.key, torch.tensor(prompt[reused:], dtype=torch.long), reused)
         ids = torch.tensor([prompt], device=self.model.device)
-        timer = FirstTokenTimer(start, generate_kwargs.pop("streamer", None))
         try:
             with torch.no_grad():
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,

@@ -41,18 +41,24 @@ class TurnStats:
 
 
 class FirstTokenTimer(BaseStreamer):
-    """A ``generate`` streamer that records when the first new token arrives, then hands on to ``inner``."""
+    """A ``generate`` streamer that records when the first new token arrives, then hands on to ``inner``;
+    with ``prompt_sent`` (a turn done again) ``inner`` already has the prompt and does not get it twice."""
 
-    def __init__(self, start: float, inner: BaseStreamer | None = None):
-        self.start, self.inner = start, inner
+    def __init__(self, start: float, inner: BaseStreamer | None = None, prompt_sent: bool = False):
+        self.start, self.inner, self.prompt_sent = start, inner, prompt_sent
         self.ttft_s: float | None = None
         self._puts = 0
+
+    @property
+    def prompt_passed(self) -> bool:
+        """``inner`` has had the prompt (from this timer or an earlier one)."""
+        return self.prompt_sent or self._puts > 0
 
     def put(self, value):
         self._puts += 1
         if self._puts == 2:   # the first put is the prompt
             self.ttft_s = time.perf_counter() - self.start
-        if self.inner is not None:
+        if self.inner is not None and not (self._puts == 1 and self.prompt_sent):
             self.inner.put(value)
 
     def end(self):

@@ -5,6 +5,7 @@ import random
 import threading
 
 import pytest
+from transformers.generation.streamers import BaseStreamer
 
 from cattn.buffer_rule import BufferRule
 from cattn.hf import apply_cattn
@@ -27,6 +28,17 @@ def open_disk(tmp_path):
     disk = GatedLayers(tmp_path, 4 << 20)
     disk.permits = threading.Semaphore(1 << 20)   # counted, never held back
     return disk
+
+
+class Recording(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ends += 1
 
 
 def test_a_history_on_disk_only_streams_in_layer_by_layer(chat_model, tmp_path):
@@ -53,10 +65,33 @@ def test_a_layer_corrupt_mid_prefill_recomputes_the_turn(chat_model, tmp_path):
     corrupt_layer(tmp_path, 0, random.randrange(model.config.num_hidden_layers))
     store = TieredStore(1 << 20, DiskTier(tmp_path, 4 << 20))
     again = ChatSession.open(model, tok, state, store=store)
-    again.send("Which number?", **GREEDY)
+    streamer = Recording()
+    again.send("Which number?", streamer=streamer, **GREEDY)
     assert again.turns[-1].reused_tokens == 0 and matches_stock(model, again)
     assert store.stats()["disk"]["corrupt"] == 1 and len(again.turns) == 1   # one turn, whatever it took
+    # a streamer sees the turn once: the prompt, then the reply's tokens, then its end
+    assert streamer.puts[0] == prompt_ids(again) and streamer.ends == 1
+    assert sum(streamer.puts[1:], []) == again.token_ids.tolist()[len(prompt_ids(again)):]
     again.send("And the one after?", **GREEDY)       # the recomputed turn was saved: reused again
+    assert again.turns[-1].reused_tokens > 0 and matches_stock(model, again)
+    store.close(persist=False)
+
+
+def test_a_layer_lost_mid_forward_redoes_the_turn_once(chat_model, tmp_path, monkeypatch):
+    """Every layer is read inside the forward (no preload): the loss surfaces in ``generate`` itself."""
+    model, tok = chat_model
+    state = first_turn_on_disk(chat_model, tmp_path)
+    corrupt_layer(tmp_path, 0, model.config.num_hidden_layers - 1)
+    monkeypatch.setattr(BufferRule, "preload", lambda *args: 0)
+    store = TieredStore(1 << 20, DiskTier(tmp_path, 4 << 20))
+    again = ChatSession.open(model, tok, state, store=store)
+    streamer = Recording()
+    again.send("Which number?", streamer=streamer, **GREEDY)
+    assert again.turns[-1].reused_tokens == 0 and matches_stock(model, again)
+    assert store.stats()["disk"]["corrupt"] == 1 and store.stats()["disk"]["layerwise_reads"] == 1
+    assert streamer.puts[0] == prompt_ids(again) and streamer.ends == 1       # the prompt once, not twice
+    assert sum(streamer.puts[1:], []) == again.token_ids.tolist()[len(prompt_ids(again)):]
+    again.send("And the one after?", **GREEDY)
     assert again.turns[-1].reused_tokens > 0 and matches_stock(model, again)
     store.close(persist=False)
 
