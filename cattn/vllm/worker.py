@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cattn.store import EntryKey, KVLayout
+from cattn.store.layerwise import HistoryLost
 from cattn.vllm.shared import EngineShared, RequestResult
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class WorkerSide:
         for job in jobs:
             t0 = time.perf_counter()
             disk_hits = self.shared.store.stats()["disk"]["hits"] if self.shared.config.disk_dir else 0
-            lease = self.shared.store.acquire(job.key, job.num_tokens)
+            lease = self.shared.store.acquire(job.key, job.num_tokens, layerwise=True)   # disk: a layer at a time
             ok = (lease is not None and lease.num_tokens == job.num_tokens
                   and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
             result = RequestResult(from_disk=bool(self.shared.config.disk_dir) and
@@ -125,10 +126,18 @@ class WorkerSide:
             self.counters["load_failures"] += 1
 
     def _copy_in(self, work) -> None:
-        done = 0
+        done, lost = 0, set()   # lost: jobs whose history failed its checksum while read from disk
         try:
             for layer, event in zip(self.layers, self._loaded):
-                for job, lease, blocks, offsets, _, _ in work:
+                for i, (job, lease, blocks, offsets, result, _) in enumerate(work):
+                    if i in lost:
+                        continue
+                    try:
+                        lease.wait_layer(done)   # at once, but for a history still being read from disk
+                    except HistoryLost:
+                        lost.add(i)              # the store dropped it; vLLM recomputes these blocks
+                        self._fail(job, result)
+                        continue
                     for seg in lease.segments:
                         lo, hi = max(seg.start, job.start), min(seg.start + seg.num_tokens, job.num_tokens)
                         if lo >= hi:
@@ -139,7 +148,7 @@ class WorkerSide:
                         layer[blocks[sel], :, offsets[sel], self.half:] = v.to(layer.device, non_blocking=True)
                 event.set()
                 done += 1
-            for job, lease, _, _, result, t0 in work:
+            for job, lease, _, _, result, t0 in (w for i, w in enumerate(work) if i not in lost):
                 result.loaded_tokens, result.load_s = job.num_tokens - job.start, time.perf_counter() - t0
                 with self._lock:
                     self.counters["loads"] += 1
@@ -147,8 +156,9 @@ class WorkerSide:
                     self.counters["load_s"] += result.load_s
         except Exception:
             log.exception("cattn: loading KV into vLLM's blocks failed; vLLM recomputes those blocks")
-            for job, _, _, _, result, _ in work:
-                self._fail(job, result)
+            for i, (job, _, _, _, result, _) in enumerate(work):
+                if i not in lost:
+                    self._fail(job, result)
         finally:
             for job, lease, *_ in work:
                 lease.release()
