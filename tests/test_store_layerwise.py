@@ -184,3 +184,32 @@ def test_layerwise_must_be_a_bool(tmp_path):
     with pytest.raises(TypeError, match="layerwise"):
         store.acquire(key(), layerwise="yes")
     store.close()
+
+
+def test_close_waits_for_a_read_in_flight(tmp_path):
+    store, disk, want = reopened(tmp_path, [6, 6])
+    lease = store.acquire(key(), layerwise=True)
+    lease.release()
+    letting = threading.Timer(0.1, lambda: [disk.permits.release() for _ in range(2 * L)])
+    letting.start()
+    store.sync()                                                # returns once the read has ended
+    assert not store._state.layer_reads and store.tokens_in_dram(key()) == 12
+    store.close()
+    letting.join()
+
+
+def test_any_read_error_is_a_miss_never_a_hang(tmp_path, monkeypatch):
+    store, disk, _ = reopened(tmp_path, [5])
+    for _ in range(L):
+        disk.permits.release()
+
+    def broken(self, layer, into):
+        raise RuntimeError("the device went away")
+    monkeypatch.setattr(ff.ChunkLayers, "read_layer", broken)
+    lease = store.acquire(key(), layerwise=True)
+    with pytest.raises(HistoryLost, match="went away"):
+        lease.wait_layer(0)
+    lease.release()
+    store.sync()
+    assert store.lookup(key()) is None and store.stats()["dram"]["used_bytes"] == 0
+    store.close()

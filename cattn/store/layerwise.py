@@ -121,8 +121,10 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
     lease = LayerwiseLease(token_ids, segments, e.layout, on_release=lambda: on_release(held),
                            on_transfer=on_transfer, progress=progress)
     st.counters["disk"]["layerwise_reads"] += 1
-    threading.Thread(target=_read, args=(st, key, e, ev, got, readers, progress, held), daemon=True,
-                     name=f"cattn-layerwise-{key.session}").start()
+    reader = threading.Thread(target=_read, args=(st, key, e, ev, got, readers, progress, held), daemon=True,
+                              name=f"cattn-layerwise-{key.session}")
+    st.layer_reads.add(reader)       # `TieredStore.sync` (and so `close`) waits for it
+    reader.start()
     return lease
 
 
@@ -151,7 +153,7 @@ def _read(st: StoreState, key: EntryKey, e: Entry, ev: threading.Event, got: lis
                 for (c, offset), r in zip(got, readers):
                     r.read_layer(layer, st.pool.view(offset, c.extent_nbytes))
                 progress.arrived(layer + 1)
-    except (ff.FormatError, OSError) as exc:
+    except Exception as exc:   # noqa: BLE001 - corrupt, unreadable or anything else: never served, never hung
         error = exc
     finally:
         _close(readers)
@@ -175,6 +177,8 @@ def _read(st: StoreState, key: EntryKey, e: Entry, ev: threading.Event, got: lis
         _settle_locked(st, e, ev, [])
         if error is not None:
             st.corrupt_locked(key, e, error)
+        st.layer_reads.discard(threading.current_thread())
+        st.cond.notify_all()
     if error is not None:
         progress.failed(error)
 

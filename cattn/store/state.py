@@ -39,6 +39,7 @@ class StoreState:
         self.entries: dict[EntryKey, Entry] = {}
         self.disk_used = 0
         self.demoting = False            # a background demotion is queued or running
+        self.layer_reads: set[threading.Thread] = set()   # layer-wise reads from disk in flight (`layerwise`)
         self.max_chunk_tokens: int | None = None   # a save is split into chunks of at most this many tokens
         self.counters = {"dram": dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, dropped=0),
                          "transfer": dict(loads=0, bytes=0, load_s_hidden=0.0, load_s_exposed=0.0)}

@@ -415,14 +415,16 @@ class TieredStore(KVStore):
         self._tasks.add(future)
 
     def sync(self) -> None:
-        """Wait until background demotions and prefetches have finished."""
+        """Wait until background demotions, prefetches and layer-wise reads have finished."""
         while True:
             with self._state.lock:
-                tasks = list(self._tasks)
-            if not tasks:
+                tasks, reads = list(self._tasks), list(self._state.layer_reads)
+            if not tasks and not reads:
                 return
             for t in tasks:
                 t.exception()
+            for r in reads:
+                r.join()
 
     def flush(self) -> list[EntryKey]:
         """Write every entry's current history to the lower tier (what a restart will find); returns the
