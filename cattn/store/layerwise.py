@@ -25,7 +25,7 @@ from cattn.store import fileformat as ff
 from cattn.store.base import EntryKey
 from cattn.store.entries import Chunk, Entry, View, chunks_of, segments_of
 from cattn.store.lease import KVLease
-from cattn.store.migration import StoreFullError, _allocate_locked
+from cattn.store.migration import StoreFullError, _allocate_locked, end_read_locked, free_extents_locked
 from cattn.store.state import StoreState
 
 
@@ -90,10 +90,10 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
         for c in missing:
             got.append((c, _allocate_locked(st, c.extent_nbytes, evict=True, mine=e)))
     except StoreFullError:
-        _settle_locked(st, e, ev, got)
+        end_read_locked(st, e, ev, got)
         return None                      # the whole read says so, the same way
     if e.removed or any(not c.live or c.offset is not None for c in missing):   # it changed while room was made
-        _settle_locked(st, e, ev, got)
+        end_read_locked(st, e, ev, got)
         return None
     readers: list[ff.ChunkLayers] = []
     try:
@@ -104,12 +104,12 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
                 readers.append(r)
     except (ff.FormatError, OSError) as exc:
         _close(readers)
-        _settle_locked(st, e, ev, got)
+        end_read_locked(st, e, ev, got)
         st.corrupt_locked(key, e, exc)
         return None
     if len(readers) < len(missing) or e.removed:
         _close(readers)
-        _settle_locked(st, e, ev, got)
+        end_read_locked(st, e, ev, got)
         return None
     ids = {id(c): r.token_ids for c, r in zip(missing, readers)}
     segments = segments_of(views, e.layout, st.pool, {id(c): off for c, off in got})
@@ -141,7 +141,7 @@ def release_locked(st: StoreState, held: _Held) -> None:
     held.released = True
     st.unpin_locked(held.pinned)
     held.pinned = []   # the read, if it is still going, unpins what it attaches after this
-    _free(st, held.extents)
+    free_extents_locked(st, held.extents)
 
 
 def _read(st: StoreState, key: EntryKey, e: Entry, ev: threading.Event, got: list[tuple[Chunk, int]],
@@ -168,33 +168,18 @@ def _read(st: StoreState, key: EntryKey, e: Entry, ev: threading.Event, got: lis
         got.clear()
         if held.released:   # the lease went before the read ended (a failed forward): let go now
             st.unpin_locked(held.pinned)
-            _free(st, held.extents)
+            free_extents_locked(st, held.extents)
             held.pinned = []
         if error is None:
             moved = sum(e.layout.payload_nbytes(r.token_ids.numel()) for r in readers)
             st.counters["dram"]["bytes_in"] += moved
             st.counters["disk"]["bytes_out"] += moved
-        _settle_locked(st, e, ev, [])
+        st.layer_reads.discard(threading.current_thread())
+        end_read_locked(st, e, ev, [])
         if error is not None:
             st.corrupt_locked(key, e, error)
-        st.layer_reads.discard(threading.current_thread())
-        st.cond.notify_all()
     if error is not None:
         progress.failed(error)
-
-
-def _settle_locked(st: StoreState, e: Entry, ev: threading.Event, got: list[tuple[Chunk, int]]) -> None:
-    _free(st, got)
-    e.io -= 1
-    e.reading = None
-    ev.set()
-    st.cond.notify_all()
-
-
-def _free(st: StoreState, extents: list[tuple[Chunk, int]]) -> None:
-    for c, offset in extents:
-        st.pool.free(offset, c.extent_nbytes)
-    extents.clear()
 
 
 def _close(readers: list[ff.ChunkLayers]) -> None:

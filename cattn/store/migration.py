@@ -251,7 +251,7 @@ def promote_locked(st: StoreState, key: EntryKey, e: Entry, views: list[View], e
                         return False
                 break
             except StoreFullError:
-                _free_extents_locked(st, got)
+                free_extents_locked(st, got)
                 if attempt or not _unfragment_locked(st, key, e):
                     raise
                 missing = [c for c in needed if c.offset is None and c.live]
@@ -273,14 +273,20 @@ def promote_locked(st: StoreState, key: EntryKey, e: Entry, views: list[View], e
     except (ff.FormatError, OSError) as exc:
         return st.corrupt_locked(key, e, exc)
     finally:
-        _free_extents_locked(st, got)
-        e.io -= 1
-        e.reading = None
-        ev.set()
-        st.cond.notify_all()
+        end_read_locked(st, e, ev, got)
 
 
-def _free_extents_locked(st: StoreState, got: list[tuple[Chunk, int]]) -> None:
+def end_read_locked(st: StoreState, e: Entry, ev: threading.Event, got: list[tuple[Chunk, int]]) -> None:
+    """A read of ``e``'s chunks into the pool is over: free the extents it still holds (``got``), let the
+    entry be a victim and be read again, wake whoever waits."""
+    free_extents_locked(st, got)
+    e.io -= 1
+    e.reading = None
+    ev.set()
+    st.cond.notify_all()
+
+
+def free_extents_locked(st: StoreState, got: list[tuple[Chunk, int]]) -> None:
     for c, offset in got:
         st.pool.free(offset, c.extent_nbytes)
     got.clear()
