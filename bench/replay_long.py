@@ -28,9 +28,9 @@ from cattn.replay.oracle import TOLD as ORACLE_TOLD
 from cattn.replay.oracle import ToldValuePolicy
 from cattn.replay.report import IDLE_BUCKETS, summarize, write_json
 from cattn.replay.sim import simulate, value_options
-from cattn.replay.tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
+from cattn.replay.sim_tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
-from cattn.store.value import ValueConfig
+from cattn.store.policy.value import ValueConfig
 
 GB, TB = 10**9, 10**12
 POLICIES = ("recompute", "lru", "fifo", "scheduler", "value", "belady-fair", "belady")

@@ -40,10 +40,10 @@ import torch
 import xxhash
 
 from bench.common import write_json
-from cattn.store.base import EntryKey, KVEntry
-from cattn.store.fileformat import bytes_of
-from cattn.store.disk import DiskTier
-from cattn.store.tiered import TieredStore
+from cattn.store.contract import EntryKey, KVEntry
+from cattn.store.lower.fileformat import bytes_of
+from cattn.store.lower.disk import DiskTier
+from cattn.store.tiered.store import TieredStore
 
 KEY = EntryKey("bench", "0123abcd", "s0")
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128     # Llama-3-8B: 128 KiB of bf16 K+V per token

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))   # the servers the tests start, started the same way here
+sys.path.insert(0, str(REPO))   # the Redis servers the tests start, started the same way here
 
-from redis_servers import RedisCluster, RedisServer  # noqa: E402
+from tests.store.redis_servers import RedisCluster, RedisServer  # noqa: E402
 
-from cattn.store.base import EntryKey, KVEntry  # noqa: E402
-from cattn.store.fileformat import bytes_of  # noqa: E402
-from cattn.store.redis_tier import RedisTier  # noqa: E402
-from cattn.store.tiered import TieredStore  # noqa: E402
+from cattn.store.contract import EntryKey, KVEntry  # noqa: E402
+from cattn.store.lower.fileformat import bytes_of  # noqa: E402
+from cattn.store.lower.redis_tier import RedisTier  # noqa: E402
+from cattn.store.tiered.store import TieredStore  # noqa: E402
 
 MODEL = "0123abcd"
 

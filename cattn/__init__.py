@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "apply_rope": "cattn.ops", "check_batch": "cattn.ops", "paged_attention": "cattn.ops", "write_kv": "cattn.ops",
     "PagedSequences": "cattn.paged", "PagePool": "cattn.paged", "PoolExhaustedError": "cattn.paged",
-    "RopeSpec": "cattn.rope", "ChatSession": "cattn.session",
+    "RopeSpec": "cattn.rope", "ChatSession": "cattn.chat.session",
 }
 __all__ = [*_EXPORTS, "set_verbosity"]
 

@@ -1,5 +1,5 @@
 import sys
 
-from cattn.cli import main
+from cattn.apps.cli import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ waits there, for that layer only) and ``layer_written(l)`` after it wrote its ne
 (`save_next_step` copies them out there, layer by layer); `cattn.hf.streaming` does
 the streaming. See docs/store.md.
 
-With a device tier (`cattn.store.device`), the first layers can be a session's resident pages
+With a device tier (`cattn.store.device.tier`), the first layers can be a session's resident pages
 from its last turn: those layers are attended in place (no copy) and only the others stream in;
 at the end of the turn `take_resident` hands the first layers' pages back to the tier.
 
@@ -41,7 +41,7 @@ from cattn.hf.streaming import StoreStreaming
 from cattn.hf.window import WindowPages
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError, SequencePages
-from cattn.store.device import Resident
+from cattn.store.device.tier import Resident
 
 class PagedCache(StoreTraffic, Cache):
     """KV cache of a batch of sequences in pages, for a model patched by `cattn.hf.apply_cattn`.

@@ -10,8 +10,8 @@ from concurrent.futures import Future
 
 import torch
 
-from cattn.store.base import EntryKey, KVEntry, KVStore
-from cattn.store.device import Resident
+from cattn.store.contract import EntryKey, KVEntry, KVStore
+from cattn.store.device.tier import Resident
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, Segment
 

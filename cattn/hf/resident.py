@@ -1,10 +1,10 @@
-"""A session's resident first layers (`cattn.store.device`) as the first layers of a `PagedCache`."""
+"""A session's resident first layers (`cattn.store.device.tier`) as the first layers of a `PagedCache`."""
 from __future__ import annotations
 
 import torch
 
 from cattn.hf.step import PagedLayout
-from cattn.store.device import Resident
+from cattn.store.device.tier import Resident
 
 
 def check_resident(res: Resident, layout: PagedLayout, dtype: torch.dtype, device: torch.device) -> None:

@@ -17,10 +17,10 @@ from concurrent.futures import Future
 import torch
 
 from cattn.hf.step import ForwardStep
-from cattn.store.base import EntryKey, KVStore
-from cattn.store.layerwise import HistoryLost
+from cattn.store.contract import EntryKey, KVStore
+from cattn.store.tiered.layerwise import HistoryLost
 from cattn.store.lease import KVLease
-from cattn.store.migration import StoreFullError
+from cattn.store.tiered.migration import StoreFullError
 from cattn.store.transfer import LayerLoader, LayerSaver
 
 log = logging.getLogger(__name__)

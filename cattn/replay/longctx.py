@@ -5,7 +5,7 @@ prompt about 12K tokens and up to about 126K, a shared system prompt at the star
 request, three quarters of conversations single-turn, a median of about two minutes between a
 conversation's turns (p90 about eight). `LongContextConfig` documents how each is drawn; the
 defaults give (seed 0) 12,0xx requests in 3,600 s, mean prompt 12.0K, max 126K, 75% single-turn,
-gaps with median 2.0 and p90 8.0 minutes (`tests/test_replay_workload.py` checks the shape).
+gaps with median 2.0 and p90 8.0 minutes (`tests/replay/test_workload.py` checks the shape).
 
 A prompt is the whole conversation so far: system prompt, earlier messages and answers, and the
 new message. A trace `Job` carries only the new part (``new_tokens``; the first turn's includes

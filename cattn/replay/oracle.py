@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from cattn.replay.queue import Job
-from cattn.store.value import ValueConfig, ValuePolicy
+from cattn.store.policy.value import ValueConfig, ValuePolicy
 
 TOLD = ("odds", "which", "when")
 

@@ -16,7 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from cattn.store.policy import Policy
+from cattn.store.policy.base import Policy
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from cattn.replay.report import percentile, summarize, write_json
 from cattn.replay.sim import RECOMPUTE, TIERED_STORE, simulate
 from cattn.replay.trace import number_turns
 from cattn.replay.workload import ArrivalConfig, schedule
-from cattn.store.policy import make_policy
+from cattn.store.policy.base import make_policy
 
 
 # small tiers for a small model: a few SmolLM2 sessions (46 KB of fp32 KV per token) in DRAM
@@ -65,10 +65,10 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
     `ChatSession`s sharing one `TieredStore` (with ``partial_prefetch``: `TieredStore`'s option on);
     returns what each turn did and the store's counters."""
     from cattn.hf import fingerprint
-    from cattn.session import ChatSession
-    from cattn.store.base import EntryKey
-    from cattn.store.disk import DiskTier
-    from cattn.store.tiered import TieredStore
+    from cattn.chat.session import ChatSession
+    from cattn.store.contract import EntryKey
+    from cattn.store.lower.disk import DiskTier
+    from cattn.store.tiered.store import TieredStore
 
     fp = fingerprint(model)
     keys = {s: EntryKey("default", fp, s) for s in conversations}

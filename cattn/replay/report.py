@@ -126,7 +126,7 @@ SIMULATED = "simulated (cost model); host CPU runs the simulator"
 
 
 def environment(device: str = SIMULATED) -> dict:
-    from cattn.results import provenance
+    from cattn.apps.results import provenance
     return dict(python=sys.version.split()[0], **provenance(), platform=platform.platform(),
                 machine=platform.machine(), device=device)
 

@@ -5,7 +5,7 @@ What is modelled: the serving order and the queue the policies look into; where 
 session's KV is when its job starts (DRAM, disk, an in-flight prefetch, or gone);
 prefetches read one at a time at the disk's read bandwidth, decided whenever the queue
 changes (a job arrives or starts), when a job's history is saved, and whenever the disk
-is free (`SimTiers` in `cattn.replay.tiers`); layer-wise loading overlapped with the
+is free (`SimTiers` in `cattn.replay.sim_tiers`); layer-wise loading overlapped with the
 prefill of the new tokens; context overflow (the oldest tokens are dropped and the rest
 of the cache stays valid). The tiers are exclusive, or behave as `TieredStore`'s
 (`TierModel`).
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job, JobQueue
-from cattn.replay.tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
-from cattn.store.policy import Policy, make_policy
+from cattn.replay.sim_tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
+from cattn.store.policy.base import Policy, make_policy
 
 __all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult", "SimTiers", "TierModel",
            "TurnRecord", "TruncationWarning", "context_cut", "simulate", "value_options"]
@@ -184,7 +184,7 @@ def _overlapped_read(cost: CostModel, queued: float, new: int, kept: int, have: 
 
 
 def value_options(cost: CostModel, options: dict | None = None) -> dict:
-    """`cattn.store.value.ValueConfig` fields for ``cost``'s model: ``options`` with its KV bytes per token
+    """`cattn.store.policy.value.ValueConfig` fields for ``cost``'s model: ``options`` with its KV bytes per token
     and FLOP crossover (params / (layers x heads x head_dim)) filled in."""
     m = cost.model
     out = dict(options or {})
@@ -200,13 +200,13 @@ def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_by
 
     Args:
         jobs: the trace.
-        policy: a name of `cattn.store.policy.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
+        policy: a name of `cattn.store.policy.base.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
             this trace (used as is; ``ttl`` and ``policy_options`` must then be left out).
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
         ttl: scheduler only: drop sessions untouched this long (seconds).
         tiers: how the tiers behave: `EXCLUSIVE`, `EXCLUSIVE_PARTIAL` or `TIERED_STORE`.
-        policy_options: ``value`` only: `cattn.store.value.ValueConfig` fields; the model's KV bytes
+        policy_options: ``value`` only: `cattn.store.policy.value.ValueConfig` fields; the model's KV bytes
             per token and FLOP crossover are filled in from ``cost``.
         on_job: called after each job (a progress bar).
     """

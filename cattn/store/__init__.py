@@ -8,16 +8,16 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "cattn.store.base": ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name"],
-    "cattn.store.device": ["DeviceTier", "DeviceTierConfig", "Resident"],
-    "cattn.store.disk": ["DiskTier"],
-    "cattn.store.fileformat": ["FormatError"],
+    "cattn.store.contract": ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name"],
+    "cattn.store.device.tier": ["DeviceTier", "DeviceTierConfig", "Resident"],
+    "cattn.store.lower.disk": ["DiskTier"],
+    "cattn.store.lower.fileformat": ["FormatError"],
     "cattn.store.layout": ["KVLayout"],
     "cattn.store.lease": ["KVLease", "PendingSave", "Segment"],
     "cattn.store.memory": ["MemoryStore"],
-    "cattn.store.tiered": ["StoreFullError", "TieredStore"],
-    "cattn.store.redis_tier": ["RedisTier", "RemoteTierError"],
-    "cattn.store.shared": ["DiskOverShared"],
+    "cattn.store.tiered.store": ["StoreFullError", "TieredStore"],
+    "cattn.store.lower.redis_tier": ["RedisTier", "RemoteTierError"],
+    "cattn.store.lower.over_shared": ["DiskOverShared"],
     "cattn.store.config": ["StoreConfig"],
     "cattn.store.transfer": ["LayerLoader", "LayerSaver", "copy_bandwidth", "preload_layers"],
 }

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cattn.store.redis_client import RedisOptions
+from cattn.store.lower.redis_client import RedisOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -241,12 +241,12 @@ def _check(c: StoreConfig) -> None:
 def build_store(config=None, **overrides):
     """A `TieredStore` as ``config`` says (a `StoreConfig`, a TOML file's path, or None: ``CATTN_*`` only).
     With a ``[metrics]`` section the endpoint is started; ``store.metrics_server`` is it (else None)."""
-    from cattn.store.disk import DiskTier
+    from cattn.store.lower.disk import DiskTier
     from cattn.store.metrics import serve_metrics
-    from cattn.store.policy import make_policy
-    from cattn.store.redis_tier import RedisTier
-    from cattn.store.shared import DiskOverShared
-    from cattn.store.tiered import TieredStore
+    from cattn.store.policy.base import make_policy
+    from cattn.store.lower.redis_tier import RedisTier
+    from cattn.store.lower.over_shared import DiskOverShared
+    from cattn.store.tiered.store import TieredStore
 
     if not isinstance(config, StoreConfig):
         config = StoreConfig.load(config)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cattn.store.base import KVEntry
+from cattn.store.contract import KVEntry
 
 ALIGN = 256  # bytes: extents start on a boundary that suits memcpy and DMA alike
 

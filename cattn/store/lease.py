@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cattn.store.base import KVEntry
+from cattn.store.contract import KVEntry
 from cattn.store.layout import KVLayout
 
 
@@ -49,7 +49,7 @@ class KVLease:
         self._on_release, self._on_transfer = on_release, on_transfer
         self._released = threading.Event()
 
-    # The segments' layers arrive one at a time (a layer-wise read from disk, `cattn.store.layerwise`):
+    # The segments' layers arrive one at a time (a layer-wise read from disk, `cattn.store.tiered.layerwise`):
     # a reader calls `wait_layer(l)` before reading layer l of any segment.
     streamed = False
 

@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from cattn.store.base import EntryKey, KVEntry, KVStore, check_key
+from cattn.store.contract import EntryKey, KVEntry, KVStore, check_key
 
 
 class MemoryStore(KVStore):

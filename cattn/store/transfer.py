@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from cattn.store.base import EntryKey, KVEntry, KVStore
+from cattn.store.contract import EntryKey, KVEntry, KVStore
 from cattn.store.layout import KVLayout
 from cattn.store.lease import KVLease, Segment
 

@@ -103,9 +103,9 @@ def chat(llm, user_turns: list[str], *, max_tokens: int = 24, cache_salt: str | 
 
 def store_stats() -> dict | None:
     """The store's `stats()` of the (one) engine with a cattn connector in this process, or None."""
-    from cattn.vllm import shared
+    from cattn.vllm import engine_state
 
-    engines = list(shared._engines.values())
+    engines = list(engine_state._engines.values())
     return engines[0].store.stats() if engines else None
 
 

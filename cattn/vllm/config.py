@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from cattn.store.base import check_name
+from cattn.store.contract import check_name
 
 PREFIX = "cattn."
 

@@ -14,7 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from cattn.vllm import shared as shared_state
+from cattn.vllm import engine_state
 from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.keys import model_fingerprint
 from cattn.vllm.scheduler import SchedulerSide
@@ -66,7 +66,7 @@ class CattnConnector(KVConnectorBase_V1):
                 f"distributed_executor_backend={parallel.distributed_executor_backend!r}")
         self.config = CattnVllmConfig.from_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self._engine_id = self._kv_transfer_config.engine_id
-        self.shared = shared_state.attach(self._engine_id, self.config, model_fingerprint(vllm_config),
+        self.shared = engine_state.attach(self._engine_id, self.config, model_fingerprint(vllm_config),
                                           vllm_config.cache_config.block_size)
         self._scheduler = SchedulerSide(self.shared) if role == KVConnectorRole.SCHEDULER else None
         if self._scheduler is not None:
@@ -129,7 +129,7 @@ class CattnConnector(KVConnectorBase_V1):
             worker.start_saves(unsent)
         if self._worker is not None:
             self._worker.close()
-        shared_state.detach(self._engine_id)
+        engine_state.detach(self._engine_id)
 
     # ---- scheduler side ----------------------------------------------------------------------------
 

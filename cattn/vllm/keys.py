@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from cattn.store.base import check_name
+from cattn.store.contract import check_name
 
 CONTENT_PREFIX = "c-"      # sessions named by content; a client's own ids never start with it
 _CLIENT_PREFIX = "s-"      # a client's session id that is not a valid store name is hashed under this

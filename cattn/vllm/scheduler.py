@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cattn.store import EntryKey
 from cattn.vllm.keys import block_chain, client_session, common_prefix, content_session, tenant_of
-from cattn.vllm.shared import EngineShared, RequestResult
+from cattn.vllm.engine_state import EngineState, RequestResult
 from cattn.vllm.worker import LoadJob, SaveJob
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Plan:
 
 
 class SchedulerSide:
-    def __init__(self, shared: EngineShared):
+    def __init__(self, shared: EngineState):
         self.shared = shared
         self.plans: dict[str, Plan] = {}
         self.need_load: dict[str, object] = {}       # req_id -> request, loads for the next step

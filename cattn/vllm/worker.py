@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from cattn.store import EntryKey, KVLayout
-from cattn.store.layerwise import HistoryLost
-from cattn.vllm.shared import EngineShared, RequestResult
+from cattn.store.tiered.layerwise import HistoryLost
+from cattn.vllm.engine_state import EngineState, RequestResult
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def failed_blocks(job: LoadJob, block_size: int) -> set[int]:
 class WorkerSide:
     """Loads and saves for one worker; ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order."""
 
-    def __init__(self, shared: EngineShared, layers: dict[str, torch.Tensor]):
+    def __init__(self, shared: EngineState, layers: dict[str, torch.Tensor]):
         for name, t in layers.items():
             if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != shared.block_size:
                 raise ValueError(f"KV cache of {name}: a [blocks, heads, {shared.block_size}, channels] view with "

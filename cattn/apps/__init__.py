@@ -1,0 +1,1 @@
+"""The applications: the `cattn` command line, its demo, and where results go."""

@@ -1,0 +1,1 @@
+"""The device tier: sessions' first layers kept in device pages between turns."""

@@ -1,0 +1,60 @@
+"""`cattn demo` end to end through the CLI entry point, on SmolLM2 (loaded once per test session)."""
+import re
+
+import pytest
+
+from cattn.apps import cli
+from cattn.apps.demo import SCRIPT
+from cattn.hf import is_patched
+
+ROW = re.compile(r"^\s*(\d+) \|\s*(\d+) \|\s*(\d+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*(yes|no)$", re.M)
+
+
+def test_demo_prefills_only_new_tokens_with_replies_identical_to_stock(smollm2, monkeypatch, capsys):
+    model, tokenizer = smollm2
+    monkeypatch.setattr("cattn.hf.load_model", lambda path, device, dtype: (model, tokenizer))
+    assert cli.main(["demo", "--turns", "3", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    rows = [tuple(m.groups()) for m in ROW.finditer(out)]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    for n, (_, cattn_prefill, stock_prefill, _, _, kv_mib, same) in enumerate(rows, 1):
+        assert same == "yes" and float(kv_mib) > 0
+        assert (int(cattn_prefill) == int(stock_prefill)) if n == 1 else (0 < int(cattn_prefill) < int(stock_prefill))
+    for user in SCRIPT[:3]:
+        assert f"user: {user}" in out
+    assert "prefilled tokens in all" in out and not is_patched(model)
+    # the real hierarchy served turns 2 and 3 from DRAM, layer by layer
+    assert re.search(r"store: the KV of each turn's new tokens \([\d.]+ MiB in all\) was kept in a \d+ MiB "
+                     r"host-memory \(DRAM\) pool;\n\s+the next turn found its history there 2 times, "
+                     r"missed it 0 times\n", out)
+    assert re.search(r"\n\s+each history came back layer by layer \(2 loads, [\d.]+ MiB\)", out)
+    assert "disk tier" not in out.split("store:")[1]         # never used, so not mentioned
+    assert "Turn 1 is no faster: nothing is cached yet" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--turns", "0"], "--turns"), (["--turns", str(len(SCRIPT) + 1)], "--turns"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--model", "no/such/dir"], "not a directory")])
+def test_demo_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *argv])
+    assert message in f"{exc.value.code} {capsys.readouterr().err}"     # argparse's errors go to stderr
+
+
+def test_demo_runs_a_local_model_directory_and_refuses_unsupported_families(tiny_model, byte_tokenizer, tmp_path,
+                                                                             capsys):
+    import transformers
+
+    llama = tmp_path / "llama"
+    tiny_model("llama", max_position_embeddings=2048).save_pretrained(llama)     # the script's bytes fit
+    byte_tokenizer.save_pretrained(llama)
+    assert cli.main(["demo", "--model", str(llama), "--turns", "2", "--max-new-tokens", "4"]) == 0
+    rows = [m.groups() for m in ROW.finditer(capsys.readouterr().out)]
+    assert len(rows) == 2 and all(r[-1] == "yes" for r in rows) and int(rows[1][1]) < int(rows[1][2])
+
+    gpt2 = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=258)
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2)
+    byte_tokenizer.save_pretrained(gpt2)
+    with pytest.raises(SystemExit, match="got 'gpt2'"):
+        cli.main(["demo", "--model", str(gpt2)])

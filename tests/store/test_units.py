@@ -1,0 +1,99 @@
+"""Store building blocks: the host pool allocator, the layout, the file format."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cattn.store.lower import fileformat as ff
+from cattn.store.contract import EntryKey, KVEntry
+from cattn.store.layout import DTYPES, KVLayout
+from cattn.store.tiered.pool import HostPool
+
+KEY = EntryKey("acme", "0123abcd", "chat-1")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000), st.integers(0, 10**6)), max_size=60))
+def test_pool_extents_never_overlap_and_coalesce(ops):
+    pool = HostPool(16 << 10)
+    live: dict[int, int] = {}
+    for alloc, nbytes, pick in ops:
+        if alloc or not live:
+            offset = pool.allocate(nbytes)
+            if offset is None:
+                assert pool.largest_free() < nbytes
+                continue
+            assert offset % 256 == 0 and offset + nbytes <= pool.capacity
+            size = -(-nbytes // 256) * 256
+            assert all(offset + size <= o or o + s <= offset for o, s in live.items())
+            live[offset] = size
+        else:
+            offset = sorted(live)[pick % len(live)]
+            pool.free(offset, live.pop(offset))
+        assert pool.used == sum(live.values())
+        assert pool.used + sum(pool.free_extent_sizes()) == pool.capacity
+    for offset, size in list(live.items()):
+        pool.free(offset, size)
+    assert pool.free_extent_sizes() == [pool.capacity]   # everything merged back into one extent
+
+
+def test_pool_rejects_double_free():
+    pool = HostPool(4096)
+    offset = pool.allocate(512)
+    pool.free(offset, 512)
+    with pytest.raises(ValueError, match="double free"):
+        pool.free(offset, 512)
+    with pytest.raises(ValueError, match="capacity"):
+        HostPool(100)
+
+
+def test_layout_views_and_json():
+    layout = KVLayout(3, 2, 8, torch.bfloat16)
+    assert layout.token_nbytes == 2 * 3 * 2 * 8 * 2
+    buf = torch.empty(layout.extent_nbytes(5), dtype=torch.uint8)
+    k, v = layout.views(buf, 5)
+    k.copy_(torch.randn(3, 5, 2, 8))
+    v.copy_(torch.randn(3, 5, 2, 8))
+    assert k.data_ptr() == buf.data_ptr() and v.data_ptr() == buf.data_ptr() + layout.payload_nbytes(5) // 2
+    assert k[1].is_contiguous()
+    assert KVLayout.from_json(layout.to_json()) == layout
+    with pytest.raises(TypeError, match="dtype"):
+        KVLayout(1, 1, 1, torch.int8)
+    with pytest.raises(ValueError, match="head_dim"):
+        KVLayout(1, 1, 0, torch.float16)
+    with pytest.raises(TypeError, match="entry.v dtype"):
+        KVLayout.of(KVEntry(torch.arange(2), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4).half()))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+def test_chunk_file_round_trip(tmp_path, dtype):
+    layout = KVLayout(2, 2, 16, dtype)
+    ids = torch.randint(0, 2**40, (37,))
+    payload = torch.randint(0, 256, (layout.payload_nbytes(37),), dtype=torch.uint8)
+    path = tmp_path / "c.kv"
+    size = ff.write_chunk(path, KEY, layout, "00112233aabbccdd", ids, payload)
+    assert size == path.stat().st_size == ff.chunk_file_nbytes(KEY, layout, "00112233aabbccdd", 37)
+    into = torch.zeros(layout.extent_nbytes(37), dtype=torch.uint8)
+    got = ff.read_chunk(path, KEY, layout, "00112233aabbccdd", 37, into)
+    assert torch.equal(got, ids) and torch.equal(into[:payload.numel()], payload)
+    with pytest.raises(ff.FormatError, match="chunk"):
+        ff.read_chunk(path, KEY, layout, "00112233aabbccdd", 36)
+    with pytest.raises(ff.FormatError, match="session"):
+        ff.read_chunk(path, EntryKey("acme", "0123abcd", "chat-2"), layout, "00112233aabbccdd", 37)
+
+
+def test_manifest_round_trip_and_checks(tmp_path):
+    layout = KVLayout(2, 2, 16, torch.float16)
+    data = ff.pack_manifest(KEY, layout, "0123456789abcdef", 7, 3, [("00112233aabbccdd", 10, 9000)],
+                            [("00112233aabbccdd", 0, 2), ("00112233aabbccdd", 5, 10)])
+    path = tmp_path / "m"
+    ff.write_atomic(path, data)
+    meta = ff.read_manifest(path, KEY)
+    assert meta["layout"] == layout and meta["num_tokens"] == 7 and meta["version"] == 3
+    assert meta["views"] == [("00112233aabbccdd", 0, 2), ("00112233aabbccdd", 5, 10)]
+    bad = ff.pack_manifest(KEY, layout, "0123456789abcdef", 7, 3, [("00112233aabbccdd", 10, 9000)],
+                           [("00112233aabbccdd", 5, 11)])   # a range past the chunk
+    ff.write_atomic(path, bad)
+    with pytest.raises(ff.FormatError, match="inconsistent"):
+        ff.read_manifest(path, KEY)
+    assert not list(tmp_path.glob("*.tmp"))
