@@ -48,7 +48,7 @@ def candidates(kind: str) -> list[TileConfig]:
 
 def _gate_one(job: tuple[str, TileConfig]) -> list[str]:
     kind, cfg = job
-    shipped = launch._attention_config(kind, DTYPE, HEAD_DIM, GROUP, cfg, name=f"{kind}_{cfg}")
+    shipped = launch.attention_config(kind, DTYPE, HEAD_DIM, GROUP, cfg, name=f"{kind}_{cfg}")
     try:
         return sass.gate(shipped, sass.compile_config(shipped))
     except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is rejected

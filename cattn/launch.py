@@ -87,7 +87,8 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, so tests exercise the merge
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+def num_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+    """How many KV splits a decode launch uses: about two waves of the device, at least 512 keys each."""
     want = triton.cdiv(2 * _num_sms(device), max(1, batch * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_kv_len, MIN_SPLIT_TOKENS)))
 
@@ -146,7 +147,7 @@ def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens
     if max_q_len == 1:
         cfg = config or decode_config(head_dim, group, q.dtype, q.device)
         window_len = max_kv_len if sliding_window is None else min(max_kv_len, sliding_window)
-        splits = _num_splits(batch, num_kv_heads, window_len, q.device)
+        splits = num_splits(batch, num_kv_heads, window_len, q.device)
         d_pad = _pow2(head_dim)
         partial_out = torch.empty(total_q, num_q_heads, splits, d_pad, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(total_q, num_q_heads, splits, dtype=torch.float32, device=q.device)
@@ -211,9 +212,11 @@ def _signature(kernel, pointers: dict, scalars: dict, constexprs: dict) -> dict:
     return sig
 
 
-def _attention_config(kind: str, dtype: torch.dtype, head_dim: int, group: int, cfg: TileConfig, *, name: str,
-                      rot: int | None = None, gptj: bool = False, causal: bool = True, window: bool = False,
-                      softcap: bool = False) -> ShippedConfig:
+def attention_config(kind: str, dtype: torch.dtype, head_dim: int, group: int, cfg: TileConfig, *, name: str,
+                     rot: int | None = None, gptj: bool = False, causal: bool = True, window: bool = False,
+                     softcap: bool = False) -> ShippedConfig:
+    """One attention kernel configuration as the machine-code gate compiles it: the constexprs and
+    signature a launch with these options would get (``kind`` "prefill" or "decode")."""
     t = TRITON_TYPES[dtype]
     rot = head_dim if rot is None else rot
     ce = dict(GROUP=group, PAGE_SIZE=16, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), ROT=rot, HALF_PAD=_pow2(rot // 2),
@@ -241,7 +244,7 @@ def _tuned_configs() -> list[ShippedConfig]:
         for kind, entries in configs.load(path.name).items():
             for key, cfg in entries.items():
                 t, d, g = key.split("_")
-                out.append(_attention_config(kind, by_name[t], int(d[1:]), int(g[1:]), cfg,
+                out.append(attention_config(kind, by_name[t], int(d[1:]), int(g[1:]), cfg,
                                              name=f"tuned[{path.stem}]_{kind}_{key}"))
     return out
 
@@ -256,8 +259,8 @@ def shipped_configs() -> list[ShippedConfig]:
         t = TRITON_TYPES[dtype]
         for head_dim in (64, 80, 128, 256):
             pf, dc = rule_prefill_config(head_dim, 4, dtype), rule_decode_config(head_dim, 4, dtype)
-            out.append(_attention_config("prefill", dtype, head_dim, 4, pf, name=f"prefill_{t}_d{head_dim}"))
-            out.append(_attention_config("decode", dtype, head_dim, 4, dc, name=f"decode_{t}_d{head_dim}"))
+            out.append(attention_config("prefill", dtype, head_dim, 4, pf, name=f"prefill_{t}_d{head_dim}"))
+            out.append(attention_config("decode", dtype, head_dim, 4, dc, name=f"decode_{t}_d{head_dim}"))
             ce = dict(NUM_HEADS=32, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim), SPLITS_PAD=64)
             ptrs = dict(partial_out="fp32", partial_lse="fp32", out_ptr=t)
             out.append(ShippedConfig(f"merge_{t}_d{head_dim}", merge_splits_kernel,
@@ -275,14 +278,14 @@ def shipped_configs() -> list[ShippedConfig]:
                              ("q_ptr", "q_rot_ptr", "cos_sin_ptr", "table_set_stride", "stride_qt", "stride_qh")))
     d128 = rule_prefill_config(128, 4, bf16)
     out += [
-        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_noncausal", causal=False),
-        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_gptj_half", rot=64, gptj=True),
-        _attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_norope", rot=0),
-        _attention_config("prefill", torch.float16, 128, 4, rule_prefill_config(128, 4, torch.float16),
+        attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_noncausal", causal=False),
+        attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_gptj_half", rot=64, gptj=True),
+        attention_config("prefill", bf16, 128, 4, d128, name="prefill_bf16_d128_norope", rot=0),
+        attention_config("prefill", torch.float16, 128, 4, rule_prefill_config(128, 4, torch.float16),
                           name="prefill_fp16_d128"),
-        _attention_config("prefill", bf16, 256, 2, rule_prefill_config(256, 2, bf16),
+        attention_config("prefill", bf16, 256, 2, rule_prefill_config(256, 2, bf16),
                           name="prefill_bf16_d256_window_softcap", window=True, softcap=True),
-        _attention_config("decode", bf16, 256, 2, rule_decode_config(256, 2, bf16),
+        attention_config("decode", bf16, 256, 2, rule_decode_config(256, 2, bf16),
                           name="decode_bf16_d256_window_softcap", window=True, softcap=True),
     ]
     return out + _tuned_configs()

@@ -36,12 +36,12 @@ def set_verbosity(level: str | int) -> None:
 
 
 def _install() -> None:
-    if any(getattr(h, "_cattn_default", False) for h in logger.handlers):
+    if any(getattr(h, "cattn_default", False) for h in logger.handlers):
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(lambda record: not logging.getLogger().handlers)
-    handler._cattn_default = True
+    handler.cattn_default = True
     logger.addHandler(handler)
     logger.setLevel(_level(os.environ.get(LEVEL_ENV) or "warning", LEVEL_ENV))
 

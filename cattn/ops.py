@@ -24,7 +24,7 @@ TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter: the values its own TRITON_INTERPRET parser
     (``getenv_bool``) takes as true."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
@@ -35,7 +35,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got {device.type} tensors")
     return backend
 
@@ -251,7 +251,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     from cattn.launch import launch_paged_attention
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
-    bf16_as_fp32 = q.dtype == torch.bfloat16 and _interpreting()
+    bf16_as_fp32 = q.dtype == torch.bfloat16 and interpreting()
     if bf16_as_fp32:
         # The interpreter multiplies bf16 bit patterns, not values: run on fp32 copies (the caches are
         # copied whole, acceptable at the interpreter's sizes) and round the output to bf16 once.

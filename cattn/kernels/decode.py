@@ -56,18 +56,21 @@ def paged_decode_kernel(
         acc, m_i, l_i = attend_kv_range(
             acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
             stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, lo, full_lo,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, False, WINDOWED, SOFTCAP, False,
-            DOT_PRECISION)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+            MASKED=True, CAUSAL=False, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=False,
+            DOT_PRECISION=DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
         acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
         stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_lo, full_hi,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, False, False, WINDOWED, SOFTCAP, False,
-        DOT_PRECISION)
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+        MASKED=False, CAUSAL=False, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=False,
+        DOT_PRECISION=DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
         acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
         stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_hi, hi,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, False, WINDOWED, SOFTCAP, False,
-        DOT_PRECISION)
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+        MASKED=True, CAUSAL=False, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=False,
+        DOT_PRECISION=DOT_PRECISION)
 
     # partial_out [num_q_tokens, Hq, num_splits, D_PAD] fp32, partial_lse [num_q_tokens, Hq, num_splits] fp32
     empty = l_i == 0.0  # a split past kv_len: weight 0 in the merge

@@ -77,18 +77,21 @@ def paged_prefill_kernel(
         acc, m_i, l_i = attend_kv_range(
             acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
             stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, lo, full_lo,
-            PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, CAUSAL, WINDOWED, SOFTCAP,
-            PRE_ROTATED, DOT_PRECISION)
+            PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+            MASKED=True, CAUSAL=CAUSAL, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=PRE_ROTATED,
+            DOT_PRECISION=DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
         acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
         stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_lo, full_hi,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, False, CAUSAL, WINDOWED, SOFTCAP,
-        PRE_ROTATED, DOT_PRECISION)
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+        MASKED=False, CAUSAL=CAUSAL, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=PRE_ROTATED,
+        DOT_PRECISION=DOT_PRECISION)
     acc, m_i, l_i = attend_kv_range(
         acc, m_i, l_i, q_rot, q_rest, q_pos, k_cache, v_cache, bt_row, kv_len, k_off, v_off,
         stride_kp, stride_kt, stride_vp, stride_vt, cos_sin_set, score_scale, cap_log2, window, full_hi, kv_end,
-        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ, True, CAUSAL, WINDOWED, SOFTCAP,
-        PRE_ROTATED, DOT_PRECISION)
+        PAGE_SIZE, BLOCK_N, HEAD_DIM, D_PAD, ROT, HALF_PAD, PASS_PAD, GPTJ,
+        MASKED=True, CAUSAL=CAUSAL, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP, K_IN_DTYPE=PRE_ROTATED,
+        DOT_PRECISION=DOT_PRECISION)
 
     out = acc / l_i[:, None]
     d = tl.arange(0, D_PAD)

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, fields
 
 from cattn.replay.queue import Job
-from cattn.replay.trace import number_turns
+from cattn.replay.records import number_turns
 
 
 @dataclass

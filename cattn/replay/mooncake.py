@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cattn.replay.queue import Job
-from cattn.replay.trace import json_record, number_turns
+from cattn.replay.records import json_record, number_turns
 
 BLOCK_TOKENS = 512
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")

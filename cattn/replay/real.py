@@ -24,7 +24,7 @@ from cattn.replay.costmodel import CostModel, Hardware, ModelShape
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.report import percentile, summarize, write_json
 from cattn.replay.sim import RECOMPUTE, TIERED_STORE, simulate
-from cattn.replay.trace import number_turns
+from cattn.replay.records import number_turns
 from cattn.replay.workload import ArrivalConfig, schedule
 from cattn.store.policy.base import make_policy
 

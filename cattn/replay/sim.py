@@ -120,8 +120,8 @@ class ReplayResult:
     disk_bytes: int
 
 
-def _serve(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
-           stored: int, partial: bool) -> tuple[str, int, float, float, bool]:
+def serve_turn(store: SimTiers, cost: CostModel, key: str, now: float, found: str, wait: float, new: int, kept: int,
+               stored: int, partial: bool) -> tuple[str, int, float, float, bool]:
     """How a turn uses what the store has of its history, the fastest way: ``(tier, reused tokens,
     stall, prefill, reads on)``. ``found`` and ``wait`` are `SimTiers.find`'s; ``kept`` history tokens
     fit the context, the newest ``kept`` of the ``stored`` ones. A history is loaded (DRAM, or disk
@@ -264,7 +264,7 @@ def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_by
         new, kept = _fit(job.new_tokens, job.output_tokens, history, max_ctx)  # overflow drops the oldest
         found, wait = ("first", 0.0) if history == 0 else store.find(job.session, start)
         recompute = cost.prefill_time(new + kept, 0)
-        tier, reused, stall, prefill, reads_on = _serve(store, cost, job.session, start, found, wait, new, kept,
+        tier, reused, stall, prefill, reads_on = serve_turn(store, cost, job.session, start, found, wait, new, kept,
                                                         history, tiers.partial_prefetch)
         in_flight = store.dram.get(job.session, start) > start
         have = max(0, store.arrived_tokens(job.session, start, history) - (history - kept)) if in_flight else 0

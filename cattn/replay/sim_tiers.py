@@ -148,7 +148,8 @@ class SimTiers:
             self._drop(self.policy.victim("disk", self.disk.keys()))
         return key in self.disk
 
-    def _demote(self, key: str) -> None:
+    def demote(self, key: str) -> None:
+        """Move `key` from DRAM to disk (dropped when the disk has no room for it)."""
         self._leave_dram(key)
         self.counters["demotions"] += 1
         if not self._to_disk(key, self.nbytes[key]) and key in self.nbytes:
@@ -178,7 +179,7 @@ class SimTiers:
                 self.dram_used += nbytes
                 if self.dram_used > self.high_bytes:
                     while self.dram_used > self.low_bytes:
-                        self._demote(self.policy.victim("dram", self.dram.keys()))
+                        self.demote(self.policy.victim("dram", self.dram.keys()))
             elif not self._to_disk(key, nbytes) and key in self.nbytes:
                 self._drop(key)
         else:
@@ -244,7 +245,7 @@ class SimTiers:
                     del cands[v]
                     free += self.nbytes[v]
                 for v in victims:
-                    self._demote(v)
+                    self.demote(v)
                 if key not in self.disk:  # a demotion overflowed the disk and dropped it
                     continue
             self.skipped.discard(key)

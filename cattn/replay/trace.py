@@ -15,27 +15,11 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from cattn.replay.mooncake import is_mooncake, read_mooncake
 from cattn.replay.queue import Job
+from cattn.replay.records import json_record, number_turns
 
 FIELDS = ("session", "arrival", "new_tokens", "output_tokens")
-
-
-def json_record(line: str, lineno: int, where: str, fields: tuple[str, ...]):
-    """``(record, bad)`` of one JSONL trace line holding ``fields``; ``bad(why)`` makes the ValueError that
-    names the file and line (raised here for a line that is not such an object)."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{where}:{lineno}: {why}: {line.strip()[:120]!r}")
-
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise bad(f"not JSON ({exc.msg})") from None
-    if not isinstance(rec, dict):
-        raise bad("expected a JSON object")
-    missing = [f for f in fields if f not in rec]
-    if missing:
-        raise bad(f"missing field(s) {', '.join(missing)}")
-    return rec, bad
 
 
 def _parse(line: str, lineno: int, where: str) -> Job:
@@ -51,18 +35,6 @@ def _parse(line: str, lineno: int, where: str) -> Job:
     if rec["new_tokens"] + rec["output_tokens"] == 0:
         raise bad("a turn needs at least one new or output token")
     return Job(session, float(arrival), rec["new_tokens"], rec["output_tokens"])
-
-
-def number_turns(jobs: Iterable[Job]) -> list[Job]:
-    """The jobs in serving order (arrival, then given order), each with its turn index in its session."""
-    ordered = sorted(jobs, key=lambda j: j.arrival)  # stable: ties keep their order
-    seen: dict[str, int] = {}
-    out = []
-    for j in ordered:
-        turn = seen.get(j.session, 0)
-        seen[j.session] = turn + 1
-        out.append(Job(j.session, j.arrival, j.new_tokens, j.output_tokens, turn))
-    return out
 
 
 TRACE_FORMATS = ("auto", "cattn", "mooncake")
@@ -83,11 +55,10 @@ def read_trace(path: str | Path, format: str = "auto") -> list[Job]:
         with path.open(encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")
         try:
-            format = "mooncake" if first and _is_mooncake(json.loads(first)) else "cattn"
+            format = "mooncake" if first and is_mooncake(json.loads(first)) else "cattn"
         except json.JSONDecodeError:
             format = "cattn"  # reported with its line below
     if format == "mooncake":
-        from cattn.replay.mooncake import read_mooncake
         return read_mooncake(path)
     jobs = []
     with path.open(encoding="utf-8") as f:
@@ -97,11 +68,6 @@ def read_trace(path: str | Path, format: str = "auto") -> list[Job]:
     if not jobs:
         raise ValueError(f"{path.name}: the trace holds no turns")
     return number_turns(jobs)
-
-
-def _is_mooncake(record) -> bool:
-    from cattn.replay.mooncake import is_mooncake
-    return is_mooncake(record)
 
 
 def write_trace(jobs: Iterable[Job], path: str | Path) -> None:

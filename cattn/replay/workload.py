@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cattn.replay.queue import Job
-from cattn.replay.trace import number_turns
+from cattn.replay.records import number_turns
 
 # A conversation as the replay needs it: (user tokens, assistant tokens) per turn.
 Conversation = Sequence[tuple[int, int]]

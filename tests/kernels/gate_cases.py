@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 
 from bench import sass  # noqa: E402
 from cattn.configs import TileConfig  # noqa: E402
-from cattn.launch import ShippedConfig, _attention_config, shipped_configs  # noqa: E402
+from cattn.launch import ShippedConfig, attention_config, shipped_configs  # noqa: E402
 
 
 @triton.jit
@@ -38,14 +38,14 @@ def bad_cases() -> dict:
                          ("x_ptr", "out_ptr"))
     return {
         # 64 rows over 8 warps: both warpgroups compute the same QK^T
-        "duplicated_qk": (_attention_config("prefill", torch.bfloat16, 128, 4, TileConfig(64, 32, 8, 2),
+        "duplicated_qk": (attention_config("prefill", torch.bfloat16, 128, 4, TileConfig(64, 32, 8, 2),
                                             name="prefill_64x32_w8"), True),
         # without the runtime's divisibility: scalar 16-bit K/V loads, no cp.async
         "no_hints": (d128, False),
         # trigonometry in a loop: libdevice sinf/cosf with its local-memory slow path
         "trig": (trig, True),
         # 128 x 128 fp32 tiles: far past the register file
-        "spills": (_attention_config("prefill", torch.float32, 128, 4, TileConfig(128, 64, 4, 1),
+        "spills": (attention_config("prefill", torch.float32, 128, 4, TileConfig(128, 64, 4, 1),
                                      name="prefill_fp32_128x64"), True),
     }
 

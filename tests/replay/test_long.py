@@ -11,7 +11,8 @@ from cattn.replay.longctx import LongContextConfig, long_context_trace, prompt_l
 from cattn.replay.mooncake import read_mooncake, write_mooncake
 from cattn.replay.queue import Job
 from cattn.replay.report import percentile, summarize
-from cattn.replay.trace import number_turns, read_trace
+from cattn.replay.records import number_turns
+from cattn.replay.trace import read_trace
 from cattn.store.policy.base import Belady
 
 TINY = ModelShape("tiny", 1, 1, 1, 1, 1e6, max_context=1000, dtype_bytes=1)  # 2 bytes of KV per token
@@ -148,9 +149,9 @@ def test_partial_prefetch_of_a_read_in_flight():
     assert (found, wait) == ("disk", pytest.approx(5.0))
     # waiting 5 s, reading on (0.1 s per token) or prefilling all 110 (1.1 s) lose to using the 50
     # tokens there and prefilling the other 60 (0.6 s)
-    tier, reused, stall, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
+    tier, reused, stall, prefill, reads_on = sim.serve_turn(t, cost, "a", 6.0, found, wait, 10, 100, 100, True)
     assert (tier, reused, reads_on) == ("partial", 50, True) and stall + prefill == pytest.approx(0.6, rel=0.01)
-    tier, reused, _, prefill, reads_on = sim._serve(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
+    tier, reused, _, prefill, reads_on = sim.serve_turn(t, cost, "a", 6.0, found, wait, 10, 100, 100, False)
     assert (tier, reused, prefill, reads_on) == ("recomputed", 0, pytest.approx(1.1, rel=0.01), False)
 
 

@@ -11,7 +11,7 @@ from cattn.replay.cli import size
 from cattn.replay.costmodel import MODELS, CostModel, Hardware, ModelShape, model_shape
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.report import summarize
-from cattn.replay.trace import number_turns
+from cattn.replay.records import number_turns
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
 from cattn.store.policy.base import POLICIES, make_policy
 
@@ -83,7 +83,7 @@ def test_session_larger_than_dram_lives_on_disk_and_larger_than_both_is_not_kept
 def test_turn_arriving_while_its_prefetch_is_in_flight_waits_for_the_rest():
     t, q = tiers_for("scheduler", dram=500, disk=1000, queue_sessions=["a"])
     t.save("a", 200, 0.0)
-    t._demote("a")
+    t.demote("a")
     t.prefetch(10.0)  # 200 bytes at 100 B/s: ready at 12.0
     assert t.dram["a"] == pytest.approx(12.0) and t.counters["prefetches"] == 1
     assert t.find("a", 11.5) == ("disk", pytest.approx(0.5))
@@ -93,7 +93,7 @@ def test_turn_arriving_while_its_prefetch_is_in_flight_waits_for_the_rest():
 def test_prefetch_never_displaces_a_more_urgent_session():
     t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["a", "b"])
     t.save("b", 60, 0.0)
-    t._demote("b")
+    t.demote("b")
     t.save("a", 80, 1.0)  # a is in DRAM and its job is first
     t.prefetch(2.0)
     assert "a" in t.dram and "b" in t.disk  # b would need a out: refused
@@ -137,7 +137,7 @@ def test_prefetch_demotes_a_session_with_no_queued_job_to_stay_below_the_high_wa
     t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["b", "c"], model=model)
     for k, n in (("b", 40), ("c", 20)):
         t.save(k, n, 0.0)
-        t._demote(k)
+        t.demote(k)
     t.save("a", 60, 1.0)  # no queued job
     t.prefetch(2.0)
     t.advance(3.0)  # one read at a time: c's starts when b's ends, at 2.4
@@ -146,7 +146,7 @@ def test_prefetch_demotes_a_session_with_no_queued_job_to_stay_below_the_high_wa
     free = sim.TierModel(prefetch_evicts=False)
     t, q = tiers_for("scheduler", dram=100, disk=1000, queue_sessions=["b"], model=free)
     t.save("b", 50, 0.0)
-    t._demote("b")
+    t.demote("b")
     t.save("a", 60, 1.0)
     t.prefetch(2.0)  # only into free DRAM: b does not fit
     assert "a" in t.dram and "b" not in t.dram
@@ -156,7 +156,7 @@ def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wa
     t, q = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["a", "b", "c", "d"])
     for k in "abcd":
         t.save(k, 100, 0.0)
-        t._demote(k)
+        t.demote(k)
     t.expected_start = lambda key, now: {"a": 1.5, "b": 1.5, "c": 10.0, "d": 10.0}[key]
     t.prefetch(0.0)  # 100 B at 100 B/s each: one read at a time, a first (ready at 1)
     assert t.dram == {"a": 1.0}
@@ -170,7 +170,7 @@ def test_prefetch_deadlines_skip_a_read_too_late_and_stop_one_its_job_did_not_wa
     assert t.dram["d"] == pytest.approx(2.25) and t.read_free == pytest.approx(2.25)
     late = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["a"], model=sim.TIERED_STORE)[0]
     late.save("a", 100, 0.0)
-    late._demote("a")
+    late.demote("a")
     late.expected_start = lambda key, now: 0.5
     late.prefetch(0.0)  # the store issues it anyway, and finishes it
     late.started("a", 0.5, recomputed=True)
@@ -181,7 +181,7 @@ def test_one_read_at_a_time_gives_up_a_long_read_for_two_short_ones():
     t, q = tiers_for("scheduler", dram=1000, disk=1000, queue_sessions=["big", "a", "b"])
     for k, n in (("big", 300), ("a", 100), ("b", 100)):
         t.save(k, n, 0.0)
-        t._demote(k)
+        t.demote(k)
     t.expected_start = lambda key, now: {"big": 3.0, "a": 3.5, "b": 4.0}[key]
     t.prefetch(0.0)
     t.advance(5.0)
@@ -195,7 +195,7 @@ def test_one_read_at_a_time_claims_dram_only_when_its_read_starts(one_at_a_time,
     t, q = tiers_for("scheduler", dram=200, disk=1000, queue_sessions=["x", "y"], model=model)
     for k in "xy":
         t.save(k, 100, 0.0)
-        t._demote(k)
+        t.demote(k)
     t.save("idle", 100, 0.5)  # no queued job: the first to go when a prefetch needs room
     t.prefetch(1.0)  # x's read: 1.0 to 2.0, into the free half of DRAM
     # y's read would need idle's room; one at a time, it is decided when x's read ends

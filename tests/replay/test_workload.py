@@ -6,7 +6,8 @@ import pytest
 
 from cattn.replay import sharegpt
 from cattn.replay.queue import Job, JobQueue
-from cattn.replay.trace import number_turns, read_trace, write_trace
+from cattn.replay.records import number_turns
+from cattn.replay.trace import read_trace, write_trace
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
 from cattn.store.policy.base import Policy
 
