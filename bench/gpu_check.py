@@ -48,7 +48,7 @@ from bench.common import REPO, format_table, results_dir, write_json  # noqa: E4
 from cattn import RopeSpec, reference  # noqa: E402
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# max |out - ref| / (1 + |ref|) allowed, i.e. atol = rtol: those of tests/kernels/test_paged_attention.py
+# max |out - ref| / (1 + |ref|) allowed, i.e. atol = rtol: those of tests/kernels/batches.py
 # with room for contexts of up to 20K keys.
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 

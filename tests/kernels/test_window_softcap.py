@@ -8,7 +8,7 @@ import torch
 import cattn
 from cattn import RopeSpec, reference
 from cattn.rope_table import MIN_POSITIONS, build_table, cos_sin_table
-from tests.kernels.test_paged_attention import DEVICE, DTYPES, check, default_rope, make_batch
+from tests.kernels.batches import DEVICE, DTYPES, check, default_rope, make_batch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.kernels.test_paged_attention import DTYPES, TOLERANCES, default_rope, expected_output, make_batch
+from tests.kernels.batches import DTYPES, TOLERANCES, default_rope, expected_output, make_batch
 
 import cattn
 from cattn import reference
