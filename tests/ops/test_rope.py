@@ -277,3 +277,14 @@ def test_longrope_backends_agree_on_the_switch(kv_len, q_len):
 def test_at_length_is_identity_without_long_factors():
     spec = RopeSpec.from_config(llama_config(LLAMA_TYPES["default"]))
     assert spec.at_length(10 ** 6) is spec
+
+
+def test_a_spec_moves_to_the_meta_device():
+    """Models built on the meta device (accelerate's empty weights) move their spec there: its values were
+    checked where they were made, and a meta tensor has none to check."""
+    spec = RopeSpec.from_config(phi3_longrope_config())
+    meta = spec.to("meta")
+    assert meta.inv_freq.is_meta and meta.long_inv_freq.is_meta and meta.rotary_dim == spec.rotary_dim
+    assert meta.original_max_position == spec.original_max_position and meta.attention_scaling == spec.attention_scaling
+    with pytest.raises(TypeError, match="inv_freq must be a real floating-point tensor"):
+        RopeSpec(torch.zeros(4, dtype=torch.int64, device="meta"))
