@@ -160,6 +160,16 @@ def store_bytes(model, turns: int, max_new_tokens: int) -> int:
     return 2 * per_token * (512 + turns * (max_new_tokens + 64))
 
 
+def times(n: int) -> str:
+    """``n`` occurrences in words: "once", "twice", "3 times" (and "0 times")."""
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 turn", "2 turns"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def store_summary(stats: dict) -> str:
     """In plain words: where the session's KV was kept between turns, how often it was found there, and
     how long the model waited for it to come back. A tier that was never used is not mentioned."""
@@ -167,13 +177,13 @@ def store_summary(stats: dict) -> str:
     mib = 2**20
     lines = [f"store: the KV of each turn's new tokens ({dram['bytes_in'] / mib:.1f} MiB in all) was kept in a "
              f"{dram['capacity_bytes'] / mib:.0f} MiB host-memory (DRAM) pool;",
-             f"       the next turn found its history there {dram['hits']} times, missed it {dram['misses']} times"]
+             f"       the next turn found its history there {times(dram['hits'])}, missed it {times(dram['misses'])}"]
     if dram["evictions"]:
-        lines[-1] += f"; {dram['evictions']} sessions were moved out to make room"
+        lines[-1] += f"; {count(dram['evictions'], 'session')} moved out to make room"
     if disk.get("hits") or disk.get("bytes_in"):
-        lines.append(f"       the disk tier took {disk['bytes_in'] / mib:.1f} MiB and served {disk['hits']} turns")
+        lines.append(f"       the disk tier took {disk['bytes_in'] / mib:.1f} MiB and served {count(disk['hits'], 'turn')}")
     if moved["loads"]:
-        lines.append(f"       each history came back layer by layer ({moved['loads']} loads, "
+        lines.append(f"       each history came back layer by layer ({count(moved['loads'], 'load')}, "
                      f"{moved['bytes'] / mib:.1f} MiB): {moved['load_s_exposed'] * 1e3:.1f} ms the model waited "
                      f"for it, {moved['load_s_hidden'] * 1e3:.1f} ms copied while it computed")
     return "\n".join(lines)
@@ -190,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     store_config = None
-    if getattr(args, "store_config", None):   # checked before the model loads
+    if args.store_config:   # checked before the model loads
         from cattn.store.config import StoreConfig
         try:
             store_config = StoreConfig.load(args.store_config)
@@ -219,12 +229,12 @@ def run(args: argparse.Namespace) -> int:
           "Each turn runs twice: cattn streams the conversation's KV back from the store and prefills only the new "
           "tokens;\nstock transformers recomputes the whole conversation. Greedy decoding.\n"
           "Turn 1 is no faster: nothing is cached yet, so both prefill the whole prompt.\n")
-    from cattn.store import DiskTier, TieredStore
+    from cattn.store import DiskTier, TieredStore, build_store
 
     dram = store_bytes(model, args.turns, args.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="cattn-demo-") as root:
         store = (TieredStore(dram, DiskTier(root, 4 * dram)) if store_config is None
-                 else TieredStore.from_config(store_config))
+                 else build_store(store_config))
         try:
             turns = converse(model, tokenizer, SCRIPT[:args.turns], max_new_tokens=args.max_new_tokens,
                              store=store)

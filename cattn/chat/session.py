@@ -33,23 +33,21 @@ from concurrent.futures import Future
 import torch
 
 from cattn.chat.buffer_rule import BufferRule
+from cattn.chat.restore import RestorePath
+from cattn.chat.turns import FirstTokenTimer, TurnStats, render
+from cattn.chat.window_entries import WindowEntries, window_key
 from cattn.hf import CACHE_KWARG, PagedCache, PagedLayout, fingerprint
-from cattn.chat.turns import FirstTokenTimer, TurnStats, common_prefix, render
-from cattn.chat.window_entries import SLACK, WindowEntries, window_key
-from cattn.store.contract import EntryKey, KVStore
+from cattn.store.contract import EntryKey, KVStore, check_store, common_prefix
 from cattn.store.device.tier import DeviceTier, Resident
-from cattn.store.tiered.layerwise import HistoryLost
-from cattn.store.lease import KVLease
+from cattn.store.errors import HistoryLost, StoreFullError
 from cattn.store.memory import MemoryStore
-from cattn.store.tiered.migration import StoreFullError
-from cattn.store.tiered.store import TieredStore
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 log = logging.getLogger(__name__)
 
 
-class ChatSession:
+class ChatSession(RestorePath):
     """A conversation with a cattn-patched model whose KV waits in a `KVStore` between turns.
 
     Args:
@@ -74,14 +72,14 @@ class ChatSession:
             raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
         if not isinstance(keep_first, int) or not 0 <= keep_first < max_context:
             raise ValueError(f"keep_first must be an int in [0, max_context={max_context}), got {keep_first!r}")
-        if store is not None and not isinstance(store, KVStore):
-            raise TypeError(f"store must be a cattn KVStore, got {type(store).__name__}")
+        if store is not None:
+            check_store(store, "store")
         self.model, self.tokenizer = model, tokenizer
         self.key = EntryKey(tenant, fingerprint(model), session_id)
         self.store = MemoryStore() if store is None else store
         # A model with sliding layers stores only their window, in an entry of its own (cattn.chat.window_entries).
         self._windows = WindowEntries(self.store, self.key, self.layout) \
-            if WindowEntries.applies(self.layout, self._device() is not None) else None
+            if WindowEntries.applies(self.layout, self.store.device is not None) else None
         self._history: list[int] | None = None      # the stored token ids this turn's history came from
         self.max_context, self.keep_first = max_context, keep_first
         self.messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
@@ -92,6 +90,12 @@ class ChatSession:
         self._closed = False
         self._saves: list[Future] = []              # the last turn's saves, committing in the background on CUDA
         self._rule = BufferRule(self.layout.num_layers, self._token_nbytes())   # measured by every turn
+
+    @property
+    def windows(self) -> WindowEntries | None:
+        """The sliding layers' window entries in the store (`cattn.chat.window_entries`), or None: the model
+        has no sliding layers, or the store has a device tier (whose resident layers hold every token)."""
+        return self._windows
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -129,7 +133,7 @@ class ChatSession:
 
     def _send(self, message, max_new: int, generate_kwargs: dict, timer: FirstTokenTimer) -> str:
         start = timer.start
-        self._settle_saves()
+        self.settle_saves()
         messages = self._next_messages(message)
         rendered = render(self.tokenizer, messages, generation_prompt=True)
         previous = render(self.tokenizer, messages[:-1], generation_prompt=False) if len(messages) > 1 else []
@@ -169,7 +173,7 @@ class ChatSession:
             self._saves = cache.finish()
         self._saved = False
         self._rule.measured(cache.layer_seconds())
-        if (device := self._device()) is not None:
+        if (device := self.store.device) is not None:
             ids = torch.tensor((prompt + reply_ids)[:cached], dtype=torch.long)
             res = cache.take_resident(ids, self.layout.num_layers)
             device.put(self.key, res, self._resident_share(device, res, len(prompt) - reused))
@@ -186,7 +190,7 @@ class ChatSession:
     def save(self) -> dict:
         """Make the session reopenable; returns its host-side state (JSON-serialisable) for `open`.
         The KV is in the store already: each turn saves its new tokens as it ends."""
-        self._settle_saves()
+        self.settle_saves()
         self._saved = True
         state = {"session_id": self.key.session, "tenant": self.key.tenant, "model": self.key.model,
                  "messages": [dict(m) for m in self.messages], "dropped_tokens": self._dropped,
@@ -213,22 +217,13 @@ class ChatSession:
         if state["model"] != session.key.model:
             raise ValueError(f"session {state['session_id']!r} was saved by a different model (fingerprint "
                              f"{state['model']}, this model's is {session.key.model}): its KV cannot be reused")
-        if session._windows is not None and session._windows.only:
-            session._windows.remembered = state.get("token_ids")
-        stored = session._stored_history()
-        if stored is None:
-            raise LookupError(f"no stored KV for session {session.key.session!r} of tenant {session.key.tenant!r} "
-                              "with this model")
-        session.messages = [dict(m) for m in state["messages"]]
-        session._dropped = int(state["dropped_tokens"])
-        session._token_ids = stored.tolist()
-        session._saved = True
+        cls._resume(session, state)
         return session
 
     def close(self) -> None:
         """End the session. Its KV is deleted from the store unless `save` was called after the last turn."""
         if not self._closed:
-            self._settle_saves()
+            self.settle_saves()
         if not self._closed and not self._saved:
             self._forget()
         self._closed = True
@@ -240,6 +235,19 @@ class ChatSession:
         self.close()
 
     # ---- internals -----------------------------------------------------------------------------
+    def _resume(self, state: dict) -> None:
+        """Take up `save`'s ``state`` in a new session over the store that holds its KV (`open`)."""
+        if self._windows is not None and self._windows.only:
+            self._windows.remembered = state.get("token_ids")
+        stored = self._stored_history()
+        if stored is None:
+            raise LookupError(f"no stored KV for session {self.key.session!r} of tenant {self.key.tenant!r} "
+                              "with this model")
+        self.messages = [dict(m) for m in state["messages"]]
+        self._dropped = int(state["dropped_tokens"])
+        self._token_ids = stored.tolist()
+        self._saved = True
+
     def _next_messages(self, message) -> list[dict]:
         if isinstance(message, str):
             if not message.strip():
@@ -253,149 +261,11 @@ class ChatSession:
             return [dict(m) for m in message]
         raise TypeError("message must be a non-empty str or a non-empty list of {'role': str, 'content': str} dicts")
 
-    def _restore(self, prompt: list[int], max_new: int, droppable: int) -> tuple[list[int], PagedCache, int, int]:
-        """Drop up to ``droppable`` tokens after ``keep_first`` if the turn would overflow ``max_context``
-        (in the store: metadata only), then start streaming the stored KV of the prompt's longest cached
-        prefix into a fresh cache. Returns the prompt after dropping, the cache, the prompt tokens it
-        holds, and the tokens dropped."""
-        stored = self._stored_history()
-        reused = 0 if stored is None else min(common_prefix(stored.tolist(), prompt), len(prompt) - 1)
-        drop = self._overflow(len(prompt), max_new, droppable)
-        if drop:
-            kf = self.keep_first
-            # The stored history loses [kf, kf + in_store); in_store < drop only if nothing stored after kf remains.
-            in_store = min(drop, reused - kf) if reused > kf else 0
-            if in_store:
-                if self._windows is not None:
-                    self._windows.truncate(stored.tolist(), in_store, kf)
-                else:
-                    self.store.truncate(self.key, in_store, kf)
-                stored = torch.cat([stored[:kf], stored[kf + in_store:]])
-            self._dropped += drop
-            prompt, reused = prompt[:kf] + prompt[kf + drop:], reused - in_store
-        self._history = None if stored is None else stored.tolist()   # what the store holds now
-        max_tokens = len(prompt) + max_new
-        if (device := self._device()) is None:
-            # The sliding layers' pages: the window's reach of the history and the prefill, in one step.
-            window_tokens = len(prompt) - reused + self.layout.page_size + (
-                0 if self._windows is None else self._windows.window + 2 * SLACK)
-            cache = PagedCache(self.model, max_tokens=max_tokens, window_pages=self._windows is not None,
-                               window_slack=SLACK, window_tokens=window_tokens)
-            return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
-        res = device.take(self.key, torch.tensor(prompt[:reused], dtype=torch.long), self.layout.num_layers) \
-            if reused else None
-        lay = self.layout
-        if res is not None and not res.fits(lay.page_size, lay.num_kv_heads, lay.head_dim, self.model.dtype,
-                                            self.model.device):
-            res = None   # pages of another layout (the model was patched again, or moved): stream them all
-        cache = self._device_cache(device, res, max_tokens)
-        if cache.resident_layers == 0:
-            res = None
-        if res is not None:
-            got = self._load(cache, prompt, reused, res)
-            if got:
-                return prompt, cache, got, drop
-            cache = self._device_cache(device, None, max_tokens)   # the store lost the history: recompute
-        return prompt, cache, self._load(cache, prompt, reused) if reused else 0, drop
-
-    def _device(self) -> DeviceTier | None:
-        device = getattr(self.store, "device", None)
-        return device if isinstance(device, DeviceTier) else None
-
-    def _device_cache(self, device: DeviceTier, res: Resident | None, max_tokens: int) -> PagedCache:
-        """A cache whose first layers are ``res``'s pages, and that can keep its first layers after the
-        turn. Resident pages are released first if the device lacks the memory this turn needs, and
-        all of them if the allocation still fails: the tier never causes an out-of-memory error."""
-        lay = self.layout
-        token_nbytes = 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
-        layer_nbytes = token_nbytes // lay.num_layers * -(-max_tokens // lay.page_size) * lay.page_size
-        keep = device.layers_for(layer_nbytes, self._rule.keep())
-        device.make_room(token_nbytes * max_tokens)
-        try:
-            return PagedCache(self.model, max_tokens=max_tokens, resident=res, keep_layers=keep,
-                              headroom=device.config.headroom, window_pages=False)
-        except torch.cuda.OutOfMemoryError:
-            if res is not None:
-                res.trim_layers(0)   # its pages go too: this turn streams every layer
-            device.clear()
-            torch.cuda.empty_cache()
-            return PagedCache(self.model, max_tokens=max_tokens, window_pages=False)
-
     def _resident_share(self, device: DeviceTier, res: Resident, new_tokens: int) -> int:
         """Layers to keep resident: the buffer rule's ``k`` for a turn of ``new_tokens`` new tokens (from the
         measured copy bandwidth and per-layer compute), within the device tier's budget."""
         k = self._rule.resident_layers(res.num_tokens, res.k[0].device if res.k else self.model.device, new_tokens)
         return device.layers_for(res.layer_nbytes, k)
-
-    def _token_nbytes(self) -> int:
-        lay = self.layout
-        return 2 * lay.num_layers * lay.num_kv_heads * lay.head_dim * self.model.dtype.itemsize
-
-    def _load(self, cache: PagedCache, prompt: list[int], reused: int, res: Resident | None = None) -> int:
-        """Start streaming the stored KV of ``prompt[:reused]`` into ``cache``, layer by layer; returns
-        the tokens it will hold: ``reused``, or 0 if the store cannot serve them (a miss: recompute).
-        With ``res`` (its layers already in ``cache``), only the other layers are streamed."""
-        if res is not None and res.num_layers >= self.layout.num_layers:   # fully resident: nothing to copy
-            self._device().record_not_copied(reused * self._token_nbytes())
-            return reused
-        lease = self._acquire(cache, prompt, reused, split=res is None) if cache.stored_layers else None
-        if lease is None and cache.stored_layers:
-            return 0
-        if lease is not None:
-            reused = lease.num_tokens   # fewer if the rest is faster prefilled than read from disk
-        tail = None
-        if cache.window is not None:
-            tail = self._windows.acquire(self._history, reused)
-            if tail is None:     # the sliding layers' window is not there: recompute the turn
-                if lease is not None:
-                    lease.release()
-                return 0
-        try:
-            first = lease or tail
-            preload = self._rule.preload(first.nbytes / first.layout.num_layers, cache.kv.device,
-                                         len(prompt) - reused, cache.resident_layers)
-            cache.load_layerwise(lease, preload=preload, window=tail, num_tokens=reused)
-        except BaseException:
-            for taken in (lease, tail):
-                if taken is not None:
-                    taken.release()
-            raise
-        if res is not None:
-            self._device().record_not_copied(lease.nbytes * res.num_layers // self.layout.num_layers)
-        return reused
-
-    def _acquire(self, cache: PagedCache, prompt: list[int], reused: int, split: bool) -> KVLease | None:
-        """The stored KV of ``prompt[:reused]`` (the cache's `stored_layers`), or None (a miss). From a
-        `TieredStore`, what is on disk streams in layer by layer; with ``split``, only the first tokens, as many
-        as the disk delivers while the rest is prefilled (`BufferRule.disk_tokens`)."""
-        try:
-            if isinstance(self.store, TieredStore):   # pinned pool views, no staging copy
-                if split and cache.window is None:    # a window's tail entry holds the history's end only
-                    reused = self._rule.disk_tokens(reused, self.store.tokens_in_dram(self.key),
-                                                    len(prompt) - reused, self.store.disk_read_bytes_per_s)
-                if not reused:
-                    return None
-                lease = self.store.acquire(self.key, reused, layerwise=True)
-            else:
-                entry = self.store.load(self.key, reused)
-                lease = None if entry is None else KVLease.from_entry(entry)
-        except StoreFullError as exc:
-            log.warning("session %r: the store cannot bring its KV up (%s); recomputing", self.key.session, exc)
-            return None
-        if lease is None:
-            return None
-        lay, own = lease.layout, self.layout
-        if ((lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype) !=
-                (len(cache.stored_layers), own.num_kv_heads, own.head_dim, cache.kv.dtype)
-                or lease.token_ids.tolist() != prompt[:reused]):
-            lease.release()
-            self._forget()  # changed or corrupt since the lookup: a miss, never wrong KV
-            return None
-        return lease
-
-    def _stored_history(self) -> torch.Tensor | None:
-        """``[n] int64``: the token ids of the history the store holds for this session, or None."""
-        return self.store.lookup(self.key) if self._windows is None else self._windows.lookup()
 
     def _save_window(self, cache: PagedCache, history: list[int]) -> None:
         """Save the sliding layers' window of ``history`` (what the global entry will hold) under its own
@@ -417,22 +287,12 @@ class ChatSession:
         else:
             self.store.delete(self.key)
 
-    def _settle_saves(self) -> None:
-        """Wait for the last turn's saves to commit (they may still be in flight on CUDA). A failed save
-        leaves the store at an older, still correct history: a later turn reuses less."""
+    def settle_saves(self) -> None:
+        """Wait for the last turn's saves to commit (on CUDA they commit in the background; `send`, `save`
+        and `close` wait for them too). A failed save is logged and leaves the store at an older, still
+        correct history: a later turn reuses less."""
         saves, self._saves = self._saves, []
         for future in saves:
             if (exc := future.exception()) is not None:
                 log.warning("session %r: saving the turn's KV failed (%s)", self.key.session, exc)
 
-    def _overflow(self, prompt_len: int, max_new: int, droppable: int) -> int:
-        """Tokens to drop after ``keep_first`` so the turn fits ``max_context``: whole pages, unless the
-        history holds fewer. Raises ValueError if dropping all ``droppable`` history is not enough."""
-        need = prompt_len + max_new - self.max_context
-        if need <= 0:
-            return 0
-        if need > droppable:
-            raise ValueError(f"the prompt ({prompt_len} tokens) and max_new_tokens ({max_new}) exceed max_context "
-                             f"({self.max_context}) even without the {droppable} tokens of history after the first "
-                             f"{self.keep_first}")
-        return min(-(-need // self.layout.page_size) * self.layout.page_size, droppable)

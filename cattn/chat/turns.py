@@ -1,6 +1,6 @@
 """What one chat turn is made of, apart from the store: the conversation rendered as a chat server
-renders it, the longest common token prefix with what is stored, when the first reply token came,
-and `TurnStats`, what `ChatSession.send` reports."""
+renders it (compared with what is stored by `cattn.store.contract.common_prefix`), when the first
+reply token came, and `TurnStats`, what `ChatSession.send` reports."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transformers.generation.streamers import BaseStreamer
 
-__all__ = ["TurnStats", "FirstTokenTimer", "render", "common_prefix"]
+__all__ = ["TurnStats", "FirstTokenTimer", "render"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,3 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[
     """Token ids of ``messages`` through the tokenizer's chat template, as a chat server renders them."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)

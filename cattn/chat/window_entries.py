@@ -27,8 +27,8 @@ import xxhash
 
 from cattn.hf import PagedLayout
 from cattn.store.contract import EntryKey, KVEntry, KVStore
+from cattn.store.errors import StoreFullError
 from cattn.store.lease import KVLease
-from cattn.store.tiered.migration import StoreFullError
 
 SLACK = 64   # tokens kept before each window's reach, in the pages and in the store
 
@@ -96,11 +96,7 @@ class WindowEntries:
         if tail is None or start < 0 or start > reused or (start and reused - self.window + 1 < start):
             return None
         try:
-            if hasattr(self.store, "acquire"):
-                lease = self.store.acquire(key, reused - start)
-            else:
-                entry = self.store.load(key, reused - start)
-                lease = None if entry is None else KVLease.from_entry(entry)
+            lease = self.store.acquire(key, reused - start)
         except StoreFullError:
             return None
         if lease is not None and lease.token_ids.tolist() != list(history[start:reused]):

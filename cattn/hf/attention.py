@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cattn.hf import compat
 from cattn.hf.cache import PagedCache
+from cattn.hf.compat import cache_from_kwargs
 from cattn.hf.families import Adapter
 from cattn.ops import paged_attention, write_kv
 from cattn.rope import RopeSpec
@@ -48,8 +48,9 @@ class CattnAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
         """``hidden_states [B, T, hidden]`` -> ``([B, T, hidden], None)``; the cache comes in ``kwargs``
-        (see `compat.cache_from_kwargs`) and ``attention_mask`` is the 2D ``[B, past + T]`` padding mask or None."""
-        cache = compat.cache_from_kwargs(kwargs)
+        (see `cattn.hf.compat.cache_from_kwargs`) and ``attention_mask`` is the 2D ``[B, past + T]`` padding mask
+        or None."""
+        cache = cache_from_kwargs(kwargs)
         if not isinstance(cache, PagedCache):
             return self.stock(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                               **kwargs)

@@ -23,6 +23,9 @@ import torch
 from transformers import AttentionInterface, GenerationMixin
 from transformers.masking_utils import AttentionMaskInterface
 
+from cattn.hf.cache import PagedCache
+from cattn.hf.dense import dense_attention
+
 ATTN_IMPLEMENTATION = "cattn"
 
 CACHE_KWARG = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
@@ -50,8 +53,6 @@ def _padding_mask(batch_size: int, q_length: int, kv_length: int, attention_mask
 
 def register_attention() -> None:
     """Register the ``"cattn"`` attention implementation and its mask function (idempotent)."""
-    from cattn.hf.dense import dense_attention
-
     AttentionInterface.register(ATTN_IMPLEMENTATION, dense_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
 
@@ -61,8 +62,6 @@ def install_generate_cache(model) -> None:
     """Make ``model.generate`` create a `PagedCache` (one row per returned sequence or beam, growing)
     where it would create a ``DynamicCache``: no cache handed in, ``use_cache`` on, no
     ``cache_implementation`` asked for. Anything else goes to transformers' own preparation."""
-    from cattn.hf.cache import PagedCache
-
     stock = type(model)._prepare_cache_for_generation
 
     def prepare(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):

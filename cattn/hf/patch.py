@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cattn.hf import compat
+from cattn.hf.compat import (ATTN_IMPLEMENTATION, install_generate_cache, register_attention,
+                              uninstall_generate_cache)
 from cattn.hf.attention import CattnAttention
 from cattn.hf.dense import BACKEND_ATTR
 from cattn.hf.families import FAMILIES, SUPPORTED_MODEL_TYPES, Adapter
@@ -95,9 +96,9 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
                          sliding_windows=windows)
     setattr(model, LAYOUT_ATTR, layout)
     setattr(model, _RESTORE_ATTR, _Restore(originals, config._attn_implementation))
-    compat.register_attention()
-    model.set_attn_implementation(compat.ATTN_IMPLEMENTATION)
-    compat.install_generate_cache(model)
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    install_generate_cache(model)
     return model
 
 
@@ -114,7 +115,7 @@ def revert_cattn(model):
     for layer, original in zip(decoder_layers(model), restore.originals):
         setattr(layer, adapter.attention_attr, original)
         original.__dict__.pop(BACKEND_ATTR, None)
-    compat.uninstall_generate_cache(model)
+    uninstall_generate_cache(model)
     model.set_attn_implementation(restore.attn_implementation)
     delattr(model, _RESTORE_ATTR)
     delattr(model, LAYOUT_ATTR)

@@ -1,5 +1,5 @@
 """What a paged forward step needs: the patched model's KV layout, and one forward call's batch
-description (`ForwardStep`), built once at layer 0 by `PagedCache` and shared by every layer."""
+description (`ForwardStep`), built once at layer 0 (`ModelPages.begin_step`) and shared by every layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,12 +1,16 @@
-"""`StoreStreaming`: a `PagedCache`'s traffic with the host store, layer by layer.
+"""`StoreStreaming`: the copies between a `ModelPages` and the host store, layer by layer.
 
 History streams into the pages through `LayerLoader`s, waited for in ``wait_layer(l)``
 before layer ``l`` attends; a step's new K/V streams out through a `LayerSaver`, one layer
-in each ``layer_written(l)``. The cache owns the pages and their slots; this owns the
-loaders, the savers and their futures, and the per-layer timing of the last prefill step.
-A history may come in parts, each a lease over some of the layers with slots of its own (a
-cache whose sliding layers have pages of their own loads their window from a second entry),
-and a save may cover some of the layers. See docs/store.md.
+in each ``layer_written(l)``. `ModelPages` owns the pages and their slots, `StoreTraffic`
+(`cattn.hf.cache_store`) turns a cache's requests into slots; this owns the loaders, the
+savers and their futures, and the per-layer timing of the last prefill step. A history may
+come in parts, each a lease over some of the layers with slots of its own (pages whose
+sliding layers have a page space of their own load their window from a second entry), and
+a save may cover some of the layers. See docs/store.md.
+
+Loaders and savers copy into and out of the per-layer tensors of the moment; `idle` and
+`load_in_flight` tell the pages when they may not replace them (grow).
 """
 from __future__ import annotations
 
@@ -16,30 +20,30 @@ import time
 from concurrent.futures import Future
 import torch
 
+from cattn.hf.pages import ModelPages
 from cattn.hf.step import ForwardStep
 from cattn.store.contract import EntryKey, KVStore
-from cattn.store.tiered.layerwise import HistoryLost
+from cattn.store.errors import HistoryLost, StoreFullError
 from cattn.store.lease import KVLease
-from cattn.store.tiered.migration import StoreFullError
 from cattn.store.transfer import LayerLoader, LayerSaver
 
 log = logging.getLogger(__name__)
 
 
 class StoreStreaming:
-    """Streams history into a paged KV pool and new K/V out of it, one layer at a time.
+    """Streams history into a model's pages and new K/V out of them, one layer at a time.
 
     Args:
-        k_caches, v_caches: per layer ``[num_pages, page_size, num_kv_heads, head_dim]``: what the loader
-            and the savers copy to and from (a layer may have more pages than the block table uses).
+        pages: what the loaders and the savers copy to and from: each layer's
+            ``[num_pages, page_size, num_kv_heads, head_dim]`` tensors (`ModelPages.layer`).
 
     ``step_saved`` says whether the last `save_next_step` request was taken up.
     """
 
-    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
-        self._num_layers = len(k_caches)
-        self._k_caches, self._v_caches = k_caches, v_caches
-        self._cuda = k_caches[0].device.type == "cuda"
+    def __init__(self, pages: ModelPages):
+        self._pages = pages
+        self._num_layers = pages.layout.num_layers
+        self._cuda = pages.device.type == "cuda"
         # history streaming into the pages: per part, its loader and {model layer: the lease's layer}
         self._loaders: list[tuple[LayerLoader, dict[int, int]]] = []
         self._loading = False                        # the loaders' layers are still waited for, one by one
@@ -55,7 +59,7 @@ class StoreStreaming:
 
     @property
     def idle(self) -> bool:
-        """No load, save request or save copy is in flight: the pool may be replaced (`rebind`)."""
+        """No load, save request or save copy is in flight: the pages' tensors may be replaced."""
         return not self._loaders and self._save_request is None and self._saver is None and not self._savers
 
     @property
@@ -63,16 +67,9 @@ class StoreStreaming:
         """A save request or save copies may still read the pages (until `finish`)."""
         return self._save_request is not None or self._saver is not None or bool(self._savers)
 
-    def rebind(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], saves_read_others: bool = False) -> None:
-        """Use these per-layer caches from now on (the cache grew its pool); only while `idle`, or with
-        ``saves_read_others`` (the replaced caches are ones no save reads) while no load is in flight."""
-        if self._loaders or not (saves_read_others or self.idle):
-            raise RuntimeError("the KV pool cannot be replaced while a store transfer is in flight")
-        self._k_caches, self._v_caches = k_caches, v_caches
-
     @property
     def load_in_flight(self) -> bool:
-        """A `load` has not been completed by `finish_load` yet."""
+        """A `load` has not been completed by `finish_load` yet: the window pages may not grow."""
         return bool(self._loaders)
 
     # ---- a forward step ------------------------------------------------------------------------
@@ -118,8 +115,7 @@ class StoreStreaming:
         ``layers`` (in order), copied into ``slots`` (``[n] int64``, on the pool's device; n the lease's
         tokens). Layers below ``preload_below`` are copied now. Layers in no part are resident."""
         for lease, layers, slots in parts:
-            loader = LayerLoader(lease, [self._k_caches[i] for i in layers], [self._v_caches[i] for i in layers],
-                                 slots)
+            loader = LayerLoader(lease, *self._caches(layers), slots)
             self._loaders.append((loader, {layer: i for i, layer in enumerate(layers)}))
             loader.preload(sum(layer < preload_below for layer in layers))
         self._loading = True
@@ -135,8 +131,7 @@ class StoreStreaming:
         """Save the K/V in ``slots`` (``[m] int64``) of ``layers`` (default all) at once as ``key``'s tokens
         ``token_ids [m] int64`` after its first ``start``. Raises `StoreFullError` if the store has no room."""
         layers = range(self._num_layers) if layers is None else layers
-        saver = LayerSaver(store, key, token_ids, start, [self._k_caches[i] for i in layers],
-                           [self._v_caches[i] for i in layers], slots)
+        saver = LayerSaver(store, key, token_ids, start, *self._caches(layers), slots)
         saver.save_all()
         self._savers.append(saver)
         self._futures.append(saver.finish())
@@ -188,6 +183,11 @@ class StoreStreaming:
         return (new, statistics.median(gaps)) if gaps else None
 
     # ---- internals -----------------------------------------------------------------------------
+    def _caches(self, layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The K and the V tensors of ``layers``, in order, as the pages hold them now."""
+        pairs = [self._pages.layer(i) for i in layers]
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
     def _mark(self):
         if not self._cuda:
             return time.perf_counter()
@@ -204,8 +204,7 @@ class StoreStreaming:
                         step.slot_mapping.numel(), token_ids.numel())
             return
         try:
-            self._saver = LayerSaver(store, key, token_ids, start, [self._k_caches[i] for i in layers],
-                                     [self._v_caches[i] for i in layers], step.slot_mapping)
+            self._saver = LayerSaver(store, key, token_ids, start, *self._caches(layers), step.slot_mapping)
             self._saver_layers = {layer: i for i, layer in enumerate(layers)}
         except StoreFullError as exc:
             log.warning("not saving session %r per layer: %s", key.session, exc)

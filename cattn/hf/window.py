@@ -1,4 +1,4 @@
-"""The pages of a `PagedCache`'s sliding-window layers: only what a window can still reach.
+"""The pages of a model's sliding-window layers (a part of `ModelPages`): only what a window can still reach.
 
 A query at position ``p`` of a layer with window ``w`` sees keys ``p - w < k <= p``. Before a
 forward step whose first new token is at ``n`` (per sequence), keys before ``n - w + 1`` are
@@ -6,7 +6,7 @@ never attended again by that layer, so their pages go back to this space's pool:
 layer holds at most the window plus the step's new tokens (rounded to pages) instead of the
 whole sequence. The sliding layers have a page space of their own (a pool tensor
 ``[sliding layers, 2, pages, page_size, Hkv, D]`` and a page table with `HOLE`s where pages
-were given back); the global layers keep every token in the cache's main pool. The two share
+were given back); the global layers keep every token in the main pool (`ModelPages.kv`). The two share
 token counts, ``kv_lens`` and ``cu_seqlens_q``; only slots and block tables differ.
 
 Page 0 of the space is never handed out: block tables point holes at it and it holds zeros, so
@@ -16,10 +16,12 @@ is zeros too, and `first_held` never counts it as held.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from cattn.hf.step import PagedLayout
-from cattn.paged import PagedSequences, PagePool
+from cattn.paged import PagedSequences, PagePool, PoolExhaustedError
 
 ZERO_PAGE = 0
 
@@ -30,7 +32,7 @@ class WindowPages:
     Args:
         layout: the patched model's layout; its layers with a window live here.
         batch_size: sequences (one per row).
-        max_tokens: the cache's tokens per sequence: this space starts with room for
+        max_tokens: the pages' tokens per sequence: this space starts with room for
             ``min(max_tokens, start_tokens)`` per row and grows when a step needs more.
         dtype, device: of the pool tensor.
         slack: tokens kept before each window's reach (for a caller that may want them back).
@@ -92,22 +94,44 @@ class WindowPages:
         self.kv[:, :, : old.shape[2]] = old
         self.pool.grow(extra)
 
-    def check_keeps(self, row: int, num_tokens: int, keep_first: int, dropped: int) -> None:
-        """ValueError unless dropping ``dropped`` tokens of ``row`` after its first ``keep_first`` (of
-        ``num_tokens``) leaves every token the last one's window reaches held: the first tokens may
-        have been given back, and the drop would bring them back into the window."""
+    def begin_step(self, counts: list[int], may_grow: bool) -> list[int]:
+        """Before a step of ``counts[row]`` new tokens per row: give back what no window reaches any more,
+        make room for the new tokens (growing the pool unless ``may_grow`` is False: a history streams into
+        the pages), and return their slots, row-major. `PoolExhaustedError` if they need pages it cannot have."""
+        for row in range(len(counts)):
+            self.give_back(row)
+        if not may_grow and self.needs_pages(dict(enumerate(counts))):
+            raise PoolExhaustedError(f"the sliding layers' pages ({self.pool.num_free} free) cannot take this "
+                                     "step's tokens and cannot grow while a history streams into them: create the "
+                                     "PagedCache with a larger window_tokens")
+        self.reserve(dict(enumerate(counts)))
+        return list(itertools.chain.from_iterable(self.seqs.append_slots(r, n) for r, n in enumerate(counts)))
+
+    def check_crop(self, row: int, num_tokens: int) -> None:
+        """ValueError unless ``row`` may be cropped to ``num_tokens``: a window ending there must not reach
+        tokens given back."""
+        if num_tokens - self.window + 1 < self.first_held(row):
+            raise ValueError(f"crop: the sliding layers gave back tokens [0, {self.first_held(row)}) "
+                             f"of row {row}, which a window ending at token {num_tokens} would reach; a "
+                             "PagedCache(..., window_pages=False) can be cropped that far")
+
+    def truncate(self, row: int, num_drop: int, keep_first: int) -> None:
+        """`PagedSequences.truncate` of ``row``, refused (ValueError, before any change) if the last token's
+        window would then reach tokens given back: dropping tokens after the first ``keep_first`` brings
+        those first ones closer, and they may have been given back."""
+        n = self.seqs.seqs[row].num_tokens
+        kf = min(keep_first, n)
+        dropped = min(-(-num_drop // self.page_size) * self.page_size, n - kf)
         held = self.first_held(row)
-        window_start = num_tokens - dropped - self.window + 1
-        if min(keep_first, held) > max(window_start, 0):
+        window_start = n - dropped - self.window + 1
+        if min(kf, held) > max(window_start, 0):
             raise ValueError(f"keep_first: the sliding layers gave back tokens [0, {held}), and after dropping "
                              f"{dropped} tokens the window of {self.window} would reach back to token "
-                             f"{window_start} among the first {keep_first}: drop more, or keep fewer first tokens")
-
-    def truncated(self, row: int, keep_first: int, dropped: int) -> None:
-        """``row`` lost ``dropped`` tokens after its first ``keep_first`` (its page table did already)."""
-        valid = self._valid_from.get(row, 0)
-        if valid > keep_first:
-            self._valid_from[row] = keep_first if valid <= keep_first + dropped else valid - dropped
+                             f"{window_start} among the first {kf}: drop more, or keep fewer first tokens")
+        self.seqs.truncate(row, num_drop, keep_first, caches=[self.kv.permute(2, 3, 0, 1, 4, 5)])
+        valid = self._valid_from.get(row, 0)     # tokens before it in a held page are zeros
+        if valid > kf:
+            self._valid_from[row] = kf if valid <= kf + dropped else valid - dropped
 
     def reset(self, row: int) -> None:
         self.seqs.release(row)

@@ -19,7 +19,7 @@ from cattn.replay.report import table
 from cattn.replay.sim import RECOMPUTE, context_cut
 from cattn.replay.sim_tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
 from cattn.replay.trace import TRACE_FORMATS
-from cattn.store.policy.base import POLICIES
+from cattn.store.policy import POLICIES
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

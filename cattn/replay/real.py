@@ -26,7 +26,7 @@ from cattn.replay.report import percentile, summarize, write_json
 from cattn.replay.sim import RECOMPUTE, TIERED_STORE, simulate
 from cattn.replay.records import number_turns
 from cattn.replay.workload import ArrivalConfig, schedule
-from cattn.store.policy.base import make_policy
+from cattn.store.policy import make_policy
 
 
 # small tiers for a small model: a few SmolLM2 sessions (46 KB of fp32 KV per token) in DRAM
@@ -66,6 +66,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
     returns what each turn did and the store's counters."""
     from cattn.hf import fingerprint
     from cattn.chat.session import ChatSession
+    from cattn.store.config import build_store
     from cattn.store.contract import EntryKey
     from cattn.store.lower.disk import DiskTier
     from cattn.store.tiered.store import TieredStore
@@ -81,7 +82,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
         # the run's policy, the file's tiers; the option only when asked, so that a file's setting holds
         options = {"policy": pol} | ({"partial_prefetch": True} if partial_prefetch else {})
         store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), **options) if store_config is None
-                 else TieredStore.from_config(store_config, **options))
+                 else build_store(store_config, **options))
         sessions, sent, turns, kv_tokens = {}, {s: 0 for s in conversations}, [], {}
         bar = None
         if progress:
@@ -183,13 +184,13 @@ def run_real(args: argparse.Namespace) -> int:
                                          names=names)]
     shape = shape_of(model)
     dram, disk = args.dram or REAL_DRAM, args.disk or REAL_DISK
-    partial = getattr(args, "partial_prefetch", False)
+    partial = args.partial_prefetch
     tiers = replace(TIERED_STORE, partial_prefetch=True) if partial else TIERED_STORE
     rows, started = [], time.perf_counter()
     for policy in policies:
         t0 = time.perf_counter()
         turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress,
-                                      store_config=getattr(args, "store_config", None), partial_prefetch=partial)
+                                      store_config=args.store_config, partial_prefetch=partial)
         wall = time.perf_counter() - t0
         # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
         cost = CostModel(shape, this_machine(shape, turns))

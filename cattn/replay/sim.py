@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from cattn.replay.costmodel import CostModel
 from cattn.replay.queue import Job, JobQueue
 from cattn.replay.sim_tiers import EXCLUSIVE, TIERED_STORE, SimTiers, TierModel
-from cattn.store.policy.base import Policy, make_policy
+from cattn.store.policy import make_policy
+from cattn.store.policy.base import Policy
 
 __all__ = ["EXCLUSIVE", "RECOMPUTE", "TIERED_STORE", "ContextCut", "ReplayResult", "SimTiers", "TierModel",
            "TurnRecord", "TruncationWarning", "context_cut", "simulate", "value_options"]

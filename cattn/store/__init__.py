@@ -8,17 +8,19 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "cattn.store.contract": ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name"],
-    "cattn.store.device.tier": ["DeviceTier", "DeviceTierConfig", "Resident"],
+    "cattn.store.contract": ["EntryKey", "KVEntry", "KVStore", "check_key", "check_name", "check_store",
+                             "common_prefix"],
+    "cattn.store.errors": ["FormatError", "HistoryLost", "RemoteTierError", "StoreFullError"],
+    "cattn.store.device.tier": ["DeviceTier"],
+    "cattn.store.device.resident": ["DeviceTierConfig", "Resident"],
     "cattn.store.lower.disk": ["DiskTier"],
-    "cattn.store.lower.fileformat": ["FormatError"],
     "cattn.store.layout": ["KVLayout"],
-    "cattn.store.lease": ["KVLease", "PendingSave", "Segment"],
+    "cattn.store.lease": ["KVLease", "LoadSource", "PendingSave", "Segment"],
     "cattn.store.memory": ["MemoryStore"],
-    "cattn.store.tiered.store": ["StoreFullError", "TieredStore"],
-    "cattn.store.lower.redis_tier": ["RedisTier", "RemoteTierError"],
+    "cattn.store.tiered.store": ["TieredStore"],
+    "cattn.store.lower.redis_tier": ["RedisTier"],
     "cattn.store.lower.over_shared": ["DiskOverShared"],
-    "cattn.store.config": ["StoreConfig"],
+    "cattn.store.config": ["StoreConfig", "build_store"],
     "cattn.store.transfer": ["LayerLoader", "LayerSaver", "copy_bandwidth", "preload_layers"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -238,14 +238,17 @@ def _check(c: StoreConfig) -> None:
             raise ValueError(f"store config: [{section}] {name} {what}, got {value!r}")
 
 
-def build_store(config=None, **overrides):
-    """A `TieredStore` as ``config`` says (a `StoreConfig`, a TOML file's path, or None: ``CATTN_*`` only).
-    With a ``[metrics]`` section the endpoint is started; ``store.metrics_server`` is it (else None)."""
+def build_store(config: StoreConfig | str | os.PathLike | None = None, **overrides):
+    """A `TieredStore` as ``config`` says: a `StoreConfig`, a TOML file's path, or None for the ``CATTN_*``
+    environment alone; ``overrides`` are `TieredStore` options over the ``[store]`` section's. With a
+    ``[metrics]`` section the endpoint is started; ``store.metrics_server`` is it (else None), and the
+    store's `close` stops it. The tiers and the store are imported here, when one is built: reading a
+    config needs neither torch nor a Redis client."""
     from cattn.store.lower.disk import DiskTier
-    from cattn.store.metrics import serve_metrics
-    from cattn.store.policy.base import make_policy
-    from cattn.store.lower.redis_tier import RedisTier
     from cattn.store.lower.over_shared import DiskOverShared
+    from cattn.store.lower.redis_tier import RedisTier
+    from cattn.store.metrics import serve_metrics
+    from cattn.store.policy import make_policy
     from cattn.store.tiered.store import TieredStore
 
     if not isinstance(config, StoreConfig):
@@ -261,7 +264,6 @@ def build_store(config=None, **overrides):
                   pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s,
                   partial_prefetch=s.partial_prefetch, max_chunk_tokens=s.max_chunk_tokens) | overrides
     store = TieredStore(s.dram_bytes, lower, **kwargs)
-    store.metrics_server = None
     if config.metrics is not None:
         store.metrics_server = serve_metrics(store, config.metrics.port, config.metrics.addr)
     return store

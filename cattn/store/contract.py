@@ -4,14 +4,23 @@ A store holds, per `EntryKey`, one session's token ids and its pre-RoPE K/V for
 every layer, on the host. It knows tensors and sessions, never models: the
 model is only a fingerprint string in the key. A store that cannot vouch for an
 entry (corrupt, foreign, other layout) reports a miss; it never returns wrong KV.
+
+`KVStore` is everything a caller may ask of a store: what only some stores can do
+better (lend pinned pool pages, take a save straight into them, stream layers from
+disk, keep a device tier, prefetch for a queue) has a plain default here, so a
+caller never asks which store it has.
 """
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from cattn.store.layout import KVLayout
+from cattn.store.lease import KVLease, PendingSave, Segment
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -80,9 +89,34 @@ class KVEntry:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @classmethod
+    def from_lease(cls, lease: KVLease) -> KVEntry:
+        """A copy of a lease's KV as plain host tensors (`KVLease.from_entry` is the way there)."""
+        if not lease.segments:
+            lay = lease.layout
+            empty = torch.empty(lay.num_layers, 0, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+            return cls(lease.token_ids.clone(), empty, empty.clone())
+        return cls(lease.token_ids.clone(), torch.cat([s.k for s in lease.segments], dim=1),
+                   torch.cat([s.v for s in lease.segments], dim=1))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token-id lists: how much of a stored history a request
+    can reuse."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
 
 class KVStore(ABC):
-    """Where sessions' KV waits between turns. Thread-safe per implementation's doc."""
+    """Where sessions' KV waits between turns. Thread-safe per implementation's doc.
+
+    A store implements the abstract methods; the others are what a store with tiers does better, and
+    their defaults are what a store of plain host tensors does.
+    """
+
+    # The tier above DRAM (a `cattn.store.device.tier.DeviceTier`: sessions' first layers kept in device
+    # pages between turns), or None: what `ChatSession` takes resident layers from.
+    device = None
 
     @abstractmethod
     def lookup(self, key: EntryKey) -> torch.Tensor | None:
@@ -113,3 +147,71 @@ class KVStore(ABC):
     @abstractmethod
     def stats(self) -> dict:
         """Counters: hits, misses, bytes in and out, evictions, per tier."""
+
+    # ---- what a store with tiers does better ----------------------------------------------------------
+
+    def acquire(self, key: EntryKey, num_tokens: int | None = None, *, layerwise: bool = False) -> KVLease | None:
+        """The first ``num_tokens`` (default all) tokens of ``key`` as a `KVLease`, or None on a miss; release
+        it when done. With ``layerwise``, layers may arrive one at a time behind the lease (its
+        ``wait_layer``). Default: `load` into a lease over plain host tensors, every layer there at once."""
+        if not isinstance(layerwise, bool):
+            raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
+        entry = self.load(key, num_tokens)
+        return None if entry is None else KVLease.from_entry(entry)
+
+    def begin_save(self, key: EntryKey, token_ids: torch.Tensor, layout: KVLayout, start: int = 0) -> PendingSave:
+        """Host space for ``token_ids [m] int64``'s KV of ``layout``, to fill and then commit (that is
+        ``save(key, ..., start)``) or abort; see `PendingSave`. Default: host tensors (pinned where CUDA is
+        available, so that device copies into them are asynchronous), committed with `save`."""
+        check_key(key)
+        if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 1 or token_ids.dtype != torch.int64:
+            raise TypeError(f"token_ids must be a 1-D int64 tensor, got {getattr(token_ids, 'shape', token_ids)!r}")
+        shape = (layout.num_layers, token_ids.numel(), layout.num_kv_heads, layout.head_dim)
+        pin = torch.cuda.is_available()
+        k = torch.empty(shape, dtype=layout.dtype, pin_memory=pin)
+        v = torch.empty(shape, dtype=layout.dtype, pin_memory=pin)
+        return PendingSave(token_ids, start, [Segment(0, k, v)],
+                           commit=lambda: self.save(key, KVEntry(token_ids, k, v), start), abort=lambda: None)
+
+    def tokens_in_dram(self, key: EntryKey) -> int:
+        """How many of ``key``'s first tokens `acquire` serves without reading below host memory (0 on a
+        miss). Default: every stored token."""
+        ids = self.lookup(key)
+        return 0 if ids is None else ids.numel()
+
+    @property
+    def disk_read_bytes_per_s(self) -> float | None:
+        """The read bandwidth of the tier below host memory, where known (None: no such tier, or not
+        measured yet)."""
+        return None
+
+    def update_queue(self, upcoming: Sequence[Hashable], *, prefetch_window: int | None = None,
+                     eviction_window: int | None = None, starts_in: Sequence[float] | None = None) -> list[EntryKey]:
+        """The job queue changed (``upcoming``: each queued job's session key, soonest first): a store with
+        a lower tier prefetches for it. Returns the keys it will read from below host memory, in order.
+        Default: nothing to prefetch."""
+        for k in upcoming:
+            check_key(k, "upcoming[i]")
+        return []
+
+    def job_started(self, key: EntryKey) -> None:
+        """``key``'s job left the queue and started (a scheduler-aware policy's deadline is gone)."""
+        check_key(key)
+
+    def sync(self) -> None:
+        """Wait for the store's background work (demotions, prefetches, layer-wise reads). Default: none."""
+
+    def flush(self) -> list[EntryKey]:
+        """Write every entry to the store's persistent tier (what a restart finds); returns the sessions it
+        could not write. Default: nothing to write."""
+        return []
+
+    def close(self, persist: bool = True) -> None:
+        """Finish background work, `flush` if ``persist``, release the store's tiers. Default: nothing to do."""
+
+
+def check_store(store, what: str = "store") -> KVStore:
+    """``store`` if it is a `KVStore`; TypeError naming ``what`` otherwise."""
+    if not isinstance(store, KVStore):
+        raise TypeError(f"{what} must be a cattn KVStore, got {type(store).__name__}")
+    return store

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cattn.store.contract import KVEntry
-
 ALIGN = 256  # bytes: extents start on a boundary that suits memcpy and DMA alike
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -40,8 +38,9 @@ class KVLayout:
             raise TypeError(f"KV dtype must be one of {sorted(DTYPES)}, got {self.dtype}")
 
     @classmethod
-    def of(cls, entry: KVEntry) -> KVLayout:
-        """The layout of ``entry``; raises TypeError on k/v dtype mismatch or int64-less token ids."""
+    def of(cls, entry) -> KVLayout:
+        """The layout of ``entry`` (a `cattn.store.contract.KVEntry`: its ``token_ids``, ``k``, ``v``); raises
+        TypeError on k/v dtype mismatch or int64-less token ids."""
         if entry.v.dtype != entry.k.dtype:
             raise TypeError(f"entry.v dtype {entry.v.dtype} must equal entry.k dtype {entry.k.dtype}")
         if entry.token_ids.dtype != torch.int64:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from cattn.store.contract import KVEntry
 from cattn.store.layout import KVLayout
+
+# Where a lease's tokens were when it was taken: all in host memory (the DRAM tier, or a store without
+# tiers), or some of them read from the tier below DRAM for it (the local disk or the shared tier).
+LoadSource = Literal["dram", "disk"]
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,14 @@ class KVLease:
     """An entry's first ``num_tokens`` tokens as `Segment` views, valid until `release` (idempotent).
 
     Use as a context manager, or release explicitly; a lease that is never
-    released keeps its chunks in the pool.
+    released keeps its chunks in the pool. ``source`` (a `LoadSource`) says where the
+    tokens were served from: ``"dram"``, or ``"disk"`` if any had to be read from below DRAM.
     """
 
     def __init__(self, token_ids: torch.Tensor, segments: list[Segment], layout: KVLayout,
                  on_release: Callable[[], None] | None = None,
-                 on_transfer: Callable[[float, float, int], None] | None = None):
-        self.token_ids, self.segments, self.layout = token_ids, segments, layout
+                 on_transfer: Callable[[float, float, int], None] | None = None, source: LoadSource = "dram"):
+        self.token_ids, self.segments, self.layout, self.source = token_ids, segments, layout, source
         self._on_release, self._on_transfer = on_release, on_transfer
         self._released = threading.Event()
 
@@ -57,8 +62,9 @@ class KVLease:
         """Block until layer ``layer`` of every segment is in host memory (at once here; see `streamed`)."""
 
     @classmethod
-    def from_entry(cls, entry: KVEntry) -> KVLease:
-        """A lease over an entry's own tensors (no copy), e.g. what a `MemoryStore` loaded."""
+    def from_entry(cls, entry) -> KVLease:
+        """A lease over a `cattn.store.contract.KVEntry`'s own tensors (no copy), e.g. what a `MemoryStore`
+        loaded (`KVEntry.from_lease` is the way back)."""
         return cls(entry.token_ids, [Segment(0, entry.k, entry.v)] if entry.num_tokens else [], KVLayout.of(entry))
 
     @property
@@ -68,15 +74,6 @@ class KVLease:
     @property
     def nbytes(self) -> int:
         return sum(s.k.nbytes + s.v.nbytes for s in self.segments)
-
-    def to_entry(self) -> KVEntry:
-        """A copy of the leased KV as plain host tensors."""
-        if not self.segments:
-            lay = self.layout
-            empty = torch.empty(lay.num_layers, 0, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
-            return KVEntry(self.token_ids.clone(), empty, empty.clone())
-        return KVEntry(self.token_ids.clone(), torch.cat([s.k for s in self.segments], dim=1),
-                       torch.cat([s.v for s in self.segments], dim=1))
 
     def record_transfer(self, hidden_s: float, exposed_s: float, nbytes: int) -> None:
         """Report a finished load to the store's counters: seconds hidden behind compute, seconds exposed."""
@@ -116,7 +113,8 @@ class PendingSave:
             s.v.copy_(v[:, s.start:s.start + s.num_tokens])
 
     def commit(self) -> None:
-        """Make the tokens the entry's history after its first ``start`` tokens (see `KVStore.save`)."""
+        """Make the tokens the entry's history after its first ``start`` tokens (see
+        `cattn.store.contract.KVStore.save`)."""
         self._finish(self._commit)
 
     def abort(self) -> None:

@@ -67,3 +67,8 @@ class MemoryStore(KVStore):
     def stats(self) -> dict:
         with self._lock:
             return {"memory": dict(self._stats)}
+
+    def keys(self) -> list[EntryKey]:
+        """The keys of the entries held, in no particular order."""
+        with self._lock:
+            return list(self._entries)

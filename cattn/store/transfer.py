@@ -22,7 +22,7 @@ import torch
 
 from cattn.store.contract import EntryKey, KVEntry, KVStore
 from cattn.store.layout import KVLayout
-from cattn.store.lease import KVLease, Segment
+from cattn.store.lease import KVLease
 
 _committer: ThreadPoolExecutor | None = None   # one thread: commits of a session stay in turn order
 
@@ -186,8 +186,8 @@ class LayerSaver:
     """Copies each layer's new KV out of the paged caches to host memory right after the layer ran.
 
     Args:
-        store: where the KV goes; a store with ``begin_save`` (`TieredStore`) receives it straight in
-            its pinned pool, any other `KVStore` through `KVStore.save` at `finish`.
+        store: where the KV goes, through its `KVStore.begin_save`: a `TieredStore` receives it straight
+            in its pinned pool, a store of plain tensors in host buffers it saves at `finish`.
         key: the session; ``start``: its tokens already stored (only the new ones are copied).
         token_ids: ``[m] int64``, the new tokens.
         k_caches, v_caches: per layer ``[num_pages, page_size, num_kv_heads, head_dim]``.
@@ -211,17 +211,9 @@ class LayerSaver:
         self._stream = (stream or torch.cuda.Stream(self._device)) if self._cuda else None
         if self._cuda:
             self._slots.record_stream(self._stream)
-        self._store, self._key, self._start = store, key, start
         self._k_caches, self._v_caches = k_caches, v_caches
-        self._token_ids = token_ids.cpu()
-        if hasattr(store, "begin_save"):
-            self._pending = store.begin_save(key, self._token_ids, layout, start)
-            self._segments = self._pending.segments
-        else:
-            self._pending = None
-            shape = (layout.num_layers, token_ids.numel(), layout.num_kv_heads, layout.head_dim)
-            self._segments = [Segment(0, torch.empty(shape, dtype=layout.dtype, pin_memory=self._cuda),
-                                      torch.empty(shape, dtype=layout.dtype, pin_memory=self._cuda))]
+        self._pending = store.begin_save(key, token_ids.cpu(), layout, start)
+        self._segments = self._pending.segments
         self._written = [False] * layout.num_layers
         self._last: torch.cuda.Event | None = None
 
@@ -275,14 +267,9 @@ class LayerSaver:
         """Drop the copies; nothing is saved."""
         if self._last is not None:
             self._last.synchronize()
-        if self._pending is not None:
-            self._pending.abort()
+        self._pending.abort()
 
     def _commit(self) -> None:
         if self._last is not None:
             self._last.synchronize()
-        if self._pending is not None:
-            self._pending.commit()
-        else:
-            seg = self._segments[0]
-            self._store.save(self._key, KVEntry(self._token_ids, seg.k, seg.v), self._start)
+        self._pending.commit()

@@ -105,7 +105,7 @@ def store_stats() -> dict | None:
     """The store's `stats()` of the (one) engine with a cattn connector in this process, or None."""
     from cattn.vllm import engine_state
 
-    engines = list(engine_state._engines.values())
+    engines = engine_state.engines()
     return engines[0].store.stats() if engines else None
 
 

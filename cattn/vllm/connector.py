@@ -18,7 +18,8 @@ from cattn.vllm import engine_state
 from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.keys import model_fingerprint
 from cattn.vllm.scheduler import SchedulerSide
-from cattn.vllm.worker import LoadJob, SaveJob, WorkerSide
+from cattn.vllm.jobs import LoadJob, SaveJob
+from cattn.vllm.worker import WorkerSide
 
 log = logging.getLogger(__name__)
 

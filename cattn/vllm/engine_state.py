@@ -1,5 +1,5 @@
-"""What the scheduler side and the worker side of one engine share: the store, the content index,
-the saves in flight and per-request results.
+"""What the scheduler side and the worker side of one engine share (`EngineState`): the store, the
+content index, the saves in flight and per-request results.
 
 vLLM builds the connector twice, once per role. With ``distributed_executor_backend="uni"`` both live
 in the engine-core process, and they meet here, keyed by the engine id; the KV itself never leaves
@@ -12,7 +12,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cattn.store import DiskTier, EntryKey, TieredStore
+from cattn.store.contract import EntryKey
+from cattn.store.lower.disk import DiskTier
+from cattn.store.tiered.store import TieredStore
 from cattn.store.policy.base import Scheduler
 from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.keys import CONTENT_PREFIX, block_chain
@@ -88,6 +90,12 @@ def attach(engine_id: str, config: CattnVllmConfig, model: str, block_size: int)
             raise ValueError(f"engine {engine_id!r}: the two connector roles disagree on config or model")
         shared.users += 1
         return shared
+
+
+def engines() -> list[EngineState]:
+    """The engines with a cattn connector in this process (tests and benchmarks read their stores)."""
+    with _engines_lock:
+        return list(_engines.values())
 
 
 def detach(engine_id: str) -> None:

@@ -52,16 +52,6 @@ def content_session(chain: list[int]) -> str:
     return f"{CONTENT_PREFIX}{chain[-1]:016x}{len(chain):x}"
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    ta, tb = torch.tensor(a[:n]), torch.tensor(b[:n])
-    diff = (ta != tb).nonzero()
-    return n if diff.numel() == 0 else int(diff[0])
-
-
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _file_digests: dict[tuple[str, int, int], str] = {}
 

@@ -6,10 +6,10 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cattn.store import EntryKey
-from cattn.vllm.keys import block_chain, client_session, common_prefix, content_session, tenant_of
+from cattn.store.contract import EntryKey, common_prefix
 from cattn.vllm.engine_state import EngineState, RequestResult
-from cattn.vllm.worker import LoadJob, SaveJob
+from cattn.vllm.jobs import LoadJob, SaveJob
+from cattn.vllm.keys import block_chain, client_session, content_session, tenant_of
 
 log = logging.getLogger(__name__)
 

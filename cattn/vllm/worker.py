@@ -16,41 +16,15 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from cattn.store import EntryKey, KVLayout
-from cattn.store.tiered.layerwise import HistoryLost
+from cattn.store.errors import HistoryLost
+from cattn.store.layout import KVLayout
 from cattn.vllm.engine_state import EngineState, RequestResult
+from cattn.vllm.jobs import LoadJob, SaveJob
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadJob:
-    """Load tokens ``[start, num_tokens)`` of ``key`` into the request's blocks."""
-
-    req_id: str
-    key: EntryKey
-    token_ids: list[int]     # the request's first num_tokens prompt tokens, checked against the store
-    start: int               # tokens vLLM already has (its own prefix cache)
-    block_ids: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class SaveJob:
-    """Save tokens ``[start, len(token_ids))`` of a finished request as ``key``'s history after ``start``."""
-
-    req_id: str
-    key: EntryKey
-    token_ids: list[int]     # every token whose KV is in the blocks
-    start: int
-    block_ids: list[int]
 
 
 def token_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,12 +72,10 @@ class WorkerSide:
         bs, work = self.shared.block_size, []
         for job in jobs:
             t0 = time.perf_counter()
-            disk_hits = self.shared.store.stats()["disk"]["hits"] if self.shared.config.disk_dir else 0
             lease = self.shared.store.acquire(job.key, job.num_tokens, layerwise=True)   # disk: a layer at a time
             ok = (lease is not None and lease.num_tokens == job.num_tokens
                   and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
-            result = RequestResult(from_disk=bool(self.shared.config.disk_dir) and
-                                   self.shared.store.stats()["disk"]["hits"] > disk_hits)
+            result = RequestResult(from_disk=lease is not None and lease.source == "disk")
             with self.shared.lock:
                 self.shared.results[job.req_id] = result
             if not ok:

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from cattn.apps import cli
-from cattn.apps.demo import SCRIPT
+from cattn.apps.demo import SCRIPT, store_summary
 from cattn.hf import is_patched
 
 ROW = re.compile(r"^\s*(\d+) \|\s*(\d+) \|\s*(\d+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*(yes|no)$", re.M)
@@ -25,7 +25,7 @@ def test_demo_prefills_only_new_tokens_with_replies_identical_to_stock(smollm2, 
     assert "prefilled tokens in all" in out and not is_patched(model)
     # the real hierarchy served turns 2 and 3 from DRAM, layer by layer
     assert re.search(r"store: the KV of each turn's new tokens \([\d.]+ MiB in all\) was kept in a \d+ MiB "
-                     r"host-memory \(DRAM\) pool;\n\s+the next turn found its history there 2 times, "
+                     r"host-memory \(DRAM\) pool;\n\s+the next turn found its history there twice, "
                      r"missed it 0 times\n", out)
     assert re.search(r"\n\s+each history came back layer by layer \(2 loads, [\d.]+ MiB\)", out)
     assert "disk tier" not in out.split("store:")[1]         # never used, so not mentioned
@@ -58,3 +58,19 @@ def test_demo_runs_a_local_model_directory_and_refuses_unsupported_families(tiny
     byte_tokenizer.save_pretrained(gpt2)
     with pytest.raises(SystemExit, match="got 'gpt2'"):
         cli.main(["demo", "--model", str(gpt2)])
+
+
+@pytest.mark.parametrize("hits, misses, said", [(1, 0, "there once, missed it 0 times"),
+                                                (2, 1, "there twice, missed it once"),
+                                                (3, 4, "there 3 times, missed it 4 times")])
+def test_the_store_summary_counts_in_words(hits, misses, said):
+    dram = dict(bytes_in=2**20, capacity_bytes=2**24, hits=hits, misses=misses, evictions=0)
+    summary = store_summary(dict(dram=dram, transfer=dict(loads=0)))
+    assert f"the next turn found its history {said}" in summary
+
+
+def test_the_store_summary_says_one_of_a_thing_in_the_singular():
+    dram = dict(bytes_in=2**20, capacity_bytes=2**24, hits=1, misses=1, evictions=1)
+    moved = dict(loads=1, bytes=2**20, load_s_exposed=0.001, load_s_hidden=0.002)
+    summary = store_summary(dict(dram=dram, disk=dict(hits=1, bytes_in=2**20), transfer=moved))
+    assert "1 session moved out" in summary and "served 1 turn\n" in summary and "(1 load, 1.0 MiB)" in summary

@@ -102,10 +102,10 @@ def test_a_slow_disk_is_not_read_a_fast_one_is(chat_model, tmp_path, disk_bytes_
     store = TieredStore(1 << 20, open_disk(tmp_path), disk_read_bytes_per_s=disk_bytes_per_s)
     session = ChatSession(model, tok, session_id="s", store=store, system=SYSTEM)
     session.send("Remember the number seven", **GREEDY)   # measures the prefill's time per layer and token
-    session._settle_saves()
+    session.settle_saves()
     store.flush()
-    with store._state.lock:                              # the history leaves DRAM: on disk only
-        while evict_dram_locked(store._state):
+    with store.state.lock:                              # the history leaves DRAM: on disk only
+        while evict_dram_locked(store.state):
             pass
     assert store.tokens_in_dram(session.key) == 0
     session.send("Which number?", **GREEDY)

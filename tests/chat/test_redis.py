@@ -9,7 +9,7 @@ import pytest
 
 from cattn.hf import apply_cattn, revert_cattn
 from cattn.chat.session import ChatSession
-from cattn.store import TieredStore
+from cattn.store import build_store
 from tests.store.redis_servers import RedisCluster, RedisServer, require_redis
 from tests.chat.test_session import matches_stock
 from tests.store.test_redis import peer
@@ -17,16 +17,15 @@ from tests.store.test_redis import peer
 GREEDY16 = dict(max_new_tokens=8, do_sample=False)
 TURN_ONE = """
 import json, sys
-sys.path.insert(0, "tests")
 from cattn.hf import apply_cattn, load_model
 from cattn.chat.session import ChatSession
-from cattn.store import TieredStore
+from cattn.store import build_store
 from tests.chat.test_session import matches_stock
 model, tok = load_model()
 apply_cattn(model)
 out = {}
 for name, config in zip(sys.argv[1::2], sys.argv[2::2]):
-    store = TieredStore.from_config(config)
+    store = build_store(config)
     session = ChatSession(model, tok, session_id="moving-" + name, system="You are a helpful assistant.", store=store)
     session.send("What is the capital of France?", max_new_tokens=8, do_sample=False)
     turn = session.turns[-1]
@@ -79,7 +78,7 @@ def test_smollm2_turn_two_in_another_process_prefills_only_new_tokens(smollm2, s
         for name, (urls, cluster) in servers.items():
             first = turn_one[name]
             assert first["stock"], f"{name}: turn 1 differs from stock"
-            store = TieredStore.from_config(config_file(tmp_path / f"{name}.toml", urls, cluster, tmp_path / f"disk-{name}"))
+            store = build_store(config_file(tmp_path / f"{name}.toml", urls, cluster, tmp_path / f"disk-{name}"))
             session = ChatSession(model, tok, session_id=f"moving-{name}", store=store)
             messages = first["state"]["messages"] + [{"role": "user", "content": "And of Germany?"}]
             session.send(messages, **GREEDY16)

@@ -4,7 +4,7 @@ a session keeping everything would give (and stock's, where stock is the referen
 import pytest
 import torch
 
-from cattn.hf import PagedLayout, apply_cattn
+from cattn.hf import PagedCache, PagedLayout, apply_cattn
 from cattn.chat.session import ChatSession, common_prefix, render
 from cattn.chat.window_entries import SLACK, WindowEntries, window_key
 from cattn.store import DiskTier, MemoryStore, TieredStore
@@ -24,7 +24,7 @@ def windowed(request, tiny_model, byte_tokenizer):
 
 
 def window_entry(session, store):
-    stored = session._windows.lookup().tolist()
+    stored = session.windows.lookup().tolist()
     return stored, store.load(window_key(session.key, stored))
 
 
@@ -36,7 +36,7 @@ def test_turns_store_only_the_window_of_sliding_layers_and_equal_stock(windowed)
     model, tok = windowed
     store = MemoryStore()
     session = ChatSession(model, tok, session_id="s", store=store, system=SYSTEM)
-    assert session._windows is not None
+    assert session.windows is not None
     stored: list[int] = []
     for n, text in enumerate(TEXTS):
         session.send(text, **GREEDY)
@@ -56,11 +56,11 @@ def test_turns_store_only_the_window_of_sliding_layers_and_equal_stock(windowed)
         page = PagedLayout.of(model).page_size           # matches_stock patches the model again, with its default
         assert tail.num_tokens <= WINDOW - 1 + SLACK + page - 1
         assert tail.token_ids.tolist() == stored[len(stored) - tail.num_tokens:]
-        assert len(store._entries) == 1 + (sliding < 2)   # the previous turn's window entry is gone
+        assert len(store.keys()) == 1 + (sliding < 2)   # the previous turn's window entry is gone
         assert turn.kv_bytes == LAYER_TOKEN_BYTES * ((2 - sliding) * len(stored) + sliding * tail.num_tokens)
     assert len(stored) > 2 * (WINDOW + SLACK)           # long enough that the window entry is a real cut
     session.close()
-    assert len(store._entries) == 0
+    assert len(store.keys()) == 0
 
 
 def test_a_window_entry_that_is_gone_or_of_another_history_costs_a_recompute(windowed):
@@ -101,7 +101,7 @@ def test_overflow_truncation_and_a_restart_from_disk_equal_a_session_keeping_eve
         store.close()
         store = TieredStore(1 << 20, DiskTier(folder, 8 << 20))
         session = ChatSession.open(model, tok, state, store=store)
-        assert (session._windows is not None) == keep_windows
+        assert (session.windows is not None) == keep_windows
         session.send(TEXTS[3], **GREEDY)
         turns = [(t.reused_tokens, t.dropped_tokens) for t in session.turns]
         ids = session.token_ids.tolist()
@@ -115,19 +115,19 @@ def test_overflow_truncation_and_a_restart_from_disk_equal_a_session_keeping_eve
     assert windows[2] > 0 and windows[0][0][0] > 0     # it did overflow, and the reopened turn reused
 
 
-def test_the_pages_of_a_turn_hold_the_window_only(windowed):
+def test_the_pages_of_a_turn_hold_the_window_only(windowed, monkeypatch):
     model, tok = windowed
     session = ChatSession(model, tok, session_id="s", system=SYSTEM)
     held = []
-    original = session._save_window
+    original = PagedCache.save_window
 
-    def spy(cache, history):
+    def spy(cache, store, key, token_ids):
         held.append((cache.num_tokens(), cache.num_tokens() - cache.first_held()))
-        original(cache, history)
+        return original(cache, store, key, token_ids)
 
-    session._save_window = spy
+    monkeypatch.setattr(PagedCache, "save_window", spy)
     for text in TEXTS:
         session.send(text, **GREEDY)
     page = PagedLayout.of(model).page_size
     assert all(h <= WINDOW - 1 + SLACK + page - 1 + 1 for _, h in held) and held[-1][0] > 3 * (WINDOW + SLACK)
-    assert torch.equal(session._windows.lookup(), session.token_ids[:-1])
+    assert torch.equal(session.windows.lookup(), session.token_ids[:-1])

@@ -181,7 +181,7 @@ def test_layerwise_load_and_per_layer_save_match_stock(tiny_model, store_kind):
     cache.kv.fill_(float("nan"))
     source = store.acquire(key, 11) if store_kind == "tiered" else store.load(key, 11)
     cache.load_layerwise(source, preload=1)
-    history_slots = cache._slots_of(0, 11)
+    history_slots = cache.pages.slots(0, 11)
     loaded = [not cache.kv[layer, :, :, :].flatten(1, 2)[:, history_slots].isnan().any() for layer in range(3)]
     assert loaded == [True, False, False] and cache.get_seq_length() == 11
 

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from cattn.store import EntryKey, KVEntry, TieredStore
-from cattn.store.config import SECTIONS, StoreConfig
+from cattn.store import EntryKey, KVEntry
+from cattn.store.config import SECTIONS, StoreConfig, build_store
 from cattn.store.lower.disk import DiskTier
 from cattn.store.lower.redis_tier import RedisTier
 from cattn.store.lower.over_shared import DiskOverShared
@@ -91,9 +91,9 @@ def test_file_then_environment_builds_the_store(tmp_path):
     assert (c.store.dram_bytes, c.store.io_threads, c.disk.capacity_bytes) == (3 << 20, 3, 16 << 20)
     assert (c.redis.urls, c.redis.ttl_s, c.redis.timeout_s) == (("redis://127.0.0.1:1/0",), 3600.0, 0.2)
     # Nothing listens on port 1: the store serves from DRAM and disk, the shared tier counts its misses.
-    store = TieredStore.from_config(c)
-    lower = store._state.disk
-    assert c.store.partial_prefetch and store._readahead.partial and store._state.max_chunk_tokens == 64
+    store = build_store(c)
+    lower = store.state.disk
+    assert c.store.partial_prefetch and store.partial_prefetch and store.state.max_chunk_tokens == 64
     assert isinstance(lower, DiskOverShared) and isinstance(lower.disk, DiskTier) and isinstance(lower.shared, RedisTier)
     key = EntryKey("t", "0123abcd", "s")
     k = torch.randn(2, 5, 1, 8)
@@ -110,7 +110,7 @@ def test_environment_alone_builds_a_dram_only_store_with_its_metrics_endpoint():
 
     c = StoreConfig.load(None, environ={"CATTN_STORE_DRAM_BYTES": "1MiB", "CATTN_METRICS_PORT": "0"})
     assert c.disk is None and c.redis is None and c.store.dram_bytes == 1 << 20
-    store = TieredStore.from_config(c)
+    store = build_store(c)
     port = store.metrics_server.server_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "cattn_dram_capacity_bytes 1.048576e+06" in text

@@ -246,6 +246,7 @@ def test_every_byte_of_a_file_is_vouched_for(tmp_path, kind):
 
 def test_chunk_trailing_bytes_refused_by_the_reader(tmp_path):
     """The chunk reader itself refuses bytes after the payload (not only the manifest's size check)."""
+    from cattn.store.errors import FormatError
     from cattn.store.lower import fileformat as ff
     entry = make_entry(7, seed=3)
     layout, key = KVLayout.of(entry), KEYS["s1"]
@@ -257,5 +258,5 @@ def test_chunk_trailing_bytes_refused_by_the_reader(tmp_path):
     assert torch.equal(into, payload)
     with open(path, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ff.FormatError, match="size"):
+    with pytest.raises(FormatError, match="size"):
         ff.read_chunk(path, key, layout, "0123456789abcdef", 7, into)

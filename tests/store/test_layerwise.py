@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
+from cattn.store.errors import FormatError, HistoryLost
 from cattn.store.lower import fileformat as ff
 from cattn.store.lower.disk import DiskTier
 from cattn.store.layout import KVLayout
-from cattn.store.tiered.layerwise import HistoryLost
 from cattn.store.tiered.store import TieredStore
 from tests.store.test_partial_prefetch import cat, saved_in_turns, wait_until
 from tests.store.test_tiered import L, key, make_entry
@@ -175,7 +175,7 @@ def test_layer_checksums_vouch_for_each_layer_alone(tmp_path):
     r.close()
     k, v = lay.views(buf, 13)
     assert torch.equal(k, e.k) and torch.equal(v, e.v) and torch.equal(r.token_ids, e.token_ids)
-    with pytest.raises(ff.FormatError):
+    with pytest.raises(FormatError):
         ff.open_chunk_layers(path, key(), lay, path.stem, 12)     # another chunk's header
 
 
@@ -193,7 +193,7 @@ def test_close_waits_for_a_read_in_flight(tmp_path):
     letting = threading.Timer(0.1, lambda: [disk.permits.release() for _ in range(2 * L)])
     letting.start()
     store.sync()                                                # returns once the read has ended
-    assert not store._state.layer_reads and store.tokens_in_dram(key()) == 12
+    assert not store.state.layer_reads and store.tokens_in_dram(key()) == 12
     store.close()
     letting.join()
 

@@ -97,7 +97,7 @@ def test_a_job_starting_mid_read_gets_exactly_the_prefix_read_and_the_read_stops
     assert_exact(store.load(key(), have), prefix(whole, have))
     with store.acquire(key(), have) as lease:
         assert lease.num_tokens == have
-        assert_exact(lease.to_entry(), prefix(whole, have))
+        assert_exact(KVEntry.from_lease(lease), prefix(whole, have))
     disk.permits.release()
     store.sync()
     assert len(disk.read) == read_before + 1          # the rest of the history was not read
@@ -186,7 +186,7 @@ def test_a_partial_copy_is_never_taken_for_the_whole_entry(tmp_path):
     shown = store.tokens_in_dram(key())                          # a prefix of the truncated history
     assert_exact(store.load(key(), shown), prefix(want, shown))
     assert not store.flush()
-    st = store._state
+    st = store.state
     with st.lock:   # what is left of the prefix (the cut may have taken it all) goes down to disk again
         while evict_dram_locked(st):
             pass

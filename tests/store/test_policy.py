@@ -4,7 +4,8 @@ import math
 import pytest
 
 from cattn.replay.queue import Job, JobQueue
-from cattn.store.policy.base import FIFO, LRU, POLICIES, Belady, Scheduler, make_policy
+from cattn.store.policy import POLICIES, make_policy
+from cattn.store.policy.base import FIFO, LRU, Belady, Scheduler
 
 
 def touched(policy, *keys):

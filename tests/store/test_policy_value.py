@@ -33,12 +33,12 @@ def test_return_probability_learns_from_turn_counts_and_gaps():
     population(p)
     # 11 sessions reached one turn, 3 a second, 2 a third (Laplace-smoothed shares)
     p1, p2 = (3 + 1) / (11 + 2), (2 + 1) / (3 + 2)
-    assert p.return_probability("single0", now=p._last_save["single0"]) == pytest.approx(p1)
-    assert p.return_probability("r", now=p._last_save["r"]) == pytest.approx(p2)
+    assert p.return_probability("single0", now=p.last_saved("single0")) == pytest.approx(p1)
+    assert p.return_probability("r", now=p.last_saved("r")) == pytest.approx(p2)
     # the five gaps were all 30 s: idle 100 s, longer than every gap seen, survives with 1/6 (smoothed)
     s = 1 / 6
-    assert p.return_probability("r", now=p._last_save["r"] + 100) == pytest.approx(p2 * s / (1 - p2 + p2 * s))
-    assert p.return_probability("r", now=p._last_save["r"] + 10) == pytest.approx(p2 * 1.0)
+    assert p.return_probability("r", now=p.last_saved("r") + 100) == pytest.approx(p2 * s / (1 - p2 + p2 * s))
+    assert p.return_probability("r", now=p.last_saved("r") + 10) == pytest.approx(p2 * 1.0)
 
 
 def test_dram_demotes_the_session_least_likely_to_return_and_keeps_queued_ones():
@@ -163,7 +163,7 @@ def test_tiered_store_demotes_by_the_value_policy(tmp_path):
     chosen.clear()
     for i in range(3):
         save(f"n{i}")
-    assert policy._sizes[r] == 64 * 2 * L * H * D * 2  # told the size of what it holds
+    assert policy.size(r) == 64 * 2 * L * H * D * 2  # told the size of what it holds
     demoted = [v for tier, v in chosen if tier == "dram"]
     assert demoted and r not in demoted
     assert store.lookup(r) is not None

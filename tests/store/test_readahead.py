@@ -42,7 +42,7 @@ def store_with_sessions_on_disk(tmp_path, sizes, bytes_per_s=100 * 16 * TOKEN_BY
     for k, e in entries.items():
         store.save(k, e)
     assert not store.flush()
-    st = store._state
+    st = store.state
     with st.lock:  # the pool forgets what the disk holds: every session now needs a read
         for e in st.entries.values():
             for c in e.chunks.values():
@@ -98,7 +98,7 @@ def test_bad_deadlines_are_refused_before_anything_changes(tmp_path):
 
 
 def in_dram(store, k):
-    return any(c.offset is not None for c in store._state.entries[k].chunks.values())
+    return any(c.offset is not None for c in store.state.entries[k].chunks.values())
 
 
 def test_prefetch_demotes_only_what_the_policy_values_less(tmp_path):

@@ -77,11 +77,11 @@ def redis_env(urls, cluster=False, **extra) -> dict:
 
 SAVE_IN_PEER = """
 import torch
-from cattn.store import EntryKey, KVEntry, TieredStore
+from cattn.store import EntryKey, KVEntry, build_store
 torch.manual_seed(1234)
 shape = (3, 37, 3, 24)
 entry = KVEntry(torch.arange(37), torch.randn(shape).half(), torch.randn(shape).half())
-store = TieredStore.from_config()          # CATTN_* from the environment: DRAM, disk, redis
+store = build_store()                      # CATTN_* from the environment: DRAM, disk, redis
 store.save(EntryKey("acme", "{model}", "{session}"), entry)
 store.close()
 torch.save(entry.__dict__, "{out}")
@@ -186,12 +186,12 @@ def test_foreign_values_in_redis_are_misses(server, tmp_path):
 
 
 def test_a_refused_chunk_keeps_every_manifest_naming_it_out_of_redis(server, tmp_path):
-    from cattn.store.lower.redis_client import RemoteTierError
+    from cattn.store.errors import RemoteTierError
 
     a, key = machine(tmp_path / "a", [server.url]), EntryKey("t", MODEL, "refused")
     a.save(key, random_entry())                                     # turn 1: in Redis, complete
     a.sync()
-    shared, write_chunk = a._state.disk.shared, a._state.disk.shared.write_chunk
+    shared, write_chunk = a.state.disk.shared, a.state.disk.shared.write_chunk
 
     def refused(*args):
         shared.write_chunk = write_chunk

@@ -130,7 +130,7 @@ def test_timeout_is_a_miss_within_the_timeout(chat_model, server, tmp_path):
 def test_a_read_timing_out_does_not_delete_the_shared_session(chat_model, server, tmp_path):
     a = machine(tmp_path / "a", [server.url])
     b = machine(tmp_path / "b", [server.url], retry_after_s=0)   # no grace period: B's drop could reach Redis
-    b._state.disk.write_through = False                          # and B writes nothing back
+    b.state.disk.write_through = False                           # and B writes nothing back
     first = turn_one(chat_model, a, "kept")
     turn, _, slowest = turn_two(chat_model, b, first, before_acquire=lambda: os.kill(server.proc.pid, signal.SIGSTOP))
     os.kill(server.proc.pid, signal.SIGCONT)
@@ -144,7 +144,7 @@ def test_a_read_timing_out_does_not_delete_the_shared_session(chat_model, server
 
 def test_write_timing_out_before_the_manifest_is_bounded_and_never_wrong(chat_model, server, tmp_path):
     a = machine(tmp_path / "a", [server.url])
-    shared = a._state.disk.shared
+    shared = a.state.disk.shared
     write_manifest = shared.write_manifest
 
     def paused_first(*args):   # the chunks are in Redis; the server hangs before the manifest
@@ -179,7 +179,7 @@ def test_write_timing_out_before_the_manifest_is_bounded_and_never_wrong(chat_mo
 
 def test_server_killed_mid_write_keeps_serving_locally(chat_model, server, tmp_path):
     a = machine(tmp_path / "a", [server.url])
-    shared = a._state.disk.shared
+    shared = a.state.disk.shared
     write_chunk = shared.write_chunk
 
     def killed_first(*args):

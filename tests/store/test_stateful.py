@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cattn.store.contract import EntryKey, KVEntry
 from cattn.store.device.tier import DeviceTier, Resident
 from cattn.store.lower.disk import DiskTier
-from cattn.store.tiered.migration import _free_persisted_locked, persist_locked
+from cattn.store.tiered.migration import free_persisted_locked, persist_locked
 from cattn.store.policy.base import Scheduler
 from cattn.store.tiered.store import TieredStore
 
@@ -184,14 +184,14 @@ class StoreVsDict(RuleBasedStateMachine):
         """A session (given one more chunk) demoted to disk is queued alone and its job starts while the
         prefetch lane reads its first chunk: with partial prefetch the read stops after that chunk, and
         the job's load reads the rest (exactly: both checks below); without, the lane reads on."""
-        st_ = self.store._state
+        st_ = self.store.state
         self.save(key, n, seed, 1.0)
         self.store.sync()
         with st_.lock:   # down to disk only, if the disk takes it
             e = st_.entries.get(key)
             if e is None or e.busy() or not persist_locked(st_, key, e) or st_.entries.get(key) is not e:
                 return
-            _free_persisted_locked(st_, e)
+            free_persisted_locked(st_, e)
         st_.disk.start_on = (key, self.store)
         self.store.update_queue([key])
         self.store.sync()

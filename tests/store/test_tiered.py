@@ -13,7 +13,8 @@ from cattn.store.contract import EntryKey, KVEntry
 from cattn.store.lower.disk import DiskTier
 from cattn.store.layout import KVLayout
 from cattn.store.policy.base import LRU
-from cattn.store.tiered.store import StoreFullError, TieredStore
+from cattn.store.errors import StoreFullError
+from cattn.store.tiered.store import TieredStore
 
 L, H, D = 2, 2, 16
 TOKEN_BYTES = 2 * L * H * D * 2   # fp16
@@ -254,7 +255,7 @@ def test_lease_is_stable_while_the_session_changes():
     used = store.stats()["dram"]["used_bytes"]
     store.save(key(), make_entry(20, first_id=500))      # replaced while leased
     store.truncate(key(), 5)
-    assert_same(lease.to_entry(), a)
+    assert_same(KVEntry.from_lease(lease), a)
     assert store.stats()["dram"]["used_bytes"] > used    # the leased chunk stays until released
     lease.release()
     assert store.stats()["dram"]["used_bytes"] == used

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cattn.store.errors import FormatError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey, KVEntry
 from cattn.store.layout import DTYPES, KVLayout
@@ -76,9 +77,9 @@ def test_chunk_file_round_trip(tmp_path, dtype):
     into = torch.zeros(layout.extent_nbytes(37), dtype=torch.uint8)
     got = ff.read_chunk(path, KEY, layout, "00112233aabbccdd", 37, into)
     assert torch.equal(got, ids) and torch.equal(into[:payload.numel()], payload)
-    with pytest.raises(ff.FormatError, match="chunk"):
+    with pytest.raises(FormatError, match="chunk"):
         ff.read_chunk(path, KEY, layout, "00112233aabbccdd", 36)
-    with pytest.raises(ff.FormatError, match="session"):
+    with pytest.raises(FormatError, match="session"):
         ff.read_chunk(path, EntryKey("acme", "0123abcd", "chat-2"), layout, "00112233aabbccdd", 37)
 
 
@@ -94,6 +95,6 @@ def test_manifest_round_trip_and_checks(tmp_path):
     bad = ff.pack_manifest(KEY, layout, "0123456789abcdef", 7, 3, [("00112233aabbccdd", 10, 9000)],
                            [("00112233aabbccdd", 5, 11)])   # a range past the chunk
     ff.write_atomic(path, bad)
-    with pytest.raises(ff.FormatError, match="inconsistent"):
+    with pytest.raises(FormatError, match="inconsistent"):
         ff.read_manifest(path, KEY)
     assert not list(tmp_path.glob("*.tmp"))

@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from cattn.store import EntryKey
+from cattn.store import EntryKey, common_prefix
 from cattn.vllm import CattnVllmConfig, kv_transfer_config
-from cattn.vllm.keys import block_chain, client_session, common_prefix, content_session, tenant_of
+from cattn.vllm.keys import block_chain, client_session, content_session, tenant_of
 
 
 def test_tenant_is_a_hash_of_the_salt():

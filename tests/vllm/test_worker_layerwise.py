@@ -8,7 +8,8 @@ import torch
 from cattn.store import DiskTier, EntryKey, KVEntry, TieredStore
 from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.engine_state import EngineState
-from cattn.vllm.worker import LoadJob, WorkerSide, token_slots
+from cattn.vllm.jobs import LoadJob
+from cattn.vllm.worker import WorkerSide, token_slots
 from tests.store.test_layerwise import corrupt_layer
 
 L, H, D, BLOCK = 3, 2, 8, 4

@@ -27,16 +27,19 @@ from pathlib import Path
 
 import torch
 
+from cattn.store.errors import FormatError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey, check_key, check_name
 from cattn.store.layout import KVLayout
-from cattn.store.lower.base import StoredEntry
+from cattn.store.lower.base import LowerTier, StoredEntry
 
 log = logging.getLogger(__name__)
 
 
-class DiskTier:
+class DiskTier(LowerTier):
     """A `LowerTier` on a local directory; ``capacity`` is in bytes (the store keeps within it)."""
+
+    reads_layers = True
 
     def __init__(self, root: str | os.PathLike, capacity: int):
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
@@ -129,9 +132,9 @@ class DiskTier:
                 if path.stem != meta["incarnation"] or any(
                         f"{c}.kv" not in files or os.stat(d / f"{c}.kv").st_size != nb
                         for c, (_, nb) in meta["chunks"].items()):
-                    raise ff.FormatError("manifest names missing or truncated chunk files")
+                    raise FormatError("manifest names missing or truncated chunk files")
                 nbytes = os.stat(path).st_size
-            except (ff.FormatError, OSError):
+            except (FormatError, OSError):
                 bad += 1
                 continue
             found.append(StoredEntry(key, meta["layout"], meta["incarnation"], meta["created_ns"],

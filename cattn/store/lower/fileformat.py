@@ -40,6 +40,7 @@ import torch
 import xxhash
 
 from cattn.store.contract import EntryKey
+from cattn.store.errors import FormatError
 from cattn.store.layout import KVLayout, align_up
 
 MAGIC = b"CATTNKV\x00"
@@ -49,10 +50,6 @@ _PREFIX = struct.Struct("<8sIIQ")
 _SUM = struct.Struct("<Q")
 _MAX_JSON, _MAX_BLOB = 1 << 24, 1 << 32
 CHUNK_ID = re.compile(r"[0-9a-f]{16}")
-
-
-class FormatError(ValueError):
-    """A stored file this version cannot vouch for (corrupt, torn, foreign, other format version)."""
 
 
 def new_id() -> str:
@@ -108,7 +105,9 @@ def _key_meta(key: EntryKey, layout: KVLayout, kind: str) -> dict:
     return dict(kind=kind, tenant=key.tenant, model=key.model, session=key.session, layout=layout.to_json())
 
 
-def _check_meta(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) -> KVLayout:
+def check_meta(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) -> KVLayout:
+    """The layout a frame's ``meta`` names; `FormatError` if it names another kind, key or layout (than
+    ``layout``, where given)."""
     for field, want in (("kind", kind), ("tenant", key.tenant), ("model", key.model), ("session", key.session)):
         if meta.get(field) != want:
             raise FormatError(f"{field} is {meta.get(field)!r}, expected {want!r}")
@@ -210,7 +209,7 @@ def read_chunk(path: Path, key: EntryKey, layout: KVLayout, chunk_id: str, num_t
 def _open_chunk(fd: int, key: EntryKey, layout: KVLayout, chunk_id: str, num_tokens: int) -> tuple[dict, torch.Tensor, int]:
     """``(header meta, token ids, payload offset)`` of the chunk file open as ``fd``, once its header checks out."""
     meta, blob, frame_len = read_frame(fd)
-    _check_meta(meta, key, layout, "chunk")
+    check_meta(meta, key, layout, "chunk")
     nbytes = layout.payload_nbytes(num_tokens)
     if meta.get("chunk") != chunk_id or meta.get("num_tokens") != num_tokens \
             or meta.get("payload_nbytes") != nbytes or len(blob) != 8 * num_tokens:
@@ -317,7 +316,7 @@ def read_manifest(path: Path, key: EntryKey) -> dict:
             raise FormatError("bytes after the manifest's frame")
     finally:
         os.close(fd)
-    meta["layout"] = _check_meta(meta, key, None, "manifest")
+    meta["layout"] = check_meta(meta, key, None, "manifest")
     return check_manifest_fields(meta)
 
 

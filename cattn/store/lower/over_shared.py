@@ -1,4 +1,5 @@
-"""A machine's disk in front of a tier shared by machines, and the write-through of each commit to it.
+"""A machine's disk in front of a tier shared by machines; each commit is written through to both
+(`cattn.store.tiered.migration.publish`).
 
 A session found in the shared tier is indexed as a restart indexes the disk's (`StoreState.index_locked`).
 
@@ -21,18 +22,18 @@ import torch
 
 from cattn.store.contract import EntryKey
 from cattn.store.layout import KVLayout
-from cattn.store.tiered.migration import persist_locked
 from cattn.store.lower.redis_values import parse_frame
-from cattn.store.tiered.state import StoreState
-from cattn.store.lower.base import StoredEntry
+from cattn.store.lower.base import LowerTier, StoredEntry
 
 log = logging.getLogger(__name__)
 
 
-class DiskOverShared:
+class DiskOverShared(LowerTier):
     """A `LowerTier`: ``disk`` (a `DiskTier`) written and read first, ``shared`` (a `RedisTier`) beside it."""
 
+    finds_shared = True
     write_through = True
+    reads_layers = True
 
     def __init__(self, disk, shared):
         self.disk, self.shared, self.capacity = disk, shared, disk.capacity
@@ -106,14 +107,3 @@ class DiskOverShared:
     def tier_stats(self) -> dict:
         return self.shared.tier_stats()
 
-
-def publish(st: StoreState, key: EntryKey) -> None:
-    """Write ``key``'s committed history through to the lower tier (a background task after each commit
-    when the tier is shared), after any I/O of it in flight; a failure is counted and logged, and the
-    session stays served from DRAM."""
-    with st.lock:
-        e = st.entries.get(key)
-        while e is not None and (e.io or e.reading is not None):
-            st.cond.wait()
-        if e is not None and st.entries.get(key) is e and not persist_locked(st, key, e):
-            log.info("session %r not written through to the shared tier", key.session)

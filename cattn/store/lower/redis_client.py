@@ -4,15 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-class RemoteTierError(OSError):
-    """The shared tier could not answer (timeout, connection, auth, cluster error): a miss, never data.
-    ``reason`` is ``"timeout"`` or ``"server_error"``."""
-
-    def __init__(self, message: str, reason: str = "server_error"):
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class RedisOptions:
     """How to reach Redis. ``urls``: one ``redis://`` / ``rediss://`` (TLS) URL for a server, or any

@@ -25,24 +25,26 @@ import time
 import torch
 import xxhash
 
+from cattn.store.errors import FormatError, RemoteTierError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey
 from cattn.store.layout import KVLayout
 from cattn.store.metrics import TierMetrics
-from cattn.store.lower.redis_client import RedisOptions, RemoteTierError, connect
+from cattn.store.lower.redis_client import RedisOptions, connect
 from cattn.store.lower.redis_values import Absent, Foreign, check_key, manifest_of, parse_frame
-from cattn.store.lower.base import StoredEntry
+from cattn.store.lower.base import LowerTier, StoredEntry
 
 log = logging.getLogger(__name__)
 
 
-class RedisTier:
+class RedisTier(LowerTier):
     """A `LowerTier` on Redis, shared by the stores of many machines; thread-safe.
 
     `scan` finds nothing (the shared tier may hold every machine's sessions); the store asks
     `find` for a session its own index lacks. ``write_through``: the store publishes every commit.
     """
 
+    finds_shared = True
     write_through = True
 
     def __init__(self, options: RedisOptions | None = None, **kwargs):
@@ -160,7 +162,7 @@ class RedisTier:
         try:
             with self.metrics.timed("read"):
                 ids = self._read_chunk(key, layout, chunk_id, num_tokens, into)
-        except (ff.FormatError, RemoteTierError) as exc:
+        except (FormatError, RemoteTierError) as exc:
             self._fail(exc)
             if isinstance(exc, (RemoteTierError, Absent)):   # not a bad value: maybe a node in failover
                 with self._lock:
@@ -191,7 +193,7 @@ class RedisTier:
             if meta.get("pieces") != npieces:   # written by a store with another piece size: fetch its pieces
                 want = meta.get("pieces")
                 if not isinstance(want, int) or not 0 < want <= max(nbytes, 1):
-                    raise ff.FormatError(f"chunk header names {want!r} pieces")
+                    raise FormatError(f"chunk header names {want!r} pieces")
                 names = [self._key(key, "c", chunk_id, str(i)) for i in range(want)]
                 pieces = self._call(lambda r: _get_many(r, names))
             if any(p is None for p in pieces):
@@ -199,12 +201,12 @@ class RedisTier:
             out, pos, hasher = ff.bytes_of(into[:nbytes]), 0, xxhash.xxh3_64()
             for piece in pieces:
                 if pos + len(piece) > nbytes:
-                    raise ff.FormatError("chunk payload longer than its header says")
+                    raise FormatError("chunk payload longer than its header says")
                 out[pos:pos + len(piece)] = piece
                 hasher.update(piece)
                 pos += len(piece)
             if pos != nbytes or f"{hasher.intdigest():016x}" != meta.get("payload_xxh3"):
-                raise ff.FormatError("chunk payload checksum mismatch")
+                raise FormatError("chunk payload checksum mismatch")
         return torch.frombuffer(bytearray(blob), dtype=torch.int64) if num_tokens else torch.empty(0, dtype=torch.int64)
 
     def write_manifest(self, key: EntryKey, incarnation: str, data: bytes) -> int:
@@ -250,7 +252,7 @@ class RedisTier:
                 try:
                     if raw is not None and manifest_of(raw, key)["incarnation"] == incarnation:
                         r.delete(self._key(key, "m"))
-                except ff.FormatError:
+                except FormatError:
                     r.delete(self._key(key, "m"))
             names = [self._key(key, "c", c, *extra) for c in chunk_ids for extra in [()] + [
                 (str(i),) for i in range(self._pieces_of(r, key, c))]]
@@ -266,7 +268,7 @@ class RedisTier:
         raw = r.get(self._key(key, "c", chunk_id))
         try:
             return int(parse_frame(raw)[0].get("pieces", 0)) if raw is not None else 0
-        except (ff.FormatError, TypeError, ValueError):
+        except (FormatError, TypeError, ValueError):
             return 0
 
     def close(self) -> None:
@@ -287,9 +289,9 @@ class RedisTier:
                 if raw is None:
                     raise Absent("no manifest")
                 meta = manifest_of(raw, key)
-        except (ff.FormatError, RemoteTierError) as exc:
+        except (FormatError, RemoteTierError) as exc:
             self._fail(exc)
-            if isinstance(exc, ff.FormatError) and not isinstance(exc, Absent):
+            if isinstance(exc, FormatError) and not isinstance(exc, Absent):
                 log.warning("session %r: manifest in redis unusable (%s); deleted", key.session, exc)
                 try:
                     self._call(lambda r: r.delete(mkey))

@@ -11,6 +11,7 @@ import struct
 
 import xxhash
 
+from cattn.store.errors import FormatError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey
 from cattn.store.layout import KVLayout
@@ -18,42 +19,42 @@ from cattn.store.layout import KVLayout
 _PREFIX, _SUM = struct.Struct("<8sIIQ"), struct.Struct("<Q")   # the disk format's frame prefix and checksum
 
 
-class Absent(ff.FormatError):
+class Absent(FormatError):
     """A key the manifest names is gone (expired, evicted by ``maxmemory``, removed)."""
 
 
-class Foreign(ff.FormatError):
+class Foreign(FormatError):
     """A value that checks out but belongs to another session, chunk or layout."""
 
 
 def parse_frame(data: bytes) -> tuple[dict, bytes]:
     """``(meta, blob)`` of a value that is one disk-format frame; FormatError if it is not exactly that."""
     if len(data) < _PREFIX.size + _SUM.size:
-        raise ff.FormatError("value shorter than a frame")
+        raise FormatError("value shorter than a frame")
     magic, version, json_len, blob_len = _PREFIX.unpack_from(data)
     if magic != ff.MAGIC:
-        raise ff.FormatError(f"bad magic {magic[:8]!r}")
+        raise FormatError(f"bad magic {magic[:8]!r}")
     if version != ff.FORMAT_VERSION:
-        raise ff.FormatError(f"format version {version}, this build reads {ff.FORMAT_VERSION}")
+        raise FormatError(f"format version {version}, this build reads {ff.FORMAT_VERSION}")
     end = _PREFIX.size + json_len + blob_len
     if end + _SUM.size != len(data):
-        raise ff.FormatError("frame length does not match the value")
+        raise FormatError("frame length does not match the value")
     if xxhash.xxh3_64_intdigest(memoryview(data)[:end]) != _SUM.unpack_from(data, end)[0]:
-        raise ff.FormatError("header checksum mismatch")
+        raise FormatError("header checksum mismatch")
     try:
         meta = json.loads(data[_PREFIX.size:_PREFIX.size + json_len])
     except ValueError as exc:
-        raise ff.FormatError(f"header json: {exc}") from None
+        raise FormatError(f"header json: {exc}") from None
     if not isinstance(meta, dict):
-        raise ff.FormatError("header json is not an object")
+        raise FormatError("header json is not an object")
     return meta, data[_PREFIX.size + json_len:end]
 
 
 def check_key(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) -> KVLayout:
     """The frame's layout; `Foreign` if it names another kind, key or layout."""
     try:
-        return ff._check_meta(meta, key, layout, kind)
-    except ff.FormatError as exc:
+        return ff.check_meta(meta, key, layout, kind)
+    except FormatError as exc:
         raise Foreign(str(exc)) from None
 
 

@@ -5,7 +5,7 @@ coming (`update_queue`, `start`); a tier that must make room asks `victim`,
 and a tier with idle disk bandwidth asks `prefetch`. A policy keeps its own
 order and never moves data itself.
 
-Policies, by name (`make_policy`):
+Policies, by name (`cattn.store.policy.make_policy`):
 
 - ``lru``, ``fifo``: the baselines; blind to the queue.
 - ``scheduler``: the paper's scheduler-aware fetching and eviction. It looks
@@ -41,8 +41,9 @@ from itertools import count
 TIERS = ("dram", "disk")
 
 
-def _as_set(candidates: Iterable[Hashable]):
-    # dict key views and sets already answer `in` in O(1); do not copy thousands of keys per call
+def as_set(candidates: Iterable[Hashable]):
+    """``candidates`` as something that answers `in` in O(1): dict key views and sets as they are (a
+    policy is asked about thousands of keys per call: never copy them), anything else as a set."""
     return candidates if isinstance(candidates, Set) else set(candidates)
 
 
@@ -50,7 +51,8 @@ def _unique_on_disk(keys: Iterable[Hashable], on_disk) -> list[Hashable]:
     return list(dict.fromkeys(k for k in keys if k in on_disk))
 
 
-def _check_tier(tier: str) -> None:
+def check_tier(tier: str) -> None:
+    """ValueError unless ``tier`` is one of `TIERS`."""
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
 
@@ -127,8 +129,8 @@ class LRU(Policy):
         return next((k for k in self._order if k in cands), next(iter(cands)))
 
     def victim(self, tier, candidates, incoming=None):
-        _check_tier(tier)
-        return self._oldest(_as_set(candidates))
+        check_tier(tier)
+        return self._oldest(as_set(candidates))
 
 
 class FIFO(LRU):
@@ -201,12 +203,12 @@ class Scheduler(LRU):
 
     def prefetch(self, on_disk):
         return _unique_on_disk((self._queue[i] for i in range(min(self.prefetch_window, len(self._queue)))),
-                               _as_set(on_disk))
+                               as_set(on_disk))
 
     def expired(self, candidates, now):
         if self.ttl is None:
             return []
-        cands = _as_set(candidates)
+        cands = as_set(candidates)
         out = []
         for key, last in self._order.items():  # oldest first: stop at the first one still fresh
             if last > now - self.ttl:
@@ -216,8 +218,8 @@ class Scheduler(LRU):
         return out
 
     def victim(self, tier, candidates, incoming=None):
-        _check_tier(tier)
-        cands = _as_set(candidates)
+        check_tier(tier)
+        cands = as_set(candidates)
         if not cands:
             return None
         floor = -1.0 if incoming is None else self._distance(incoming)
@@ -295,12 +297,12 @@ class Belady(Policy):
     def prefetch(self, on_disk):
         if self.prefetch_queued_only:  # what has arrived, never the turns still to come
             ahead = (self._queue[i] for i in range(min(self.prefetch_window, len(self._queue))))
-            return _unique_on_disk(ahead, _as_set(on_disk))
-        return _unique_on_disk(self._accesses[self._cursor:self._cursor + self.prefetch_window], _as_set(on_disk))
+            return _unique_on_disk(ahead, as_set(on_disk))
+        return _unique_on_disk(self._accesses[self._cursor:self._cursor + self.prefetch_window], as_set(on_disk))
 
     def victim(self, tier, candidates, incoming=None):
-        _check_tier(tier)
-        cands = _as_set(candidates)
+        check_tier(tier)
+        cands = as_set(candidates)
         if not cands:
             return None
         if 8 * len(cands) < len(self._heap):
@@ -323,36 +325,3 @@ class Belady(Policy):
         floor = -1.0 if incoming is None else self.next_use(incoming)
         return key if self.next_use(key) > floor else None
 
-
-POLICIES = ("scheduler", "lru", "fifo", "belady", "belady-fair", "value")
-
-
-def make_policy(name: str, *, accesses: Sequence[Hashable] | None = None, ttl: float | None = None,
-                **options) -> Policy:
-    """A policy by name: one of `POLICIES`.
-
-    Args:
-        name: ``"scheduler"``, ``"lru"``, ``"fifo"``, ``"belady"``, ``"belady-fair"`` or ``"value"``.
-        accesses: for ``belady`` and ``belady-fair`` only (required): every job's session, in start order.
-        options: for ``value`` only: `cattn.store.policy.value.ValueConfig` fields (the ablations).
-        ttl: for ``scheduler`` and ``value`` only: seconds after which an untouched session outside the
-            eviction window is dropped from disk.
-    """
-    if name == "scheduler":
-        return Scheduler(ttl=ttl)
-    if name == "value":
-        from cattn.store.policy.value import ValueConfig, ValuePolicy
-        return ValuePolicy(ValueConfig(**options), ttl=ttl)
-    if options:
-        raise ValueError(f"options {sorted(options)} apply to the 'value' policy only, not {name!r}")
-    if ttl is not None:
-        raise ValueError(f"ttl applies to the 'scheduler' policy only, not {name!r}")
-    if name == "lru":
-        return LRU()
-    if name == "fifo":
-        return FIFO()
-    if name in ("belady", "belady-fair"):
-        if accesses is None:
-            raise ValueError(f"the {name!r} policy needs accesses= (every job's session in start order)")
-        return Belady(accesses, prefetch_queued_only=name == "belady-fair")
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

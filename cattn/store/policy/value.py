@@ -33,7 +33,7 @@ import math
 from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
-from cattn.store.policy.base import Scheduler, _as_set, _check_tier
+from cattn.store.policy.base import Scheduler, as_set, check_tier
 
 
 @dataclass
@@ -135,6 +135,14 @@ class ValuePolicy(Scheduler):
     def sized(self, key, nbytes: int) -> None:
         self._sizes[key] = nbytes
 
+    def last_saved(self, key) -> float | None:
+        """When ``key``'s history was last saved (its last `touch`), or None if never."""
+        return self._last_save.get(key)
+
+    def size(self, key) -> int | None:
+        """The bytes of ``key``'s history, as the store last said (`sized`), or None if never."""
+        return self._sizes.get(key)
+
     def start(self, key, now):
         super().start(key, now)
         self._now = max(self._now, now)
@@ -208,11 +216,11 @@ class ValuePolicy(Scheduler):
     # ---- choices
 
     def victim(self, tier, candidates, incoming=None):
-        _check_tier(tier)
+        check_tier(tier)
         use = self.config.dram_return if tier == "dram" else self.config.disk_return
         if not use:
             return super().victim(tier, candidates, incoming)
-        cands = _as_set(candidates)
+        cands = as_set(candidates)
         if not cands:
             return None
         floor = -1.0 if incoming is None else self._distance(incoming)
@@ -253,7 +261,7 @@ class ValuePolicy(Scheduler):
         wanted = super().prefetch(on_disk) if self.config.prefetch_queued else []
         if not self.config.speculative:
             return wanted
-        on_disk = _as_set(on_disk)
+        on_disk = as_set(on_disk)
         # per turn class, the sessions saved around the idle time where the return rate peaks
         cands = []
         for cls, saves in self._save_times.items():

@@ -21,17 +21,13 @@ import threading
 
 import torch
 
+from cattn.store.errors import FormatError, HistoryLost, StoreFullError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey
 from cattn.store.tiered.entries import Chunk, Entry, View, chunks_of, segments_of
 from cattn.store.lease import KVLease
-from cattn.store.tiered.migration import StoreFullError, _allocate_locked, end_read_locked, free_extents_locked
+from cattn.store.tiered.migration import allocate_locked, end_read_locked, free_extents_locked
 from cattn.store.tiered.state import StoreState
-
-
-class HistoryLost(RuntimeError):
-    """A history being read layer by layer turned out corrupt or unreadable mid-read: the layers computed
-    so far used KV that is no longer vouched for, so the forward must be redone without it."""
 
 
 class _Progress:
@@ -77,8 +73,7 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
     chunk on disk only, no room, a chunk the disk cannot read per layer, the history changed or proved
     corrupt meanwhile): the caller then reads whole, or finds the miss. ``on_release(held)`` (under the
     store's lock: `release_locked`) and ``on_transfer`` are the store's callbacks."""
-    open_layers = getattr(st.disk, "open_layers", None)
-    if open_layers is None or e.reading is not None:
+    if st.disk is None or not st.disk.reads_layers or e.reading is not None:
         return None
     missing = [c for c in chunks_of(views) if c.offset is None and c.live]
     if not missing:
@@ -88,7 +83,7 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
     got: list[tuple[Chunk, int]] = []
     try:
         for c in missing:
-            got.append((c, _allocate_locked(st, c.extent_nbytes, evict=True, mine=e)))
+            got.append((c, allocate_locked(st, c.extent_nbytes, evict=True, mine=e)))
     except StoreFullError:
         end_read_locked(st, e, ev, got)
         return None                      # the whole read says so, the same way
@@ -99,10 +94,10 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
     try:
         with st.unlocked():
             for c in missing:
-                if (r := open_layers(key, e.layout, c.id, c.num_tokens)) is None:
+                if (r := st.disk.open_layers(key, e.layout, c.id, c.num_tokens)) is None:
                     break
                 readers.append(r)
-    except (ff.FormatError, OSError) as exc:
+    except (FormatError, OSError) as exc:
         _close(readers)
         end_read_locked(st, e, ev, got)
         st.corrupt_locked(key, e, exc)
@@ -119,7 +114,7 @@ def acquire_layerwise_locked(st: StoreState, key: EntryKey, e: Entry, views: lis
     token_ids = torch.cat([(ids[id(c)] if id(c) in ids else c.token_ids)[lo:hi] for c, lo, hi in views])
     progress, held = _Progress(), _Held(pinned)
     lease = LayerwiseLease(token_ids, segments, e.layout, on_release=lambda: on_release(held),
-                           on_transfer=on_transfer, progress=progress)
+                           on_transfer=on_transfer, source="disk", progress=progress)
     st.counters["disk"]["layerwise_reads"] += 1
     reader = threading.Thread(target=_read, args=(st, key, e, ev, got, readers, progress, held), daemon=True,
                               name=f"cattn-layerwise-{key.session}")

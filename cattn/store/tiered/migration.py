@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from cattn.store.errors import FormatError, StoreFullError
 from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey
 from cattn.store.tiered.entries import Chunk, Entry, View, chunks_of
@@ -23,10 +24,6 @@ from cattn.store.layout import KVLayout
 from cattn.store.tiered.state import StoreState
 
 log = logging.getLogger(__name__)
-
-
-class StoreFullError(RuntimeError):
-    """The host pool cannot hold what was asked even after evicting everything it may evict."""
 
 
 # ---- room in the pool ------------------------------------------------------------------------------
@@ -46,7 +43,7 @@ def allocate_tokens_locked(st: StoreState, layout: KVLayout, m: int) -> list[tup
     return pieces
 
 
-def _allocate_locked(st: StoreState, nbytes: int, evict: bool, mine: Entry) -> int | None:
+def allocate_locked(st: StoreState, nbytes: int, evict: bool, mine: Entry) -> int | None:
     """An extent of ``nbytes`` for a chunk of ``mine``; None if the pool has no room and ``evict`` is off."""
     deadline = time.monotonic() + st.full_timeout_s
     while (offset := st.pool.allocate(nbytes)) is None:
@@ -92,14 +89,14 @@ def evict_dram_locked(st: StoreState, incoming: EntryKey | None = None) -> bool:
             st.remove_locked(key, e, evicted_from="dram")
         return True
     # Free every chunk now on disk; tokens the session gained meanwhile stay for the next round.
-    if freed := _free_persisted_locked(st, e):
+    if freed := free_persisted_locked(st, e):
         st.counters["dram"]["evictions"] += 1
         st.counters["dram"]["bytes_out"] += freed
         st.cond.notify_all()
     return True
 
 
-def _free_persisted_locked(st: StoreState, e: Entry) -> int:
+def free_persisted_locked(st: StoreState, e: Entry) -> int:
     """Free the DRAM of ``e``'s unpinned chunks that are also on disk; returns the payload bytes freed."""
     freed = 0
     for c in e.chunks.values():
@@ -201,6 +198,18 @@ def persist_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
         st.cond.notify_all()
 
 
+def publish(st: StoreState, key: EntryKey) -> None:
+    """Write ``key``'s committed history through to the lower tier (a background task after each commit
+    when the tier is shared), after any I/O of it in flight; a failure is counted and logged, and the
+    session stays served from DRAM."""
+    with st.lock:
+        e = st.entries.get(key)
+        while e is not None and (e.io or e.reading is not None):
+            st.cond.wait()
+        if e is not None and st.entries.get(key) is e and not persist_locked(st, key, e):
+            log.info("session %r not written through to the shared tier", key.session)
+
+
 # ---- reading from the lower tier -------------------------------------------------------------------
 
 def read_ids_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
@@ -212,7 +221,7 @@ def read_ids_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     try:
         with st.unlocked(), e.io_lock:
             ids = [st.disk.read_chunk(key, e.layout, c.id, c.num_tokens) for c in missing]
-    except (ff.FormatError, OSError) as exc:
+    except (FormatError, OSError) as exc:
         return st.corrupt_locked(key, e, exc)
     finally:
         e.io -= 1
@@ -244,7 +253,7 @@ def promote_locked(st: StoreState, key: EntryKey, e: Entry, views: list[View], e
         for attempt in range(2):
             try:
                 for c in missing:
-                    if (offset := _allocate_locked(st, c.extent_nbytes, evict, mine=e)) is None:
+                    if (offset := allocate_locked(st, c.extent_nbytes, evict, mine=e)) is None:
                         return False
                     got.append((c, offset))
                     if e.removed:
@@ -270,7 +279,7 @@ def promote_locked(st: StoreState, key: EntryKey, e: Entry, views: list[View], e
         st.counters["dram"]["bytes_in"] += nbytes
         st.counters["disk"]["bytes_out"] += nbytes
         return True
-    except (ff.FormatError, OSError) as exc:
+    except (FormatError, OSError) as exc:
         return st.corrupt_locked(key, e, exc)
     finally:
         end_read_locked(st, e, ev, got)
@@ -298,7 +307,7 @@ def _unfragment_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     False if nothing could be freed."""
     if st.disk is None or not persist_locked(st, key, e) or e.removed:
         return False
-    return _free_persisted_locked(st, e) > 0
+    return free_persisted_locked(st, e) > 0
 
 
 def prefetch_one(st: StoreState, key: EntryKey,

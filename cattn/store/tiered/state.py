@@ -54,11 +54,10 @@ class StoreState:
         stored, bad = self.disk.scan()
         self.counters["disk"]["corrupt"] += bad
         # Entries a directory-backed tier left in place (not its own, or unreadable); others have none.
-        self.counters["disk"]["skipped"] = getattr(self.disk, "skipped", 0)
+        self.counters["disk"]["skipped"] = self.disk.skipped
         for s in sorted(stored, key=lambda s: s.created_ns):
             self.index_locked(s)
             self.policy.touch(s.key, s.created_ns / 1e9)
-
 
     def index_locked(self, s) -> Entry:
         """Index a session the lower tier holds (a `StoredEntry`: on disk at a restart, or found in the
@@ -70,6 +69,7 @@ class StoreState:
         self.entries[s.key] = e
         self.disk_used += e.disk_nbytes
         return e
+
     def count_miss_locked(self) -> None:
         self.counters["dram"]["misses"] += 1
         if self.disk is not None:

@@ -1,44 +1,41 @@
 """AttentionStore: sessions' KV in a pinned host pool over a disk tier, with a pluggable policy.
 
 `TieredStore` is the public face: the `KVStore` contract, zero-copy leases and
-pending saves, the scheduler's hooks, background work and shutdown. What it
-knows lives in a `StoreState` (`state.py`, with the locking rules); histories
-are views over immutable chunks (`entries.py`); chunks move between the pool
-and the lower tier in `migration.py`.
+pending saves (`saving.py`), the scheduler's hooks (`scheduling.py`), background work
+and shutdown. What it knows lives in a `StoreState` (`state.py`, with the locking
+rules); histories are views over immutable chunks (`entries.py`); chunks move between
+the pool and the lower tier in `migration.py`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from cattn.store.lower import fileformat as ff
-from cattn.store.tiered.arguments import check_arguments
 from cattn.store.contract import EntryKey, KVEntry, KVStore, check_key
 from cattn.store.device.tier import DeviceTier
-from cattn.store.tiered.entries import Chunk, Entry, chunks_of, cut, segments_of, token_ids_of
-from cattn.store.layout import KVLayout
-from cattn.store.lease import KVLease, PendingSave, Segment
-from cattn.store.tiered.migration import (StoreFullError, allocate_tokens_locked, demote_to_low_watermark,
-                                   persist_locked, promote_locked, read_ids_locked)
-from cattn.store.tiered.layerwise import acquire_layerwise_locked, release_locked
-from cattn.store.prefetch.partial import dram_prefix
-from cattn.store.policy.base import LRU, Policy
-from cattn.store.tiered.pool import HostPool
-from cattn.store.prefetch.lane import ReadAhead
-from cattn.store.lower.over_shared import publish
-from cattn.store.tiered.state import StoreState
+from cattn.store.lease import KVLease
 from cattn.store.lower.base import LowerTier
+from cattn.store.policy.base import LRU, Policy
+from cattn.store.prefetch.lane import ReadAhead
+from cattn.store.prefetch.partial import dram_prefix
+from cattn.store.tiered.arguments import check_arguments
+from cattn.store.tiered.entries import Entry, chunks_of, cut, segments_of, token_ids_of
+from cattn.store.tiered.layerwise import acquire_layerwise_locked, release_locked
+from cattn.store.tiered.migration import persist_locked, promote_locked, read_ids_locked
+from cattn.store.tiered.pool import HostPool
+from cattn.store.tiered.saving import SavePath
+from cattn.store.tiered.scheduling import SchedulingHooks
+from cattn.store.tiered.state import StoreState
 
-__all__ = ["StoreFullError", "TieredStore"]
+__all__ = ["TieredStore"]
 
 log = logging.getLogger(__name__)
 
 
-class TieredStore(KVStore):
+class TieredStore(SavePath, SchedulingHooks, KVStore):
     """A `KVStore` over a pinned host pool and an optional lower tier; thread-safe.
 
     Args:
@@ -69,6 +66,7 @@ class TieredStore(KVStore):
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
+    `cattn.store.config.build_store` builds one from a TOML file or ``CATTN_*`` variables.
     """
 
     def __init__(self, dram_bytes: int, disk: LowerTier | None = None, *, policy: Policy | None = None,
@@ -95,19 +93,23 @@ class TieredStore(KVStore):
         self._tasks: set[Future] = set()   # background work not finished yet (guarded by the lock)
         self._readahead = ReadAhead(self._state, self._submit_locked, disk_read_bytes_per_s, partial_prefetch)
         self._state.counters["dram"]["partial_hits"] = 0   # leases of fewer tokens than stored
-
-    @classmethod
-    def from_config(cls, config=None, **kwargs) -> TieredStore:
-        """A store as ``config`` says: a `cattn.store.config.StoreConfig`, a TOML file's path, or
-        None for the ``CATTN_*`` environment (see docs/store.md); ``kwargs`` override the store's options."""
-        from cattn.store.config import build_store
-
-        return build_store(config, **kwargs)
+        self.metrics_server = None   # the Prometheus endpoint `build_store` started for it ([metrics]); `close` stops it
 
     @property
     def policy(self) -> Policy:
         """Chooses victims and prefetches; the store calls it under its lock only."""
         return self._state.policy
+
+    @property
+    def state(self) -> StoreState:
+        """What the store knows (index, pool, lower tier, counters) and its lock, for tests and diagnostics:
+        reading it takes ``state.lock``, and a change must keep `StoreState`'s rules."""
+        return self._state
+
+    @property
+    def partial_prefetch(self) -> bool:
+        """Whether a prefetch is worth the part of it that arrives in time (the constructor's option)."""
+        return self._readahead.partial
 
     # ---- KVStore ----------------------------------------------------------------------------------
 
@@ -128,17 +130,7 @@ class TieredStore(KVStore):
         if lease is None:
             return None
         with lease:
-            return lease.to_entry()
-
-    def save(self, key: EntryKey, entry: KVEntry, start: int = 0) -> None:
-        check_key(key)
-        pending = self.begin_save(key, entry.token_ids.cpu(), KVLayout.of(entry), start)
-        try:
-            pending.write(entry.k, entry.v)
-        except BaseException:
-            pending.abort()
-            raise
-        pending.commit()
+            return KVEntry.from_lease(lease)
 
     def truncate(self, key: EntryKey, num_drop: int, keep_first: int = 0) -> None:
         check_key(key)
@@ -182,7 +174,7 @@ class TieredStore(KVStore):
                 out["disk"].update(used_bytes=st.disk_used, capacity_bytes=st.disk.capacity,
                                    entries=sum(e.manifest is not None for e in st.entries.values()),
                                    read_bytes_per_s=self._readahead.read_bytes_per_s or 0.0)
-        if hasattr(st.disk, "tier_stats"):   # the shared tier's own counters (no lock: it keeps its own)
+        if st.disk is not None:   # a shared tier's own counters (no lock: it keeps its own)
             out.update(st.disk.tier_stats())
         if self.device is not None:
             out["device"] = self.device.stats()
@@ -234,7 +226,7 @@ class TieredStore(KVStore):
                 c.pins += 1
             ids = token_ids_of(views)
         return KVLease(ids, segments, e.layout, on_release=lambda: self._locked(st.unpin_locked, pinned),
-                       on_transfer=st.record_transfer)
+                       on_transfer=st.record_transfer, source="disk" if from_disk else "dram")
 
     def _count_load_locked(self, key: EntryKey, e: Entry, n: int, from_disk: bool) -> None:
         st = self._state
@@ -262,75 +254,11 @@ class TieredStore(KVStore):
                 return 0
             return sum(hi - lo for _, lo, hi in dram_prefix(e.views))
 
-    def begin_save(self, key: EntryKey, token_ids: torch.Tensor, layout: KVLayout, start: int = 0) -> PendingSave:
-        """Reserve pool space for ``token_ids [m] int64``'s KV; see `PendingSave`. Committing it is `save`.
-
-        Raises StoreFullError if the pool cannot make room. ``start`` and ``layout`` are checked
-        against the stored entry at commit (ValueError), since an earlier turn's save may still be
-        in flight when the next one begins.
-        """
-        check_key(key)
-        if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 1 or token_ids.dtype != torch.int64:
-            raise TypeError(f"token_ids must be a 1-D int64 tensor, got {getattr(token_ids, 'shape', token_ids)!r}")
-        if not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an int >= 0, got {start!r}")
-        st, m = self._state, token_ids.numel()
-        if layout.extent_nbytes(m) > st.pool.capacity:
-            raise StoreFullError(f"{layout.payload_nbytes(m)} bytes of KV exceed the DRAM tier's "
-                                 f"{st.pool.capacity} bytes")
-        with st.lock:
-            pieces = allocate_tokens_locked(st, layout, m)
-        chunks, segments, pos = [], [], 0
-        for offset, n in pieces:
-            chunks.append(Chunk(ff.new_id(), n, token_ids[pos:pos + n].clone(), offset, layout.extent_nbytes(n)))
-            segments.append(Segment(pos, *layout.views(st.pool.view(offset, layout.payload_nbytes(n)), n)))
-            pos += n
-        return PendingSave(token_ids, start, segments, commit=lambda: self._commit(key, layout, start, chunks),
-                           abort=lambda: self._locked(st.free_new_locked, chunks))
-
-    def _commit(self, key: EntryKey, layout: KVLayout, start: int, chunks: list[Chunk]) -> None:
-        """Make ``chunks`` the history of ``key`` after its first ``start`` tokens; past the high
-        watermark, start the background demotion."""
-        st = self._state
-        with st.lock:
-            try:
-                e = self._check_start_locked(key, layout, start)
-            except ValueError:
-                st.free_new_locked(chunks)
-                raise
-            if e is None:
-                e = st.entries[key] = Entry(layout, ff.new_id(), time.time_ns())
-            e.layout = layout  # a change only if start == 0, and then every old chunk retires below
-            e.views = cut(e.views, 0, start) + [(c, 0, c.num_tokens) for c in chunks]
-            e.chunks.update((c.id, c) for c in chunks)
-            e.prefetch_stopped = False   # the turn that stopped the read saved: the lane may read it again
-            st.retire_dead_locked(e)
-            e.version += 1
-            st.counters["dram"]["bytes_in"] += layout.payload_nbytes(sum(c.num_tokens for c in chunks))
-            if self.device is not None:  # resident tokens past ``start`` are no longer the history
-                self.device.trim(key, start)
-            st.policy.touch(key, time.time())
-            st.policy.sized(key, layout.payload_nbytes(e.num_tokens))
-            if st.pool.used > st.high_bytes and not st.demoting:
-                st.demoting = True
-                self._submit_locked(demote_to_low_watermark, st)
-            if getattr(st.disk, "write_through", False):  # a shared tier: the next turn may run elsewhere
-                self._submit_locked(publish, st, key)
-
-    def _check_start_locked(self, key: EntryKey, layout: KVLayout, start: int) -> Entry | None:
-        e = self._state.entries.get(key)
-        have = 0 if e is None else e.num_tokens
-        if start > have:
-            raise ValueError(f"start={start} but only {have} tokens of session {key.session!r} are stored")
-        if e is not None and start > 0 and e.layout != layout:
-            raise ValueError(f"layout {layout} differs from the stored {e.layout} of session {key.session!r}")
-        return e
-
     def _find_shared_locked(self, key: EntryKey) -> Entry | None:
         """A session this store does not index but a shared lower tier holds (saved by another machine);
         releases the lock while it asks. None on a miss (counted by the tier)."""
         st = self._state
-        if not hasattr(st.disk, "find"):
+        if st.disk is None or not st.disk.finds_shared:
             return None
         with st.unlocked():
             found = st.disk.find(key)
@@ -344,59 +272,6 @@ class TieredStore(KVStore):
         """``fn(*args)`` under the lock: the callbacks of leases and pending saves come without it."""
         with self._state.lock:
             fn(*args)
-
-    # ---- scheduling hooks --------------------------------------------------------------------------
-
-    def update_queue(self, upcoming: Sequence[Hashable], *, prefetch_window: int | None = None,
-                     eviction_window: int | None = None, starts_in: Sequence[float] | None = None) -> list[EntryKey]:
-        """The job queue changed: tell the policy, drop what it says has expired, then `prefetch`.
-
-        Args:
-            upcoming: the session key of each queued job, soonest first (a session once per job).
-            prefetch_window, eviction_window: the policy's look-ahead windows, in jobs
-                (`cattn.replay.queue.JobQueue.windows`); None: the whole queue.
-            starts_in: seconds from now until each queued job is expected to start (one per entry of
-                ``upcoming``). With it, a prefetch the disk cannot finish in time is not read, and the
-                reads kept are the most that can be on time (`cattn.store.prefetch.deadlines.on_time`).
-
-        Returns:
-            the prefetch plan: the keys to read from disk, in order.
-        """
-        for k in upcoming:
-            check_key(k, "upcoming[i]")
-        st = self._state
-        with st.lock:
-            self._readahead.set_due_locked(upcoming, starts_in)  # checks starts_in before anything changes
-            st.policy.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
-            if self.device is not None:
-                self.device.update_queue(upcoming, prefetch_window=prefetch_window, eviction_window=eviction_window)
-            now = time.time()
-            for key in st.policy.expired([k for k, e in st.entries.items() if not e.busy()], now):
-                if (e := st.entries.get(key)) is not None and not e.busy():
-                    st.remove_locked(key, e, evicted_from="disk" if e.disk_nbytes else "dram")
-        plan = self.prefetch()
-        if self.device is not None:   # demoted sessions with a job soon come back up from DRAM (not disk)
-            with st.lock:
-                in_dram = {k for k, e in st.entries.items() if all(c.offset is not None for c, _, _ in e.views)}
-            self.device.prefetch(self, in_dram)
-        return plan
-
-    def job_started(self, key: EntryKey) -> None:
-        """Tell the policy that ``key``'s job left the queue and started (its deadline is gone; with
-        ``partial_prefetch``, a read of it in flight stops after its chunk in flight)."""
-        check_key(key)
-        if self.device is not None:
-            self.device.job_started(key)
-        with self._state.lock:
-            self._readahead.started_locked(key)
-            self._state.policy.start(key, time.time())
-
-    def prefetch(self) -> list[EntryKey]:
-        """Read the policy's `prefetch` choices from disk into DRAM in the background, one at a time
-        (`cattn.store.prefetch.lane`), below the high watermark, demoting only sessions the policy values
-        less than the one read; returns the plan (the keys to read, in order)."""
-        with self._state.lock:
-            return self._readahead.kick_locked()
 
     # ---- background work and shutdown --------------------------------------------------------------
 
@@ -459,6 +334,6 @@ class TieredStore(KVStore):
         self._executor.shutdown(wait=True)
         if st.disk is not None:
             st.disk.close()
-        if (server := getattr(self, "metrics_server", None)) is not None:   # from_config's [metrics]
-            server.shutdown()
-            server.server_close()
+        if self.metrics_server is not None:   # build_store's [metrics]
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()

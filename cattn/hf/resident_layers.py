@@ -1,4 +1,5 @@
-"""A session's resident first layers (`cattn.store.device.tier`) as the first layers of a `PagedCache`."""
+"""A session's resident first layers (`cattn.store.device.tier.Resident`) as the first layers of a
+`ModelPages`: layers whose K/V live in tensors of their own, which the device tier keeps between turns."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from cattn.store.device.tier import Resident
 
 
 def check_resident(res: Resident, layout: PagedLayout, dtype: torch.dtype, device: torch.device) -> None:
-    """ValueError unless ``res``'s pages fit a cache of ``layout``, ``dtype`` and ``device``."""
+    """ValueError unless ``res``'s pages fit pages of ``layout``, ``dtype`` and ``device``."""
     want = (layout.page_size, layout.num_kv_heads, layout.head_dim)
     for t in (*res.k, *res.v):
         if tuple(t.shape[1:]) != want or t.dtype != dtype or t.device != device:
@@ -21,7 +22,7 @@ def check_resident(res: Resident, layout: PagedLayout, dtype: torch.dtype, devic
 
 def separate_layers(lay: PagedLayout, resident: Resident | None, separate: int, num_pages: int, headroom: float,
                     dtype: torch.dtype, device: torch.device) -> tuple[list, list, int]:
-    """Per-layer ``[capacity, page_size, Hkv, D]`` tensors for a cache's first ``separate`` layers: ``resident``'s
+    """Per-layer ``[capacity, page_size, Hkv, D]`` tensors for the first ``separate`` layers: ``resident``'s
     own (in place), grown by one device-to-device copy if they have fewer than ``num_pages`` pages, then new
     ones of the same capacity (``num_pages`` and ``headroom`` more). Returns ``(k, v, bytes copied)``."""
     grown = 0
