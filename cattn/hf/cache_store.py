@@ -11,9 +11,8 @@ import torch
 
 from cattn.hf.pages import ModelPages
 from cattn.hf.streaming import StoreStreaming
-from cattn.store.contract import EntryKey, KVEntry, KVStore
-from cattn.store.layout import KVLayout
-from cattn.store.lease import KVLease, Segment
+from cattn.store.contract import EntryKey, KVEntry, KVStore, as_lease
+from cattn.store.lease import KVLease
 
 
 class StoreTraffic:
@@ -49,8 +48,7 @@ class StoreTraffic:
         nothing changes then.
         """
         pages = self._pages
-        lease = KVLease.from_entry(source) if isinstance(source, KVEntry) else source
-        tail = KVLease.from_entry(window) if isinstance(window, KVEntry) else window
+        lease, tail = as_lease(source, "source"), as_lease(window, "window")
         if (tail is None) != (pages.window is None):
             raise ValueError("window: the sliding layers' last tokens come with a cache whose sliding layers have "
                              "pages of their own (window_pages=True), and only then")
@@ -84,16 +82,13 @@ class StoreTraffic:
                 parts.insert(0, (lease, pages.stored_layers, slots))
             self._streaming.load(parts, preload_below=preload)
             return
-        lay = lease.layout
         n, r = lease.num_tokens, pages.resident_layers
         if pages.resident_tokens:
             if n != pages.resident_tokens:
                 raise ValueError(f"source: {n} tokens, but the resident layers hold {pages.resident_tokens}")
             slots = pages.fill_resident()
             # Only the layers that are not resident stream in: a lease over their slices (no copy).
-            lease = KVLease(lease.token_ids, [Segment(s.start, s.k[r:], s.v[r:]) for s in lease.segments],
-                            KVLayout(lay.num_layers - r, lay.num_kv_heads, lay.head_dim, lay.dtype),
-                            on_release=lease.release, on_transfer=lease.record_transfer)
+            lease = lease.without_first_layers(r)
         else:
             slots = pages.append(0, n, transfer_in_flight=not self._streaming.idle)
             r = 0

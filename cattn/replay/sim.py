@@ -201,7 +201,7 @@ def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_by
 
     Args:
         jobs: the trace.
-        policy: a name of `cattn.store.policy.base.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
+        policy: a name of `cattn.store.policy.POLICIES`, ``"recompute"`` (no store), or a `Policy` made for
             this trace (used as is; ``ttl`` and ``policy_options`` must then be left out).
         dram_bytes, disk_bytes: tier capacities (>= 0).
         cost: model shape and machine.
@@ -214,7 +214,7 @@ def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_by
     for name, value in (("dram_bytes", dram_bytes), ("disk_bytes", disk_bytes)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if isinstance(policy, Policy):
+    if not isinstance(policy, str):     # a Policy instance
         if ttl is not None or policy_options:
             raise ValueError("ttl and policy_options apply to a policy given by name, not to a Policy instance")
         pol = policy
@@ -301,5 +301,5 @@ def simulate(jobs: Sequence[Job], policy: str | Policy, dram_bytes: int, disk_by
                 store.prefetch(end)
         if on_job is not None:
             on_job()
-    return ReplayResult(pol.name if isinstance(policy, Policy) else policy, records, dict(store.counters), dram_bytes,
+    return ReplayResult(policy if isinstance(policy, str) else pol.name, records, dict(store.counters), dram_bytes,
                         disk_bytes)

@@ -215,3 +215,13 @@ def check_store(store, what: str = "store") -> KVStore:
     if not isinstance(store, KVStore):
         raise TypeError(f"{what} must be a cattn KVStore, got {type(store).__name__}")
     return store
+
+
+def as_lease(source: KVLease | KVEntry | None, what: str = "source") -> KVLease | None:
+    """``source`` as a lease: a `KVLease` as it is, a `KVEntry` viewed in place (`KVLease.from_entry`), None
+    as None; TypeError naming ``what`` otherwise."""
+    if source is None or isinstance(source, KVLease):
+        return source
+    if isinstance(source, KVEntry):
+        return KVLease.from_entry(source)
+    raise TypeError(f"{what} must be a cattn KVLease or KVEntry (or None), got {type(source).__name__}")

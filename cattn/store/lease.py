@@ -67,6 +67,12 @@ class KVLease:
         loaded (`KVEntry.from_lease` is the way back)."""
         return cls(entry.token_ids, [Segment(0, entry.k, entry.v)] if entry.num_tokens else [], KVLayout.of(entry))
 
+    def without_first_layers(self, r: int) -> KVLease:
+        """A view of this lease's layers ``r`` and up (no copy), for a reader that holds the first ``r``
+        elsewhere (a session's resident layers): its layer ``l`` is this lease's ``r + l`` (waited for as
+        such when this lease is streamed), and its release and transfers are this lease's."""
+        return _LayersFrom(self, r)
+
     @property
     def num_tokens(self) -> int:
         return self.token_ids.shape[0]
@@ -126,3 +132,18 @@ class PendingSave:
             raise RuntimeError("this save was already committed or aborted")
         self._done = True
         action()
+
+
+class _LayersFrom(KVLease):
+    """`KVLease.without_first_layers`: layers ``r`` and up of ``lease``."""
+
+    def __init__(self, lease: KVLease, r: int):
+        lay = lease.layout
+        super().__init__(lease.token_ids, [Segment(s.start, s.k[r:], s.v[r:]) for s in lease.segments],
+                         KVLayout(lay.num_layers - r, lay.num_kv_heads, lay.head_dim, lay.dtype),
+                         on_release=lease.release, on_transfer=lease.record_transfer, source=lease.source)
+        self._lease, self._first = lease, r
+        self.streamed = lease.streamed
+
+    def wait_layer(self, layer: int) -> None:
+        self._lease.wait_layer(self._first + layer)

@@ -132,7 +132,7 @@ def test_partial_prefetch_uses_the_prefix_that_arrived():
 
 def test_partial_prefetch_of_a_read_in_flight():
     from cattn.replay.queue import JobQueue
-    from cattn.store.policy.base import make_policy
+    from cattn.store.policy import make_policy
     # one layer, 2 bytes per token; prefill 0.01 s per token; the disk reads 20 B/s = 0.1 s per token
     shape = ModelShape("one", 1, 1, 1, 1, 1e6, max_context=10**5, dtype_bytes=1)
     cost = CostModel(shape, Hardware(gpus=1, peak_flops=2e8, mfu=1.0, disk_read_bytes_per_s=20.0))

@@ -13,7 +13,7 @@ from cattn.replay.queue import Job, JobQueue
 from cattn.replay.report import summarize
 from cattn.replay.records import number_turns
 from cattn.replay.workload import ArrivalConfig, SyntheticConfig, schedule, synthetic_conversations
-from cattn.store.policy.base import POLICIES, make_policy
+from cattn.store.policy import POLICIES, make_policy
 
 # one byte per K and per V: a token's KV is 2 bytes, so sizes are easy to read
 TINY = ModelShape("tiny", num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, params=1e6, max_context=1000,

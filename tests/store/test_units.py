@@ -4,10 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cattn.store.errors import FormatError
-from cattn.store.lower import fileformat as ff
 from cattn.store.contract import EntryKey, KVEntry
+from cattn.store.errors import FormatError
 from cattn.store.layout import DTYPES, KVLayout
+from cattn.store.lease import KVLease, Segment
+from cattn.store.lower import fileformat as ff
 from cattn.store.tiered.pool import HostPool
 
 KEY = EntryKey("acme", "0123abcd", "chat-1")
@@ -98,3 +99,31 @@ def test_manifest_round_trip_and_checks(tmp_path):
     with pytest.raises(FormatError, match="inconsistent"):
         ff.read_manifest(path, KEY)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_lease_without_its_first_layers_waits_for_the_layers_it_views():
+    """A session's resident layers are held on the device, so only the layers after them stream in: the
+    view's layer l is the lease's r + l, waited for as such when the lease is streamed from disk."""
+    class Recorded(KVLease):
+        streamed = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.waited = []
+
+        def wait_layer(self, layer):
+            self.waited.append(layer)
+
+    k, v = torch.randn(2, 5, 3, 2, 8).unbind(0)
+    released, moved = [], []
+    lease = Recorded(torch.arange(3), [Segment(0, k, v)], KVLayout(5, 2, 8, torch.float32),
+                     on_release=lambda: released.append(True), on_transfer=lambda *a: moved.append(a), source="disk")
+    view = lease.without_first_layers(2)
+    assert view.streamed and view.source == "disk" and view.layout == KVLayout(3, 2, 8, torch.float32)
+    assert torch.equal(view.segments[0].k, k[2:]) and view.segments[0].k.data_ptr() == k[2].data_ptr()
+    for layer in range(3):
+        view.wait_layer(layer)
+    assert lease.waited == [2, 3, 4]
+    view.record_transfer(0.5, 0.25, 64)
+    view.release()
+    assert moved == [(0.5, 0.25, 64)] and released == [True]
