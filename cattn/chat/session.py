@@ -241,8 +241,10 @@ class ChatSession(RestorePath):
             self._windows.remembered = state.get("token_ids")
         stored = self._stored_history()
         if stored is None:
+            why = self.store.dropped_reason(self.key)
             raise LookupError(f"no stored KV for session {self.key.session!r} of tenant {self.key.tenant!r} "
-                              "with this model")
+                              "with this model" + ("" if why is None else f": the store dropped it as corrupt "
+                                                                          f"({why})"))
         self.messages = [dict(m) for m in state["messages"]]
         self._dropped = int(state["dropped_tokens"])
         self._token_ids = stored.tolist()

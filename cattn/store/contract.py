@@ -138,7 +138,8 @@ class KVStore(ABC):
 
     @abstractmethod
     def truncate(self, key: EntryKey, num_drop: int, keep_first: int = 0) -> None:
-        """Drop tokens ``[keep_first, keep_first + num_drop)`` of ``key``'s entry; metadata-only where the tier allows."""
+        """Drop tokens ``[keep_first, keep_first + num_drop)`` of ``key``'s entry; metadata-only where the tier
+        allows."""
 
     @abstractmethod
     def delete(self, key: EntryKey) -> None:
@@ -172,6 +173,11 @@ class KVStore(ABC):
         v = torch.empty(shape, dtype=layout.dtype, pin_memory=pin)
         return PendingSave(token_ids, start, [Segment(0, k, v)],
                            commit=lambda: self.save(key, KVEntry(token_ids, k, v), start), abort=lambda: None)
+
+    def dropped_reason(self, key: EntryKey) -> str | None:
+        """Why ``key`` is missing when the store dropped it as corrupt (its stored bytes could not be vouched
+        for), so that a caller can say more than "not found"; None otherwise. Default: None."""
+        return None
 
     def tokens_in_dram(self, key: EntryKey) -> int:
         """How many of ``key``'s first tokens `acquire` serves without reading below host memory (0 on a

@@ -8,7 +8,9 @@ sessions come from several threads at once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -51,6 +53,10 @@ class LowerTier(ABC):
     reads_layers: bool = False
     # Stored entries `scan` left in place (not its own, or unreadable): a directory-backed tier counts them.
     skipped: int = 0
+    # Sessions the last `scan` found unusable and removed (a corrupt manifest), with why: a caller that
+    # then looks one up is told it was dropped, not only that it is missing. Read-only here; a tier that
+    # drops sessions at scan time sets its own.
+    dropped: Mapping[EntryKey, str] = MappingProxyType({})
 
     @abstractmethod
     def scan(self) -> tuple[list[StoredEntry], int]:

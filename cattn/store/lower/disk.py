@@ -72,7 +72,7 @@ class DiskTier(LowerTier):
         return self.session_dir(key) / f"{name}{suffix}"
 
     def scan(self) -> tuple[list[StoredEntry], int]:
-        entries, bad, self.skipped = [], 0, 0
+        entries, bad, self.skipped, self.dropped = [], 0, 0, {}
         for tenant in self._subdirs(self.root):
             for model in self._subdirs(tenant):
                 for session_dir in self._subdirs(model):
@@ -134,8 +134,10 @@ class DiskTier(LowerTier):
                         for c, (_, nb) in meta["chunks"].items()):
                     raise FormatError("manifest names missing or truncated chunk files")
                 nbytes = os.stat(path).st_size
-            except (FormatError, OSError):
+            except (FormatError, OSError) as exc:
                 bad += 1
+                log.warning("session %r: manifest %s is unusable (%s); ignored", key.session, name, exc)
+                why = f"its manifest {name} is unusable ({exc})"
                 continue
             found.append(StoredEntry(key, meta["layout"], meta["incarnation"], meta["created_ns"],
                                      meta["version"], meta["chunks"], meta["views"], nbytes))
@@ -148,6 +150,9 @@ class DiskTier(LowerTier):
             except OSError as exc:
                 self._skip(d / name, f"cannot remove it: {exc.strerror or exc}")
         if best is None:
+            if bad:
+                log.warning("session %r of tenant %r: no usable manifest; dropped", key.session, key.tenant)
+                self.dropped[key] = why
             try:  # fails, as it should, if something skipped above is still in it
                 d.rmdir()
             except OSError:

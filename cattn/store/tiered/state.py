@@ -41,6 +41,7 @@ class StoreState:
         self.demoting = False            # a background demotion is queued or running
         self.layer_reads: set[threading.Thread] = set()   # layer-wise reads from disk in flight (`layerwise`)
         self.max_chunk_tokens: int | None = None   # a save is split into chunks of at most this many tokens
+        self.dropped: dict[EntryKey, str] = {}    # sessions dropped as corrupt, with why (`dropped_reason`)
         self.counters = {"dram": dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, dropped=0),
                          "transfer": dict(loads=0, bytes=0, load_s_hidden=0.0, load_s_exposed=0.0)}
         if disk is not None:
@@ -53,6 +54,7 @@ class StoreState:
         """Index what the lower tier holds (what an earlier process left), oldest first for the policy."""
         stored, bad = self.disk.scan()
         self.counters["disk"]["corrupt"] += bad
+        self.dropped.update(self.disk.dropped)
         # Entries a directory-backed tier left in place (not its own, or unreadable); others have none.
         self.counters["disk"]["skipped"] = self.disk.skipped
         for s in sorted(stored, key=lambda s: s.created_ns):
@@ -160,5 +162,6 @@ class StoreState:
         if not e.removed:  # else the files went with a delete that came first: not corruption
             log.warning("session %r: stored KV unusable (%s); dropped", key.session, exc)
             self.counters["disk"]["corrupt"] += 1
+            self.dropped[key] = f"its stored KV is unusable ({exc})"
             self.remove_locked(key, e)
         return False

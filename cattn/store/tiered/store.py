@@ -244,6 +244,11 @@ class TieredStore(SavePath, SchedulingHooks, KVStore):
         its first read)."""
         return self._readahead.read_bytes_per_s
 
+    def dropped_reason(self, key: EntryKey) -> str | None:
+        check_key(key)
+        with self._state.lock:
+            return None if key in self._state.entries else self._state.dropped.get(key)
+
     def tokens_in_dram(self, key: EntryKey) -> int:
         """How many of ``key``'s first tokens are in the DRAM tier now (0 on a miss): what `acquire` serves
         without reading the disk."""
