@@ -1,6 +1,7 @@
 """`apply_cattn` / `revert_cattn`: swap a Hugging Face model's attention modules for cattn's, in place."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -16,11 +17,15 @@ from cattn.rope import RopeSpec
 
 _RESTORE_ATTR = "_cattn_restore"
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class _Restore:
     originals: tuple[nn.Module, ...]      # the attention module of each decoder layer, in order
     attn_implementation: str
+    page_size: int                        # the settings it was patched with
+    backend: str
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -47,7 +52,10 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
     masks. The patched model works as the stock one does: with a `PagedCache` (which
     ``generate`` creates unless handed a cache) attention runs over cattn's paged
     pre-RoPE cache; with no cache or a ``DynamicCache`` the stock modules run with cattn's
-    attention function. Patching a patched model re-patches it with the new settings.
+    attention function. Patching a patched model again does nothing with the same settings and
+    re-patches it with other ones; either way a warning says so. A model built on the meta device
+    (accelerate's empty weights) patches too: its rotary spec, computed from the config, stays on
+    the host until the first forward moves it to the model's device.
 
     Args:
         model: a ``PreTrainedModel`` (causal LM or base model) of a type in `SUPPORTED_MODEL_TYPES`.
@@ -68,7 +76,13 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     layers = decoder_layers(model)
-    if hasattr(model, _RESTORE_ATTR):
+    if (patched := getattr(model, _RESTORE_ATTR, None)) is not None:
+        was = f"page_size={patched.page_size}, backend={patched.backend!r}"
+        if (patched.page_size, patched.backend) == (page_size, backend):
+            log.warning("apply_cattn: %s is already patched by cattn (%s); nothing to do", type(model).__name__, was)
+            return model
+        log.warning("apply_cattn: %s was patched by cattn with %s; re-patched with page_size=%d, backend=%r",
+                    type(model).__name__, was, page_size, backend)
         revert_cattn(model)
     for i, layer in enumerate(layers):
         found = type(getattr(layer, adapter.attention_attr, None)).__name__
@@ -78,7 +92,10 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
     text = config.get_text_config()
     layer_types = getattr(text, "layer_types", None) if adapter.rope_per_layer_type else None
     kinds = layer_types or [None] * len(layers)
-    ropes = {kind: RopeSpec.from_model(model, style=adapter.rope_style, layer_type=kind).to(model.device)
+    # On the meta device there is nothing to copy the spec from later: it stays on the host until the
+    # first forward moves it to the (materialised) model's device.
+    device = "cpu" if model.device.type == "meta" else model.device
+    ropes = {kind: RopeSpec.from_model(model, style=adapter.rope_style, layer_type=kind).to(device)
              for kind in set(kinds)}
     num_q_heads = text.num_attention_heads
     fused_heads = adapter.qkv == "fused_per_head"         # GPT-NeoX: every head has its own K/V
@@ -95,7 +112,7 @@ def apply_cattn(model, *, page_size: int = 16, backend: str = "auto"):
     layout = PagedLayout(num_layers=len(layers), num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                          sliding_windows=windows)
     setattr(model, LAYOUT_ATTR, layout)
-    setattr(model, _RESTORE_ATTR, _Restore(originals, config._attn_implementation))
+    setattr(model, _RESTORE_ATTR, _Restore(originals, config._attn_implementation, page_size, backend))
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     install_generate_cache(model)

@@ -1,5 +1,6 @@
 """apply_cattn / revert_cattn, the supported families, and the model fingerprint."""
 import copy
+import logging
 import re
 import subprocess
 import sys
@@ -134,3 +135,35 @@ def test_load_model_refuses_an_unsupported_type_before_reading_weights(tmp_path,
     with pytest.raises(ValueError, match="supports model types .*llama") as info:
         load_model(tmp_path)
     assert "gpt2" in str(info.value)
+
+
+def test_patching_a_patched_model_says_what_it_did(tiny_model, caplog):
+    model = apply_cattn(tiny_model("llama"), page_size=8)
+    layers = [layer.self_attn for layer in model.get_decoder().layers]
+    with caplog.at_level(logging.WARNING, logger="cattn"):
+        assert apply_cattn(model, page_size=8) is model
+    assert "apply_cattn: LlamaForCausalLM is already patched by cattn (page_size=8, backend='auto'); nothing to do" \
+        in caplog.text
+    assert [layer.self_attn for layer in model.get_decoder().layers] == layers   # the same modules: a no-op
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cattn"):
+        apply_cattn(model, page_size=4, backend="torch")
+    assert ("apply_cattn: LlamaForCausalLM was patched by cattn with page_size=8, backend='auto'; re-patched with "
+            "page_size=4, backend='torch'") in caplog.text
+    assert PagedLayout.of(model).page_size == 4
+    revert_cattn(model)
+
+
+def test_a_model_built_on_the_meta_device_patches_and_runs_once_materialised(tiny_model):
+    """accelerate builds large checkpoints on the meta device, then loads the weights: patching in between
+    must work, and the patched model must then equal the stock one."""
+    stock = tiny_model("llama")
+    with torch.device("meta"):
+        model = type(stock)(stock.config)
+    apply_cattn(model)
+    model.to_empty(device="cpu")
+    model.load_state_dict(stock.state_dict())
+    model.get_decoder().rotary_emb.inv_freq.copy_(stock.get_decoder().rotary_emb.inv_freq)
+    ids = torch.randint(0, 256, (1, 9))
+    want = stock.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
