@@ -24,6 +24,11 @@ def results_dir() -> Path:
     return cattn.apps.results.results_dir(os.environ.get("OUT") or None)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name (``"NVIDIA H100 80GB HBM3"``), or ``"cpu"``: what a result or a tuned file is named after."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def environment() -> dict:
     """Provenance (cattn version, git commit, timestamp), device name and library versions, recorded
     with every result."""

@@ -231,16 +231,17 @@ def time_ms(fn, device: torch.device) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()
     times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < 0.5 and len(times) < 50):
+    # at least 3: under the interpreter (bench.gpu_check --dry-run) one call takes about a second
+    while len(times) < 3 or (time.perf_counter() - start < 0.5 and len(times) < 50):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
-def build(method: str, inp: Inputs, notes: list, on_gpu: bool):
+def build(method: str, inp: Inputs, notes: list, on_gpu: bool, backend: str):
     if method == "cattn":
-        return cattn_method(inp, "triton" if on_gpu else "torch")
+        return cattn_method(inp, backend)
     if method.startswith("sdpa-"):
         return sdpa_method(inp, method.split("-", 1)[1], notes)
     if method == "flex":
@@ -250,7 +251,8 @@ def build(method: str, inp: Inputs, notes: list, on_gpu: bool):
     return unfused_method(inp)
 
 
-def bench_shape(shape: Shape, methods, dtype: torch.dtype, device: torch.device) -> list[dict]:
+def bench_shape(shape: Shape, methods, dtype: torch.dtype, device: torch.device, backend: str,
+                deadline: float | None = None) -> list[dict]:
     inp = make_inputs(shape, dtype, device)
     kv_bytes = 2 * shape.batch * shape.kv_len * NUM_KV_HEADS * HEAD_DIM * inp.k_cache.element_size()
     flops = 4 * NUM_Q_HEADS * HEAD_DIM * shape.pairs
@@ -259,9 +261,12 @@ def bench_shape(shape: Shape, methods, dtype: torch.dtype, device: torch.device)
     for method in methods:
         notes: list[str] = []
         row = {"shape": shape.name, "batch": shape.batch, "q_len": shape.q_len, "kv_len": shape.kv_len,
-               "method": method if on_gpu or method != "cattn" else "cattn (torch backend)"}
+               "method": method if backend == "triton" or method != "cattn" else "cattn (torch backend)"}
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({**row, "note": "skipped: out of time"})
+            continue
         try:
-            fn = build(method, inp, notes, on_gpu)
+            fn = build(method, inp, notes, on_gpu, backend)
             out = fn()
             if method == "cattn":
                 baseline = out.float()
@@ -283,15 +288,21 @@ COLUMNS = [("shape", "shape", "s"), ("method", "method", "s"), ("ms", "ms", ".3f
            ("gbps", "GB/s", ".4g"), ("max_diff", "max diff", ".1e"), ("note", "note", "s")]
 
 
-def run(shapes, methods=METHODS, dtype=None, device=None) -> dict:
-    """Benchmark ``shapes`` with ``methods``; returns the JSON payload (``rows`` plus settings)."""
+def run(shapes, methods=METHODS, dtype=None, device=None, backend=None, deadline=None) -> dict:
+    """Benchmark ``shapes`` with ``methods``; returns the JSON payload (``rows`` plus settings). cattn runs
+    ``backend``: by default Triton on a GPU, torch on CPU (``"triton"`` there: the interpreter, for a dry run
+    of bench.gpu_check). Past ``deadline`` (`time.monotonic`), the methods not started are skipped."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
     rows = []
     for shape in shapes:
         torch.manual_seed(len(rows))
+        if deadline is not None and time.monotonic() > deadline:     # not even its inputs
+            rows.append({"shape": shape.name, "method": "all", "note": "skipped: out of time"})
+            continue
         try:
-            rows += bench_shape(shape, methods, dtype, device)
+            rows += bench_shape(shape, methods, dtype, device, backend, deadline)
         except Exception as exc:  # e.g. out of memory building the inputs: the other shapes still run
             rows.append({"shape": shape.name, "method": "all", "note": f"n/a: {_reason(exc)}"})
         if device.type == "cuda":

@@ -24,8 +24,13 @@ body once, whatever its predicate. The gate asserts, for every configuration:
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: the kernels must be JITFunctions
+# Before triton is imported: the kernels must be JITFunctions. Once it is, the setting changes nothing
+# here and would only leak into child processes (bench.gpu_check's dry run imports this under the
+# interpreter and starts its gate workers with TRITON_INTERPRET=0 itself: bench.tune).
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # what the runtime does; silences a 3.9 warning
 
 import collections  # noqa: E402

@@ -265,9 +265,7 @@ def run(shape: dict, dtype: torch.dtype, device: torch.device, histories: list[i
     try:
         last = None                                  # (history, seconds) of the last one measured
         for history in histories:
-            # the next costs at least its length's share of the last (recompute grows faster than linearly)
-            guess = 0.0 if last is None else 1.3 * last[1] * history / last[0]
-            if time.perf_counter() - start + guess > budget_s:
+            if not fits(start, last, history, budget_s):
                 report["skipped"].append(history)
                 continue
             print(f"  history {history} ...", flush=True)
@@ -280,6 +278,14 @@ def run(shape: dict, dtype: torch.dtype, device: torch.device, histories: list[i
     report["wall_s"] = time.perf_counter() - start
     write_json(out_name, report, path=results_dir() / out_name)
     return report
+
+
+def fits(start: float, last: tuple[int, float] | None, history: int, budget_s: float) -> bool:
+    """Whether ``history`` likely ends within ``budget_s`` of ``start`` (`time.perf_counter`): it costs at
+    least its length's share of ``last``, the (history, seconds) last measured (recompute grows faster
+    than linearly)."""
+    guess = 0.0 if last is None else 1.3 * last[1] * history / last[0]
+    return time.perf_counter() - start + guess <= budget_s
 
 
 def common_arguments(doc: str, repeats: int) -> argparse.ArgumentParser:

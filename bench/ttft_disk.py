@@ -2,6 +2,7 @@
 read one layer at a time behind the prefill.
 
     python -m bench.ttft_disk [--histories 4096,16384,32768] [--new-tokens 256] [--repeats 3] [--dir DIR]
+                              [--budget-s S]     # S: start no history that would end past S seconds
     python -m bench.ttft_disk --quick     # the same code path on CPU with a tiny Llama
 
 A Llama-3-8B-shaped model with random weights (bench.ttft's) answers ``new`` tokens after ``H`` tokens
@@ -39,7 +40,7 @@ import torch
 
 from bench.common import format_table, results_dir, write_json
 from bench.store import drop_cache
-from bench.ttft import build_model, clocked, common_arguments, first_token, setup
+from bench.ttft import build_model, clocked, common_arguments, first_token, fits, setup
 
 COLUMNS = [("history", "history", "d"), ("history_mib", "MiB", ".0f"), ("recompute_ms", "(a) recompute ms", ".1f"),
            ("whole_ms", "(e) whole read ms", ".1f"), ("layerwise_ms", "(f) layer-wise ms", ".1f"),
@@ -152,6 +153,7 @@ def one_history(model, root: Path, history: int, new: int, repeats: int, device:
 def main(argv=None) -> int:
     parser = common_arguments(__doc__, repeats=3)
     parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temporary one)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip longer histories past this")
     args = parser.parse_args(argv)
     if (chosen := setup(parser, args, "ttft_disk")) is None:
         return 2
@@ -159,17 +161,26 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(shape, dtype, device)
-    report = dict(model=shape, dtype=str(dtype).removeprefix("torch."), new_tokens=new, repeats=repeats, rows=[])
+    report = dict(model=shape, dtype=str(dtype).removeprefix("torch."), new_tokens=new, repeats=repeats, rows=[],
+                  skipped=[])
+    last = None                                      # (history, seconds) of the last one measured
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="cattn-ttft-disk-") as tmp:
         for history in histories:
+            if not fits(start, last, history, args.budget_s):
+                report["skipped"].append(history)
+                continue
             print(f"  history {history} ...", flush=True)
+            t0 = time.perf_counter()
             report["rows"].append(one_history(model, Path(tmp), history, new, repeats, device))
+            last = (history, time.perf_counter() - t0)
             write_json(name, report, path=results_dir() / name)
     report["wall_s"] = time.perf_counter() - start
     write_json(name, report, path=results_dir() / name)
     print(f"\nTTFT, {new} new tokens after a history on disk only, {report['dtype']}; median of {repeats} "
           f"(JSON: {results_dir() / name})")
     print(format_table(report["rows"], COLUMNS))
+    if report["skipped"]:
+        print(f"skipped for the budget: histories {report['skipped']}")
     if device.type != "cuda":
         print("CPU: copies are synchronous here and the files are small, so (e) and (f) show the code path and "
               "the logits, not the overlap of disk and compute (python -m bench.gpu_check).")

@@ -22,6 +22,7 @@ if __package__ in (None, ""):   # run as a file path: make `bench` importable
 from bench import sass  # noqa: E402  (sets TRITON_INTERPRET=0 before triton is imported)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -55,10 +56,26 @@ def _gate_one(job: tuple[str, TileConfig]) -> list[str]:
         return [f"{type(exc).__name__}: {str(exc)[-200:]}"]
 
 
-def gated(jobs: int) -> dict[str, list[TileConfig]]:
-    """The candidates of each kernel that pass the gate (compiled in parallel)."""
-    todo = [(kind, cfg) for kind in SHAPES for cfg in candidates(kind)]
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+@contextlib.contextmanager
+def _compiling():
+    """TRITON_INTERPRET=0 while the gate's workers start: they compile for sm_90, which the interpreter
+    never does, even when this process runs its kernels under it (bench.gpu_check's dry run)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def gated(jobs: int, limit: int | None = None) -> dict[str, list[TileConfig]]:
+    """The candidates of each kernel that pass the gate (compiled in parallel); only the first ``limit``
+    of each kernel (the rule's first) when given."""
+    todo = [(kind, cfg) for kind in SHAPES for cfg in candidates(kind)[:limit]]
+    with _compiling(), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         verdicts = list(pool.map(_gate_one, todo))
     passing = {kind: [] for kind in SHAPES}
     for (kind, cfg), bad in zip(todo, verdicts):
@@ -68,12 +85,13 @@ def gated(jobs: int) -> dict[str, list[TileConfig]]:
     return passing
 
 
-def time_candidates(kind: str, cands: list[TileConfig], deadline: float) -> list[dict]:
+def time_candidates(kind: str, cands: list[TileConfig], deadline: float, shapes: list, device: torch.device
+                    ) -> list[dict]:
+    """Each candidate's summed time on ``shapes`` (`bench.kernels.Shape`), until ``deadline`` (the first
+    candidate, the rule's, always runs)."""
     from bench import kernels
 
-    device = torch.device("cuda")
-    inputs = [kernels.make_inputs(next(s for s in kernels.GPU_SHAPES if s.name == name), DTYPE, device)
-              for name in SHAPES[kind]]
+    inputs = [kernels.make_inputs(shape, DTYPE, device) for shape in shapes]
     rows = []
     for cfg in cands:
         if time.monotonic() > deadline and rows:
@@ -90,25 +108,41 @@ def time_candidates(kind: str, cands: list[TileConfig], deadline: float) -> list
     return rows
 
 
-def run(budget_s: float, out_dirs: list[Path], jobs: int) -> dict:
-    """Tune on this GPU and write the file into each of ``out_dirs``; returns its payload."""
+def benchmark_shapes() -> dict[str, list]:
+    """The `bench.kernels` shapes of each kernel, as ``SHAPES`` names them."""
+    from bench import kernels
+
+    return {kind: [next(s for s in kernels.GPU_SHAPES if s.name == name) for name in names]
+            for kind, names in SHAPES.items()}
+
+
+def run(budget_s: float, out_dirs: list[Path], jobs: int, *, device: torch.device | None = None,
+        shapes: dict[str, list] | None = None, limit: int | None = None) -> dict:
+    """Tune on ``device`` (default: this GPU) and write the file into each of ``out_dirs``; returns its
+    payload. ``shapes`` ({kernel: [Shape]}, default `benchmark_shapes`) and ``limit`` (candidates gated per
+    kernel) are for a dry run: tiny shapes, the rule's configuration only."""
+    from bench.common import device_name, write_json
+
     start = time.monotonic()
-    passing = gated(jobs)
+    device = device or torch.device("cuda")
+    shapes = shapes or benchmark_shapes()
+    passing = gated(jobs, limit)
     deadline = start + budget_s
-    payload = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__,
+    payload = {"device": device_name(device), "triton": __import__("triton").__version__,
                "torch": torch.__version__, "problem": {"dtype": "bf16", "head_dim": HEAD_DIM, "group": GROUP},
-               "shapes": SHAPES, "timings": {}}
-    for kind, cands in passing.items():
-        rows = time_candidates(kind, cands, deadline)
+               "shapes": {kind: [s.name for s in shapes[kind]] for kind in SHAPES}, "timings": {}}
+    for i, (kind, cands) in enumerate(passing.items()):
+        # an equal share of what is left for each kernel: prefill's candidates cannot use up decode's time
+        share = (deadline - time.monotonic()) / (len(passing) - i)
+        rows = time_candidates(kind, cands, time.monotonic() + share, shapes[kind], device)
         payload["timings"][kind] = rows
         if rows:
             best = min(rows, key=lambda r: r["ms"])
             payload[kind] = {configs.problem_key(DTYPE, HEAD_DIM, GROUP): best["config"]}
     configs.parse(payload, "tuned payload")     # what the launchers will read back
     name = configs.device_file_name(payload["device"])
-    from bench.common import write_json
-    for d in out_dirs:
-        write_json(name, payload, path=Path(d) / name)
+    for d in dict.fromkeys(Path(d) for d in out_dirs):
+        write_json(name, payload, path=d / name)
     configs.load.cache_clear()
     return payload
 
