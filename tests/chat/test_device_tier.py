@@ -11,7 +11,7 @@ from cattn.store import DiskTier, TieredStore
 from cattn.store.contract import EntryKey, KVEntry
 from cattn.store.device.tier import DeviceTier, DeviceTierConfig, Resident
 from cattn.store.policy.base import FIFO, Scheduler
-from tests.chat.test_session import GREEDY, SYSTEM, matches_stock, matches_stock_over_kept_kv, prompt_ids
+from tests.chat.stock import GREEDY, SYSTEM, matches_stock, matches_stock_over_kept_kv, prompt_ids
 
 PS, H, D = 16, 2, 16   # the default page size: the stock comparisons patch the model again with it
 

@@ -8,20 +8,12 @@ import pytest
 from transformers.generation.streamers import BaseStreamer
 
 from cattn.chat.buffer_rule import BufferRule
-from cattn.hf import apply_cattn
 from cattn.chat.session import ChatSession, common_prefix
 from cattn.store import DiskTier, TieredStore
 from cattn.store.tiered.migration import evict_dram_locked
 from cattn.store.policy.base import Scheduler
-from tests.chat.test_session import GREEDY, SYSTEM, matches_stock, prompt_ids
-from tests.chat.test_store import first_turn_on_disk
-from tests.store.test_layerwise import GatedLayers, corrupt_layer
-from tests.store.test_partial_prefetch import GatedDisk, wait_until
-
-
-@pytest.fixture
-def chat_model(tiny_model, byte_tokenizer):
-    return apply_cattn(tiny_model("qwen3"), page_size=4), byte_tokenizer
+from tests.chat.stock import GREEDY, SYSTEM, first_turn_on_disk, matches_stock, prompt_ids
+from tests.store.gated_tiers import GatedDisk, GatedLayers, corrupt_layer, wait_until
 
 
 def open_disk(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 from cattn.hf import apply_cattn, revert_cattn
 from cattn.chat.session import ChatSession
 from cattn.store import build_store
+from tests.chat.stock import matches_stock
+from tests.store.redis_machines import peer
 from tests.store.redis_servers import RedisCluster, RedisServer, require_redis
-from tests.chat.test_session import matches_stock
-from tests.store.test_redis import peer
 
 GREEDY16 = dict(max_new_tokens=8, do_sample=False)
 TURN_ONE = """
@@ -20,7 +20,7 @@ import json, sys
 from cattn.hf import apply_cattn, load_model
 from cattn.chat.session import ChatSession
 from cattn.store import build_store
-from tests.chat.test_session import matches_stock
+from tests.chat.stock import matches_stock
 model, tok = load_model()
 apply_cattn(model)
 out = {}

@@ -2,20 +2,14 @@
 per-layer saving of only the new tokens, and a store that cannot serve costing a recompute, never a crash."""
 import logging
 
-import pytest
 from transformers.generation.streamers import BaseStreamer
 
 from cattn.hf import apply_cattn
 from cattn.chat.session import ChatSession, common_prefix, render
 from cattn.store import DiskTier, StoreFullError, TieredStore
-from tests.chat.test_session import GREEDY, SYSTEM, matches_stock, prompt_ids, reply_ids
+from tests.chat.stock import GREEDY, SYSTEM, first_turn_on_disk, matches_stock, prompt_ids, reply_ids
 
 TOKEN_BYTES = 2 * 2 * 2 * 16 * 4          # layers * (K, V) * KV heads * head_dim * fp32 of the tiny models
-
-
-@pytest.fixture
-def chat_model(tiny_model, byte_tokenizer):
-    return apply_cattn(tiny_model("qwen3"), page_size=4), byte_tokenizer
 
 
 class StoredAtFirstToken(BaseStreamer):
@@ -86,18 +80,6 @@ def test_a_store_that_cannot_lend_is_a_miss(chat_model, monkeypatch):
     monkeypatch.undo()
     session.send("And then?", **GREEDY)                  # the recomputed turn was saved: reused again
     assert session.turns[-1].reused_tokens > 0 and matches_stock(model, session)
-
-
-def first_turn_on_disk(chat_model, tmp_path) -> dict:
-    """One turn saved through a store over ``tmp_path`` that then closed: a new process finds the history
-    on disk only. Returns the session's state for `ChatSession.open`."""
-    model, tok = chat_model
-    store = TieredStore(1 << 20, DiskTier(tmp_path, 4 << 20))
-    session = ChatSession(model, tok, session_id="s", tenant="acme", store=store, system=SYSTEM)
-    session.send("Remember the number seven", **GREEDY)
-    state = session.save()
-    store.close()
-    return state
 
 
 def test_corrupt_chunk_on_disk_is_a_miss_after_a_restart(chat_model, tmp_path):

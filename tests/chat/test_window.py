@@ -8,7 +8,7 @@ from cattn.hf import PagedCache, PagedLayout, apply_cattn
 from cattn.chat.session import ChatSession, common_prefix, render
 from cattn.chat.window_entries import SLACK, WindowEntries, window_key
 from cattn.store import DiskTier, MemoryStore, TieredStore
-from tests.chat.test_session import GREEDY, SYSTEM, matches_stock, prompt_ids, reply_ids
+from tests.chat.stock import GREEDY, SYSTEM, matches_stock, prompt_ids, reply_ids
 
 WINDOW, PAGE = 6, 4
 TEXTS = ["Tell me about the long rivers of the northern plains, please, in some detail.",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cattn.hf import CACHE_KWARG, SUPPORTED_MODEL_TYPES, PagedCache, apply_cattn
+from tests.hf.tiny_models import TINY_FAMILIES
 
 FP32 = dict(atol=3e-5, rtol=1e-4)   # fp32 end to end; the paths differ only in summation order
 PAGE = 4
@@ -42,8 +43,6 @@ def test_triton_backend_logits_equal_stock(tiny_model, family):
 
 
 def test_every_supported_type_has_a_tiny_model_here():
-    from tests.conftest import TINY_FAMILIES
-
     assert set(SUPPORTED_MODEL_TYPES) - {"gemma3_text"} <= set(TINY_FAMILIES)
 
 

@@ -1,7 +1,6 @@
 """Layer-wise reads from disk (`TieredStore.acquire(..., layerwise=True)`): a history on disk only arrives
 one layer at a time behind its lease, each layer checksummed alone; a corrupt layer drops the session and
 fails the waiting reader, never serves it; the pool is exactly accounted whatever the lease does."""
-import os
 import random
 import threading
 
@@ -13,32 +12,8 @@ from cattn.store.lower import fileformat as ff
 from cattn.store.lower.disk import DiskTier
 from cattn.store.layout import KVLayout
 from cattn.store.tiered.store import TieredStore
-from tests.store.test_partial_prefetch import cat, saved_in_turns, wait_until
-from tests.store.test_tiered import L, key, make_entry
-
-
-class GatedLayers(DiskTier):
-    """Each layer read of a chunk opened for layer-wise reads waits for a permit; counts whole reads."""
-
-    def __init__(self, root, capacity):
-        super().__init__(root, capacity)
-        self.permits, self.whole_reads, self.layer_reads = threading.Semaphore(0), 0, 0
-
-    def read_chunk(self, key, layout, chunk_id, num_tokens, into=None):
-        self.whole_reads += into is not None
-        return super().read_chunk(key, layout, chunk_id, num_tokens, into)
-
-    def open_layers(self, key, layout, chunk_id, num_tokens):
-        r = super().open_layers(key, layout, chunk_id, num_tokens)
-        if r is not None:
-            read_layer, disk = r.read_layer, self
-
-            def gated(layer, into):
-                assert disk.permits.acquire(timeout=20), "the test never let this layer through"
-                disk.layer_reads += 1
-                read_layer(layer, into)
-            r.read_layer = gated
-        return r
+from tests.store.entries import L, cat, key, make_entry, saved_in_turns
+from tests.store.gated_tiers import GatedLayers, corrupt_layer, wait_until
 
 
 def reopened(tmp_path, sizes, disk_cls=GatedLayers):
@@ -97,22 +72,6 @@ def test_dram_chunks_and_disk_chunks_in_one_lease(tmp_path):
     store.delete(key())
     assert store.stats()["dram"]["used_bytes"] == 0
     store.close()
-
-
-def corrupt_layer(tmp_path, chunk_index, layer_index):
-    """Flip a byte of ``layer_index``'s V in the ``chunk_index``-th chunk file (by token count)."""
-    files = sorted((p for p in tmp_path.rglob("*.kv")), key=lambda p: p.stat().st_mtime_ns)
-    path = files[chunk_index]
-    fd = os.open(path, os.O_RDWR)
-    try:
-        meta, _, _ = ff.read_frame(fd)
-    finally:
-        os.close(fd)
-    lay = KVLayout.from_json(meta["layout"])
-    _, v_at = ff.layer_spans(lay, meta["num_tokens"])[layer_index]
-    data = bytearray(path.read_bytes())
-    data[meta["payload_offset"] + v_at + 3] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_a_corrupt_layer_fails_the_reader_and_drops_the_session(tmp_path):

@@ -2,8 +2,6 @@
 stops, the prefix in DRAM served exactly (`tokens_in_dram`), the rest still whole on disk; late reads
 issued soonest first."""
 import random
-import threading
-import time
 
 import pytest
 import torch
@@ -13,31 +11,8 @@ from cattn.store.lower.disk import DiskTier
 from cattn.store.tiered.migration import evict_dram_locked
 from cattn.store.policy.base import Scheduler
 from cattn.store.tiered.store import TieredStore
-from tests.store.test_readahead import store_with_sessions_on_disk
-from tests.store.test_tiered import TOKEN_BYTES, key, make_entry
-
-
-class GatedDisk(DiskTier):
-    """While ``gated``, each chunk payload read waits for a permit; records the chunks it read."""
-
-    def __init__(self, root, capacity):
-        super().__init__(root, capacity)
-        self.permits, self.gated = threading.Semaphore(0), True
-        self.entered, self.read = 0, []
-
-    def read_chunk(self, key, layout, chunk_id, num_tokens, into=None):
-        if into is not None and self.gated:
-            self.entered += 1
-            assert self.permits.acquire(timeout=20), "the test never let this read through"
-        out = super().read_chunk(key, layout, chunk_id, num_tokens, into)
-        if into is not None:
-            self.read.append(chunk_id)
-        return out
-
-
-def cat(*entries):
-    return KVEntry(torch.cat([e.token_ids for e in entries]), torch.cat([e.k for e in entries], 1),
-                   torch.cat([e.v for e in entries], 1))
+from tests.store.entries import TOKEN_BYTES, cat, key, make_entry, saved_in_turns
+from tests.store.gated_tiers import GatedDisk, store_with_sessions_on_disk, wait_until
 
 
 def prefix(e, n):
@@ -47,28 +22,6 @@ def prefix(e, n):
 def assert_exact(got, want):
     assert got is not None and torch.equal(got.token_ids, want.token_ids)
     assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
-
-
-def wait_until(cond, what):
-    deadline = time.monotonic() + 20
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
-def saved_in_turns(tmp_path, sizes, max_chunk_tokens=None):
-    """A session saved turn by turn (``sizes`` tokens each, random KV; one chunk each unless
-    ``max_chunk_tokens``) by a store that then shut down: its history is on disk only. Returns the turns'
-    entries."""
-    store = TieredStore(1 << 20, DiskTier(tmp_path, 1 << 24), max_chunk_tokens=max_chunk_tokens)
-    parts, have = [], 0
-    for n in sizes:
-        e = make_entry(n, first_id=random.randrange(10_000))
-        store.save(key(), e, start=have)
-        parts.append(e)
-        have += e.num_tokens
-    store.close()
-    return parts
 
 
 def reading_mid_history(tmp_path, turns, read_before, sizes=None, max_chunk_tokens=None):

@@ -1,56 +1,9 @@
 """The store's prefetch lane: one read at a time, in the policy's order, under deadlines."""
-import threading
-import time
-
 import pytest
 
-from cattn.store.lower.disk import DiskTier
-from cattn.store.policy.base import Scheduler
 from cattn.store.tiered.store import TieredStore
-from tests.store.test_tiered import TOKEN_BYTES, assert_same, key, make_entry
-
-
-class WatchedDisk(DiskTier):
-    """Reads at ``bytes_per_s``; records the order of chunk reads and how many run at once."""
-
-    def __init__(self, root, capacity, bytes_per_s):
-        super().__init__(root, capacity)
-        self.bytes_per_s = bytes_per_s
-        self.order, self.active, self.most = [], 0, 0
-        self._lock = threading.Lock()
-
-    def read_chunk(self, key, layout, chunk_id, num_tokens, into=None):
-        with self._lock:
-            self.active += 1
-            self.most = max(self.most, self.active)
-            self.order.append(key.session)
-        time.sleep(num_tokens * TOKEN_BYTES / self.bytes_per_s)  # long enough for another read to overlap
-        try:
-            return super().read_chunk(key, layout, chunk_id, num_tokens, into)
-        finally:
-            with self._lock:
-                self.active -= 1
-
-
-def store_with_sessions_on_disk(tmp_path, sizes, bytes_per_s=100 * 16 * TOKEN_BYTES, dram_bytes=None, **kwargs):
-    """A store whose sessions s0, s1, ... (token counts ``sizes``) are all on disk only, with a scheduler
-    policy; the disk reads 16 tokens in 10 ms unless told otherwise."""
-    disk = WatchedDisk(tmp_path, 1 << 24, bytes_per_s)
-    store = TieredStore(dram_bytes or 64 * TOKEN_BYTES * len(sizes), disk, policy=Scheduler(), io_threads=4,
-                        high_watermark=1.0, **kwargs)
-    entries = {key(f"s{i}"): make_entry(n, first_id=1000 * i) for i, n in enumerate(sizes)}
-    for k, e in entries.items():
-        store.save(k, e)
-    assert not store.flush()
-    st = store.state
-    with st.lock:  # the pool forgets what the disk holds: every session now needs a read
-        for e in st.entries.values():
-            for c in e.chunks.values():
-                if c.offset is not None:
-                    st.pool.free(c.offset, c.extent_nbytes)
-                    c.offset = None
-    assert store.stats()["dram"]["used_bytes"] == 0
-    return store, disk, entries
+from tests.store.entries import TOKEN_BYTES, assert_same, key, make_entry
+from tests.store.gated_tiers import store_with_sessions_on_disk
 
 
 def test_prefetches_read_one_at_a_time_in_queue_order(tmp_path):

@@ -11,19 +11,14 @@ import time
 
 import pytest
 
-from cattn.hf import apply_cattn, fingerprint
+from cattn.hf import fingerprint
 from cattn.chat.session import ChatSession
 from cattn.store import EntryKey
+from tests.chat.stock import GREEDY, SYSTEM, matches_stock
+from tests.store.redis_machines import BOUND_S, machine
 from tests.store.redis_servers import RedisCluster, RedisServer, cli, free_port, require_redis
-from tests.chat.test_session import GREEDY, SYSTEM, matches_stock
-from tests.store.test_redis import BOUND_S, machine
 
 QUESTION = {"role": "user", "content": "Which number?"}
-
-
-@pytest.fixture
-def chat_model(tiny_model, byte_tokenizer):
-    return apply_cattn(tiny_model("qwen3"), page_size=4), byte_tokenizer
 
 
 @pytest.fixture

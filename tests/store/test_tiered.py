@@ -9,30 +9,13 @@ import pytest
 import torch
 import xxhash
 
-from cattn.store.contract import EntryKey, KVEntry
+from cattn.store.contract import KVEntry
 from cattn.store.lower.disk import DiskTier
 from cattn.store.layout import KVLayout
 from cattn.store.policy.base import LRU
 from cattn.store.errors import StoreFullError
 from cattn.store.tiered.store import TieredStore
-
-L, H, D = 2, 2, 16
-TOKEN_BYTES = 2 * L * H * D * 2   # fp16
-
-
-def key(session="s0", tenant="acme", model="0123abcd"):
-    return EntryKey(tenant, model, session)
-
-
-def make_entry(n, dtype=torch.float16, first_id=0):
-    return KVEntry(torch.arange(first_id, first_id + n) * 31 % 50_000,
-                   torch.randn(L, n, H, D).to(dtype), torch.randn(L, n, H, D).to(dtype))
-
-
-def assert_same(got: KVEntry, want: KVEntry):
-    assert got is not None
-    assert torch.equal(got.token_ids, want.token_ids)
-    assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+from tests.store.entries import D, H, L, TOKEN_BYTES, assert_same, key, make_entry
 
 
 def test_save_load_append_and_isolation(tmp_path):

@@ -10,7 +10,7 @@ from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.engine_state import EngineState
 from cattn.vllm.jobs import LoadJob
 from cattn.vllm.worker import WorkerSide, token_slots
-from tests.store.test_layerwise import corrupt_layer
+from tests.store.gated_tiers import corrupt_layer
 
 L, H, D, BLOCK = 3, 2, 8, 4
 
