@@ -1,7 +1,7 @@
 """The tree's structure, read from the source: what the architecture promises, held by a test.
 
 - no module imports another module's ``_private`` name, and no code reads another object's private
-  members (``obj._x`` for any ``obj`` but ``self`` and ``cls``);
+  members (``obj._x`` for any ``obj`` but ``self`` and ``cls``); no test module imports another;
 - outside the store package, nobody asks a store what it is (``isinstance``/``hasattr``/``getattr`` on a
   store object or class): everything a caller uses is on the store's contract;
 - no import circle between cattn's modules, with lazy (in-function) and ``TYPE_CHECKING`` imports counted;
@@ -71,6 +71,18 @@ def test_no_module_imports_another_modules_private_name():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("cattn", "bench", "tests"):
                 offences += [f"{path.relative_to(REPO)}:{node.lineno}: {a.name} from {node.module}"
                              for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offences == []
+
+
+def test_no_test_module_imports_another_test_module_or_a_conftest():
+    """Shared helpers live in modules named for what they hold, shared fixtures in conftest.py files."""
+    offences = []
+    for path in python_files("tests", "bench"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests"):
+                last = node.module.rsplit(".", 1)[-1]
+                if last.startswith("test_") or last == "conftest":
+                    offences.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module}")
     assert offences == []
 
 

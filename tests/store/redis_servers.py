@@ -96,13 +96,16 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters built with ``redis-cli --cluster create`` and one replica of the first master."""
+    """Three masters built with ``redis-cli --cluster create`` and one replica of the first master
+    (``replica=False``: none; ``full_coverage=False``: ``cluster-require-full-coverage no``, so the live
+    masters keep serving their slots while another is dead)."""
 
-    def __init__(self, root: Path):
-        opts = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf")
+    def __init__(self, root: Path, replica: bool = True, full_coverage: bool = True):
+        opts = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf",
+                "--cluster-require-full-coverage", "yes" if full_coverage else "no")
         self.nodes: list[RedisServer] = []
         try:
-            for _ in range(4):
+            for _ in range(4 if replica else 3):
                 self.nodes.append(RedisServer(root, *opts, port=free_port(cluster=True)))
             self._build()
         except BaseException:
@@ -117,6 +120,9 @@ class RedisCluster:
         masters = [f"{HOST}:{n.port}" for n in self.nodes[:3]]
         subprocess.run(["redis-cli", "--cluster", "create", *masters, "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
+        if len(self.nodes) == 3:
+            self.wait(lambda: all("cluster_state:ok" in cli(n.port, "cluster", "info") for n in self.nodes))
+            return
         first = self.nodes[0]
         master_id = cli(first.port, "cluster", "myid")
         subprocess.run(["redis-cli", "--cluster", "add-node", f"{HOST}:{self.nodes[3].port}", masters[0],

@@ -14,7 +14,9 @@ manifest is written last, after every chunk it names: a session without one is a
 Failure is a miss: every command runs under ``timeout_s`` with no retries; a timeout or
 a server error raises `RemoteTierError` (an OSError: the store then recomputes), is
 counted by reason, and marks the server down for ``retry_after_s``, during which calls
-fail at once. The client reconnects on the first call after that.
+fail at once. The client reconnects on the first call after that. On a cluster, a failure
+of a session's call marks only the node serving its slot down (the client and its slot map
+stay, and redis-py refreshes the map): a dead master costs only its own sessions.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class RedisTier(LowerTier):
             raise ValueError(f"redis ttl_s must be > 0 or None, got {o.ttl_s!r}")
         self.capacity, self.metrics = o.capacity_bytes, TierMetrics()
         self._lock, self._redis, self._down_until = threading.RLock(), None, 0.0
+        self._nodes_down: dict[str, float] = {}   # cluster: node name -> when calls to it may try again
         self._px = None if o.ttl_s is None else max(1, int(o.ttl_s * 1000))
         # Sessions whose last read failed in transport or found a key absent: the store drops such a
         # session as unusable, and that drop must not delete what other machines can still read.
@@ -67,12 +70,14 @@ class RedisTier(LowerTier):
     def _key(self, key: EntryKey, *parts: str) -> str:
         return ":".join((self.options.prefix, f"{{{key.tenant}/{key.model}/{key.session}}}", *parts))
 
-    def _call(self, fn):
-        """``fn(client)`` with failures turned into RemoteTierError (counted by the caller's reason)."""
+    def _call(self, fn, key: EntryKey):
+        """``fn(client)`` for ``key``'s keys, failures turned into RemoteTierError (counted by the caller's
+        reason). On a cluster, a failure marks down only the node that serves ``key``'s slot."""
         import redis
 
         with self._lock:
-            if time.monotonic() < self._down_until:
+            now = time.monotonic()
+            if now < self._down_until:
                 raise RemoteTierError("redis marked down after a recent failure")
             if self._redis is None:
                 try:
@@ -80,22 +85,49 @@ class RedisTier(LowerTier):
                 except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
                     self._down(exc)
             client = self._redis
+            node = self._node_of(client, key)
+            if node is not None and now < self._nodes_down.get(node, 0.0):
+                raise RemoteTierError(f"redis node {node} marked down after a recent failure")
         try:
             return fn(client)
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            self._down(exc)
+            self._down(exc, node)
 
-    def _down(self, exc: Exception):
+    def _node_of(self, client, key: EntryKey) -> str | None:
+        """On a cluster, the node that serves ``key``'s slot in the client's slot map (its name, or the
+        slot's if the map has no node for it); None for one server."""
+        if not self.options.cluster:
+            return None
         import redis
 
+        name = self._key(key, "m")
+        try:
+            return client.get_node_from_key(name).name
+        except (redis.RedisError, redis.exceptions.RedisClusterException):
+            return f"slot {client.keyslot(name)}"
+
+    def _down(self, exc: Exception, node: str | None = None):
+        """Raise ``exc`` as a RemoteTierError, marking down for ``retry_after_s`` the cluster ``node`` the
+        call went to, or else the whole server (then a fresh client, and slot map, at the next call).
+        A cluster that no node answers is marked down whole."""
+        import redis
+
+        unreachable = getattr(redis.exceptions, "RedisClusterUnreachableError", ())
         with self._lock:
-            self._down_until = time.monotonic() + self.options.retry_after_s
-            if not isinstance(exc, redis.ResponseError) and self._redis is not None:
-                old, self._redis = self._redis, None   # a fresh client (and topology) at the next call
-                try:
-                    old.close()
-                except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
-                    pass
+            until = time.monotonic() + self.options.retry_after_s
+            if node is not None and not isinstance(exc, unreachable):
+                # The client stays: its other nodes serve their sessions, and redis-py asked for a fresh
+                # slot map (a replica promoted in the node's place serves its sessions once it has it).
+                self._nodes_down[node] = until
+            else:
+                self._down_until = until
+                if not isinstance(exc, redis.ResponseError) and self._redis is not None:
+                    old, self._redis = self._redis, None   # a fresh client (and topology) at the next call
+                    self._nodes_down.clear()
+                    try:
+                        old.close()
+                    except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                        pass
         reason = "timeout" if isinstance(exc, redis.TimeoutError) else "server_error"
         raise RemoteTierError(f"redis {reason}: {exc}", reason) from exc
 
@@ -153,7 +185,7 @@ class RedisTier(LowerTier):
 
         def header() -> bytes:
             return self._header(key, layout, chunk_id, token_ids, checksum[0])
-        self._timed_write(write)
+        self._timed_write(write, key)
         self.metrics.add(bytes_in=len(data))
         return self.chunk_nbytes(key, layout, chunk_id, token_ids.numel())
 
@@ -177,10 +209,10 @@ class RedisTier(LowerTier):
         npieces = self._pieces(nbytes)
         hkey = self._key(key, "c", chunk_id)
         if into is None:
-            values = [self._call(lambda r: r.get(hkey))]
+            values = [self._call(lambda r: r.get(hkey), key)]
         else:
             names = [hkey] + [self._key(key, "c", chunk_id, str(i)) for i in range(npieces)]
-            values = self._call(lambda r: _get_many(r, names))
+            values = self._call(lambda r: _get_many(r, names), key)
         if values[0] is None:
             raise Absent(f"chunk {chunk_id} of session {key.session!r} is not in redis")
         meta, blob = parse_frame(values[0])
@@ -195,7 +227,7 @@ class RedisTier(LowerTier):
                 if not isinstance(want, int) or not 0 < want <= max(nbytes, 1):
                     raise FormatError(f"chunk header names {want!r} pieces")
                 names = [self._key(key, "c", chunk_id, str(i)) for i in range(want)]
-                pieces = self._call(lambda r: _get_many(r, names))
+                pieces = self._call(lambda r: _get_many(r, names), key)
             if any(p is None for p in pieces):
                 raise Absent(f"a piece of chunk {chunk_id} of session {key.session!r} is not in redis")
             out, pos, hasher = ff.bytes_of(into[:nbytes]), 0, xxhash.xxh3_64()
@@ -224,14 +256,14 @@ class RedisTier(LowerTier):
                 pipe.pexpire(name, self._px)
             pipe.set(self._key(key, "m"), data, px=self._px)
             pipe.execute()
-        self._timed_write(write)
+        self._timed_write(write, key)
         return len(data)
 
-    def _timed_write(self, write) -> None:
+    def _timed_write(self, write, key: EntryKey) -> None:
         """Run ``write(client)`` through `_call`, timed as a write; a failure is counted, then raised."""
         try:
             with self.metrics.timed("write"):
-                self._call(write)
+                self._call(write, key)
         except RemoteTierError:
             self.metrics.add(write_errors=1)
             raise
@@ -259,7 +291,7 @@ class RedisTier(LowerTier):
             if names:
                 r.delete(*names)
         try:
-            self._call(remove)
+            self._call(remove, key)
         except RemoteTierError as exc:
             self.metrics.add(remove_errors=1)
             log.warning("removing session %r from redis failed: %s", key.session, exc)
@@ -285,7 +317,7 @@ class RedisTier(LowerTier):
         mkey = self._key(key, "m")
         try:
             with self.metrics.timed("read"):
-                raw = self._call(lambda r: r.get(mkey))
+                raw = self._call(lambda r: r.get(mkey), key)
                 if raw is None:
                     raise Absent("no manifest")
                 meta = manifest_of(raw, key)
@@ -294,7 +326,7 @@ class RedisTier(LowerTier):
             if isinstance(exc, FormatError) and not isinstance(exc, Absent):
                 log.warning("session %r: manifest in redis unusable (%s); deleted", key.session, exc)
                 try:
-                    self._call(lambda r: r.delete(mkey))
+                    self._call(lambda r: r.delete(mkey), key)
                 except RemoteTierError:
                     pass
             return None
