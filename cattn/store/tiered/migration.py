@@ -145,6 +145,11 @@ def persist_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
     if need > st.disk.capacity:
         return False
     e.io += 1
+    # Pinned before room is made below: that releases the lock, and a truncate or a save meanwhile may
+    # retire a chunk to write, which must not give its DRAM back before it is written.
+    for c in to_write:
+        c.pins += 1
+    pinned = True
     try:
         while st.disk_used + need > st.disk.capacity:
             if not _evict_disk_locked(st):
@@ -152,8 +157,6 @@ def persist_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
         if e.removed:
             return False
         st.disk_used += need  # reserved while the lock is released
-        for c in to_write:
-            c.pins += 1
         written, committed, error = [], False, None
         try:
             with st.unlocked(), e.io_lock:
@@ -174,6 +177,7 @@ def persist_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
         finally:
             st.disk_used -= need
             st.unpin_locked(to_write)
+            pinned = False
         if error is not None:
             st.counters["disk"]["write_errors"] += 1
             log.warning("writing session %r to the lower tier failed: %s", key.session, error)
@@ -194,6 +198,8 @@ def persist_locked(st: StoreState, key: EntryKey, e: Entry) -> bool:
                 e.chunks.pop(c.id, None)
         return True
     finally:
+        if pinned:
+            st.unpin_locked(to_write)
         e.io -= 1
         st.cond.notify_all()
 
