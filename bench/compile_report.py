@@ -18,14 +18,11 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):   # run as a file path: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # the checkout's root, and not bench/ itself: bench/kernels.py would shadow the `kernels` package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
 
 from bench import sass  # noqa: E402  (sets TRITON_INTERPRET=0 before triton is imported)
-
-if __package__ in (None, ""):   # run by path (python bench/compile_report.py): import `bench` as `python -m` does
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402

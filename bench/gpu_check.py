@@ -49,7 +49,9 @@ if __name__ == "__main__":
 
 if __package__ in (None, ""):   # run by path (python bench/gpu_check.py): import `bench` as `python -m` does
     import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    # the checkout's root, and not bench/ itself: bench/kernels.py would shadow the `kernels` package
+    here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402

@@ -24,7 +24,9 @@ from __future__ import annotations
 if __package__ in (None, ""):   # run by path (python bench/kernels.py): import `bench` as `python -m` does
     import pathlib
     import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    # the checkout's root, and not bench/ itself: bench/kernels.py would shadow the `kernels` package
+    here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
 
 import argparse
 import math

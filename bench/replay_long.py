@@ -15,7 +15,9 @@ from __future__ import annotations
 if __package__ in (None, ""):   # run by path: import `cattn` and `bench` from this checkout, as `python -m` does
     import pathlib
     import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    # the checkout's root, and not bench/ itself: bench/kernels.py would shadow the `kernels` package
+    here = pathlib.Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() != here]
 
 import argparse
 import json
