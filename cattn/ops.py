@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from cattn import reference
+from cattn import cpu_attention, reference
 from cattn.rope import RopeSpec
 
 BACKENDS = ("auto", "triton", "torch")
@@ -199,7 +199,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         logit_softcap: None, or a finite float > 0: scores become
             ``logit_softcap * tanh(q.k * sm_scale / logit_softcap)`` before masking and softmax (Gemma 2).
         out: optional ``[total_q, num_q_heads, head_dim]`` output buffer of q's dtype.
-        backend: ``"auto"`` (Triton on CUDA tensors, torch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA tensors; on CPU `cattn.cpu_attention`: SDPA over keys rotated
+            from the cos/sin table), ``"triton"`` or ``"torch"`` (the plain reference, `cattn.reference`).
         max_q_len: the largest ``q_len`` if the caller knows it (saves a host read).
         check_indices: check the index tensors' values (host sync); see `check_batch`.
 
@@ -245,9 +246,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if check_indices:
         max_q_len = check_batch(block_table, kv_lens, cu_seqlens_q, num_pages, page_size, q.shape[0])
     if chosen == "torch":
-        return reference.paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope,
-                                         sm_scale=sm_scale, causal=causal, sliding_window=sliding_window,
-                                         logit_softcap=logit_softcap, out=out)
+        # "auto" off CUDA takes the CPU path built for speed; "torch" asks for the plain reference (the oracle)
+        attend = cpu_attention.paged_attention if backend == "auto" else reference.paged_attention
+        return attend(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope, sm_scale=sm_scale,
+                      causal=causal, sliding_window=sliding_window, logit_softcap=logit_softcap, out=out)
     from cattn.launch import launch_paged_attention
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0

@@ -1,4 +1,5 @@
-"""The ops in plain torch: the oracle of every test (run it in float64) and the CPU backend.
+"""The ops in plain torch: the oracle of every test (run it in float64), and ``backend="torch"``.
+(On CPU, ``backend="auto"`` runs `cattn.cpu_attention`, built for speed, against this oracle.)
 
 Everything is explicit here: pages are gathered with indexing, RoPE is applied
 with `apply_rope`, GQA is a reshape, the causal mask is built from positions.
