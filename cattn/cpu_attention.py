@@ -23,21 +23,6 @@ from cattn.rope import RopeSpec
 from cattn.rope_table import cos_sin_table
 
 
-def rotate(x: torch.Tensor, cos_sin: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
-    """``x [T, H, D]`` (the work dtype) rotated by ``cos_sin [T, rotary_dim]`` (cos | sin, scaled), the
-    rest of the head passed through."""
-    half = rope.inv_freq.numel()
-    rd = 2 * half
-    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    if rope.style == "neox":
-        x1, x2 = x[..., :half], x[..., half:rd]
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = x[..., 0:rd:2], x[..., 1:rd:2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return rotated if rd == x.shape[-1] else torch.cat((rotated, x[..., rd:]), dim=-1)
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     kv_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, rope: RopeSpec | None, *,
                     sm_scale: float | None = None, causal: bool = True, sliding_window: int | None = None,
@@ -67,7 +52,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             # longrope: the whole sequence takes the long factors once it is longer than the switch
             long = rope.long_inv_freq is not None and kv_len > rope.original_max_position
             cos_sin = table[int(long), :kv_len].to(work)
-            qb, k = rotate(qb, cos_sin[kv_len - q_len:], rope), rotate(k, cos_sin, rope)
+            qb, k = reference.rotate(qb, cos_sin[kv_len - q_len:], rope), reference.rotate(k, cos_sin, rope)
         mask, is_causal = None, False
         if sliding_window is not None or (causal and q_len != kv_len):
             q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]

@@ -21,20 +21,25 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     Angles are ``position * inv_freq`` in fp32 (as HF computes them); the rotation
     itself runs in x's dtype promoted to at least fp32.
     """
-    half = rope.inv_freq.numel()
-    rd = 2 * half
     angles = positions.to(torch.float32)[:, None] * rope.inv_freq.to(x.device)[None, :]
     work = torch.promote_types(x.dtype, torch.float32)
-    cos = (angles.to(work).cos() * rope.attention_scaling)[:, None, :]
-    sin = (angles.to(work).sin() * rope.attention_scaling)[:, None, :]
-    xw = x.to(work)
+    cos_sin = torch.cat((angles.to(work).cos(), angles.to(work).sin()), dim=-1) * rope.attention_scaling
+    return rotate(x.to(work), cos_sin, rope).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos_sin: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
+    """``x [T, H, D]`` rotated by ``cos_sin [T, rotary_dim]`` (cos | sin, scaled), in x's dtype; the rest
+    of the head passes through. ``rope`` gives the pairing (``style``) and the rotary width."""
+    half = rope.inv_freq.numel()
+    rd = 2 * half
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
     if rope.style == "neox":
-        x1, x2 = xw[..., :half], xw[..., half:rd]
+        x1, x2 = x[..., :half], x[..., half:rd]
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
-        x1, x2 = xw[..., 0:rd:2], xw[..., 1:rd:2]
+        x1, x2 = x[..., 0:rd:2], x[..., 1:rd:2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, xw[..., rd:]), dim=-1).to(x.dtype)
+    return torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -30,19 +30,11 @@ def smollm2():
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens, then <|im_start|> and <|im_end|>) with a ChatML template,
-    built in memory: text round-trips exactly, and tiny models need a vocabulary of only 258."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    built in memory: text round-trips exactly, and tiny models need a vocabulary of only 258. The same one
+    the CPU benchmark's random models use."""
+    from bench.hf_cpu_models import byte_tokenizer as build
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>")
-    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return fast
+    return build()
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,14 @@ class Batch:
                      self.cu_seqlens_q.to(dtype))
 
 
+def longrope(head_dim: int, original_max_position: int = 64) -> RopeSpec:
+    """A longrope-style spec: scaled long factors past ``original_max_position``."""
+    half = head_dim // 2
+    short = 1.0 / (10000.0 ** (torch.arange(half).float() / half))
+    return RopeSpec(short, 1.19, "neox", long_inv_freq=short / torch.linspace(1.0, 4.0, half),
+                    original_max_position=original_max_position)
+
+
 def make_batch(q_lens: list[int], kv_lens: list[int], *, num_kv_heads: int, group: int, head_dim: int,
                page_size: int, dtype: torch.dtype, spare_pages: int = 3, pad_pages: int = 2,
                fused_qkv: bool = False, fused_kv_cache: bool = False) -> Batch:

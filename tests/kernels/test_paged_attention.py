@@ -14,8 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cattn import RopeSpec
-from tests.kernels.batches import DEVICE, DTYPES, check, default_rope, make_batch
+from tests.kernels.batches import DEVICE, DTYPES, check, default_rope, longrope, make_batch
 
 
 # ---- lengths around page and tile boundaries --------------------------------------------------
@@ -82,13 +81,6 @@ def test_decode_with_idle_sequences_and_empty_splits(dtype, decode_splits):
 
 
 # ---- rope variants and options ----------------------------------------------------------------
-
-def longrope(head_dim: int) -> RopeSpec:
-    half = head_dim // 2
-    short = 1.0 / (10000.0 ** (torch.arange(half).float() / half))
-    return RopeSpec(short, 1.19, "neox", long_inv_freq=short / torch.linspace(1.0, 4.0, half),
-                    original_max_position=64)
-
 
 ROPES = {
     "none": lambda d: None,

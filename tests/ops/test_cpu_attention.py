@@ -7,17 +7,9 @@ import torch
 
 import cattn
 from cattn import cpu_attention, reference
-from cattn.rope import RopeSpec
-from tests.kernels.batches import default_rope, make_batch
+from tests.kernels.batches import default_rope, longrope, make_batch
 
 TOLERANCES = {torch.float32: 2e-6, torch.bfloat16: 8e-3}   # max |out - ref| / (1 + |ref|)
-
-
-def longrope(head_dim: int) -> RopeSpec:
-    half = head_dim // 2
-    short = 1.0 / (10000.0 ** (torch.arange(half).float() / half))
-    return RopeSpec(short, 1.19, "neox", long_inv_freq=short / torch.linspace(1.0, 4.0, half),
-                    original_max_position=40)
 
 
 ROPES = {
@@ -26,7 +18,7 @@ ROPES = {
     "partial-odd-pairs": lambda d: default_rope(d - 2 * 5),
     "gptj-partial": lambda d: default_rope(d // 2, "gptj", base=500.0),
     "scaled": lambda d: default_rope(d, scaling=1.25),
-    "longrope": longrope,
+    "longrope": lambda d: longrope(d, original_max_position=40),
 }
 # (q_lens, kv_lens): prefills, extends and decodes in one batch; the 41 and 70 cross longrope's switch at 40
 BATCHES = [([7, 1, 23, 1], [7, 41, 70, 3]), ([1, 1, 1], [40, 41, 96]), ([33], [33])]
