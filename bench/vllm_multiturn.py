@@ -3,10 +3,13 @@ both): time to first token and prefilled tokens per turn; a table, and JSON in t
 
     python -m bench.vllm_multiturn                 # on the embedded SmolLM2; CPU or GPU, unchanged
     python -m bench.vllm_multiturn --model DIR --conversations 8 --turns 6 --kv-cache-mib 256
+    python -m bench.vllm_multiturn --server        # concurrent chats against `vllm serve`
 
 Conversations take turns round-robin, one request at a time, so between two turns of one
 conversation the others fill vLLM's KV cache (``--kv-cache-mib``, small on purpose) and evict its
-prefix cache: the case cattn's hierarchy is for. Each engine runs in a process of its own.
+prefix cache: the case cattn's hierarchy is for. Each engine runs in a process of its own. With
+``--server``, the conversations run at once against vLLM's OpenAI server (one turn of every
+conversation at a time, streamed; `bench/vllm_server_chats.py`), TTFT median and p90 per turn.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ CITIES = ["Lisbon", "Vienna", "Kyoto", "Montreal", "Cape Town", "Hanoi", "Oslo",
 def run_child(args) -> None:
     """One engine: every conversation's turns, round-robin; writes the per-request rows as JSON."""
     from cattn.vllm import CattnVllmConfig
-    from cattn.vllm.chat import EngineSpec, build_llm, store_stats
+    from cattn.vllm.chat import EngineSpec, build_llm
     from vllm import SamplingParams
 
     connector = None
@@ -64,7 +67,7 @@ def run_child(args) -> None:
                              prefilled_tokens=len(out.prompt_token_ids) - (out.num_cached_tokens or 0),
                              loaded_by_cattn=report.get("loaded_tokens", 0),
                              ttft_s=ttft if ttft and ttft > 0 else None, request_s=wall))
-    Path(args.child_out).write_text(json.dumps({"rows": rows, "store": store_stats()}))
+    Path(args.child_out).write_text(json.dumps({"rows": rows}))
 
 
 def summarise(rows: list[dict], turns: int) -> list[dict]:
@@ -78,6 +81,10 @@ def summarise(rows: list[dict], turns: int) -> list[dict]:
                         ttft=sum(ttfts) / len(ttfts) if ttfts else None,
                         request=sum(r["request_s"] for r in sel) / len(sel)))
     return out
+
+
+def public_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("child") and k != "store_dir"}
 
 
 def git_commit() -> str | None:
@@ -98,6 +105,8 @@ def main() -> None:
     p.add_argument("--kv-cache-mib", type=int, default=24, help="vLLM's KV cache (small: its prefix cache evicts)")
     p.add_argument("--dram-mib", type=int, default=256, help="cattn's DRAM tier")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--server", action="store_true", help="concurrent chats against vllm serve (float32)")
+    p.add_argument("--system-repeats", type=int, default=3, help="--server: the system prompt's length, in repeats")
     p.add_argument("--out", help="JSON path (default: vllm_multiturn_<device>.json in the results folder)")
     p.add_argument("--child", choices=["vllm", "cattn"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -105,7 +114,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return run_child(args)
-    for name in ("conversations", "turns", "max_tokens", "kv_cache_mib", "dram_mib"):
+    for name in ("conversations", "turns", "max_tokens", "kv_cache_mib", "dram_mib", "system_repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
@@ -116,6 +125,19 @@ def main() -> None:
     from cattn.vllm.model_dir import export_embedded_model
 
     model = args.model or str(export_embedded_model())
+    if args.server:
+        from bench.vllm_server_chats import COLUMNS, server_benchmark
+
+        table, results = server_benchmark(args, model, QUESTIONS, CITIES)
+        print(format_table(table, COLUMNS))
+        print(f"({args.conversations} conversations at once; vLLM's prefix caching on in both)")
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        name = f"vllm_serve_{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
+        path = write_json(name, dict(benchmark="vllm_multiturn --server", device=device, cattn_version=cattn.__version__,
+                                     commit=git_commit(), args=public_args(args), per_turn=table, runs=results),
+                          Path(args.out) if args.out else None)
+        print(f"wrote {path}")
+        return
     results = {}
     with tempfile.TemporaryDirectory(prefix="cattn-vllm-bench-") as tmp:
         for mode in ("vllm", "cattn"):
@@ -142,9 +164,8 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     name = f"vllm_multiturn_{'gpu' if torch.cuda.is_available() else 'cpu'}.json"
     path = write_json(name, dict(benchmark="vllm_multiturn", device=device, cattn_version=cattn.__version__,
-                                 commit=git_commit(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), args={k: v for k, v in vars(args).items()
-                                                            if not k.startswith("child") and k != "store_dir"},
-                                 per_turn=table, runs=results), Path(args.out) if args.out else None)
+                                 commit=git_commit(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                                 args=public_args(args), per_turn=table, runs=results), Path(args.out) if args.out else None)
     print(f"wrote {path}")
 
 

@@ -8,28 +8,50 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from vllm import __version__ as vllm_version
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                               KVConnectorRole)
+                                                               KVConnectorRole, KVConnectorWorkerMetadata)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.request import RequestStatus
 
-from cattn.vllm import engine_state
 from cattn.vllm.config import CattnVllmConfig
+from cattn.vllm.directory import SessionDirectory
+from cattn.vllm.jobs import LoadJob, QueueUpdate, SaveJob, StepReport
 from cattn.vllm.keys import model_fingerprint
 from cattn.vllm.scheduler import SchedulerSide
-from cattn.vllm.jobs import LoadJob, SaveJob
-from cattn.vllm.worker import WorkerSide
+from cattn.vllm.worker import WorkerSide, rank_store
 
 log = logging.getLogger(__name__)
+
+# The scheduler sides in this process, by engine id: with vLLM's in-process executor both roles live
+# here, and the worker, which shuts down first, still writes the saves its scheduler planned but never
+# sent. (Under the multi-process executor no worker is in the scheduler's process, and vLLM keeps
+# stepping while saves are pending: `has_pending_push_work`.)
+_local_schedulers: dict[str, SchedulerSide] = {}
 
 
 @dataclass
 class CattnConnectorMetadata(KVConnectorMetadata):
-    """One step's work for the worker: histories to load before the forward, finished requests to save."""
+    """One step's work for the workers: histories to load before the forward, finished requests to
+    save, and what the scheduler showed of its queue."""
 
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    queue: QueueUpdate = field(default_factory=QueueUpdate)
+
+
+@dataclass
+class CattnWorkerMetadata(KVConnectorWorkerMetadata):
+    """One worker's `StepReport`, merged across ranks by vLLM before the scheduler side reads it."""
+
+    report: StepReport = field(default_factory=StepReport)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        self.report.merge(other.report)
+        return self
 
 
 @dataclass
@@ -54,35 +76,50 @@ class CattnConnectorStats(KVConnectorStats):
 
 class CattnConnector(KVConnectorBase_V1):
     """Loads each new request's longest stored prefix into vLLM's blocks layer by layer and saves
-    each finished request's new tokens in the background; sessions live in a `TieredStore`."""
+    each finished request's new tokens in the background. Each worker keeps its shard of every session
+    (its KV heads) in a `TieredStore` of its own; the scheduler side lists what every rank holds
+    (`SessionDirectory`) from the workers' reports."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         parallel = vllm_config.parallel_config
-        if parallel.world_size != 1 or parallel.distributed_executor_backend not in (None, "uni"):
+        if parallel.pipeline_parallel_size != 1 or parallel.data_parallel_size != 1:
             raise ValueError(
-                "CattnConnector needs vLLM's scheduler and its one worker in one process (tensor and "
-                "pipeline parallel size 1, distributed_executor_backend='uni'; on CPU also "
-                f"VLLM_ENABLE_V1_MULTIPROCESSING=0), got world_size={parallel.world_size}, "
-                f"distributed_executor_backend={parallel.distributed_executor_backend!r}")
+                "CattnConnector supports tensor parallelism only: pipeline_parallel_size and "
+                f"data_parallel_size must be 1, got {parallel.pipeline_parallel_size} and "
+                f"{parallel.data_parallel_size}")
         self.config = CattnVllmConfig.from_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self._engine_id = self._kv_transfer_config.engine_id
-        self.shared = engine_state.attach(self._engine_id, self.config, model_fingerprint(vllm_config),
-                                          vllm_config.cache_config.block_size)
-        self._scheduler = SchedulerSide(self.shared) if role == KVConnectorRole.SCHEDULER else None
-        if self._scheduler is not None:
-            self.shared.scheduler = self._scheduler
+        self.world_size = parallel.world_size
+        block_size = vllm_config.cache_config.block_size
+        # The model key covers vLLM's version and the TP size: a shard is served only to the rank
+        # layout and vLLM that wrote it.
+        model = model_fingerprint(vllm_config, vllm_version=vllm_version, tensor_parallel=self.world_size)
+        self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._store = None
+        self._block_size = block_size
+        if role == KVConnectorRole.SCHEDULER:
+            records = None if self.config.disk_dir is None else Path(self.config.disk_dir) / "sessions"
+            self._scheduler = SchedulerSide(self.config, SessionDirectory(model, block_size, records), self.world_size)
+            _local_schedulers[self._engine_id] = self._scheduler
+        else:
+            self.rank = parallel.rank
+            self._store = rank_store(self.config, self.rank, self.world_size)
         self._closed = False
 
     # ---- worker side -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):
-        self._worker = self.shared.worker = WorkerSide(self.shared, kv_caches)
+        self._worker = WorkerSide(self._store, self._block_size, kv_caches, rank=self.rank,
+                                  persist=self.config.persist and self.config.disk_dir is not None)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if self._worker is not None and isinstance(meta, CattnConnectorMetadata) and meta.loads:
+        if self._worker is None or not isinstance(meta, CattnConnectorMetadata):
+            return
+        self._worker.apply_queue(meta.queue)
+        if meta.loads:
             self._worker.start_loads(meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -109,6 +146,12 @@ class CattnConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self._worker is None:
+            return None
+        report = self._worker.take_report()
+        return CattnWorkerMetadata(report) if report else None
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self._worker is None:
             return None
@@ -123,14 +166,18 @@ class CattnConnector(KVConnectorBase_V1):
         if self._closed:
             return
         self._closed = True
-        # Saves planned at finish but not yet sent in a step go to the worker, whichever role shuts
-        # down first (one process: their blocks are still held).
-        scheduler, worker = self.shared.scheduler, self.shared.worker
-        if scheduler is not None and worker is not None and (unsent := scheduler.take_unsent_saves()):
-            worker.start_saves(unsent)
         if self._worker is not None:
+            # One process (vLLM stops its workers before its scheduler): the saves planned at finish
+            # but never sent in a step still have their blocks; write them, and list what was saved
+            # since the last step, which no step will report now.
+            scheduler = _local_schedulers.pop(self._engine_id, None)
+            if scheduler is not None:
+                self._worker.start_saves(scheduler.send_unsent())
             self._worker.close()
-        engine_state.detach(self._engine_id)
+            if scheduler is not None:
+                scheduler.reported(self._worker.take_report(), self._worker.take_saved())
+        elif self._store is not None:
+            self._store.close()
 
     # ---- scheduler side ----------------------------------------------------------------------------
 
@@ -141,14 +188,25 @@ class CattnConnector(KVConnectorBase_V1):
         self._scheduler.allocated(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        loads, saves = self._scheduler.build(scheduler_output)
-        return CattnConnectorMetadata(loads, saves)
+        return CattnConnectorMetadata(*self._scheduler.build(scheduler_output))
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        report = meta.report if isinstance(meta, CattnWorkerMetadata) else None
+        self._scheduler.reported(report, connector_output.finished_sending)
+
+    def has_pending_push_work(self) -> bool:
+        # keeps vLLM's engine stepping until every planned save is written and reported
+        return self._scheduler is not None and self._scheduler.has_pending_saves()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._scheduler.finished(request, block_ids)
+        # with asynchronous scheduling the last scheduled tokens may not be computed yet
+        computed = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        savable = request.status not in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+        return self._scheduler.finished(request, block_ids, computed=computed, savable=savable)
 
     # ---- both --------------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """cattn's own counters: the store's per tier (`TieredStore.stats`)."""
-        return self.shared.store.stats()
+        """This worker's store counters per tier (`TieredStore.stats`); empty on the scheduler side."""
+        return self._store.stats() if self._store is not None else {}

@@ -68,9 +68,11 @@ def _file_digest(path: Path) -> str:
     return _file_digests[memo]
 
 
-def model_fingerprint(vllm_config, layer_shape: tuple[int, ...] | None = None) -> str:
-    """xxh3-128 of what decides the KV vLLM writes: architecture, shapes, dtypes, the KV cache dtype,
-    and the weights: every weight file's bytes for a local model directory, else name and revision.
+def model_fingerprint(vllm_config, *, vllm_version: str, tensor_parallel: int) -> str:
+    """xxh3-128 of what decides the KV a vLLM worker writes: vLLM's version (its attention backends
+    lay blocks out as they like), the tensor parallel size (which KV heads each rank holds), the
+    architecture, shapes, dtypes, the KV cache dtype and block size, and the weights: every weight
+    file's bytes for a local model directory, else name and revision.
 
     vLLM caches keys after RoPE, so its entries are not interchangeable with cattn's own pre-RoPE
     ones; the ``vllm`` tag keeps them apart even for the same weights.
@@ -82,7 +84,7 @@ def model_fingerprint(vllm_config, layer_shape: tuple[int, ...] | None = None) -
              repr(tuple(getattr(hf, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                         "num_key_value_heads", "head_dim", "vocab_size"))),
              repr(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None)),
-             repr(layer_shape)]
+             f"vllm {vllm_version}", f"tp {tensor_parallel}", f"block {vllm_config.cache_config.block_size}"]
     folder = Path(mc.model)
     if folder.is_dir():
         for path in sorted(folder.iterdir()):

@@ -19,10 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from pathlib import Path
+
+from cattn.store.contract import KVStore
 from cattn.store.errors import HistoryLost
 from cattn.store.layout import KVLayout
-from cattn.vllm.engine_state import EngineState, RequestResult
-from cattn.vllm.jobs import LoadJob, SaveJob
+from cattn.store.lower.disk import DiskTier
+from cattn.store.policy.base import Scheduler
+from cattn.store.tiered.store import TieredStore
+from cattn.vllm.config import CattnVllmConfig
+from cattn.vllm.jobs import LoadJob, QueueUpdate, RequestResult, SaveJob, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +45,27 @@ def failed_blocks(job: LoadJob, block_size: int) -> set[int]:
     return set(job.block_ids[job.start // block_size:-(-job.num_tokens // block_size)])
 
 
-class WorkerSide:
-    """Loads and saves for one worker; ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order."""
+def rank_store(config: CattnVllmConfig, rank: int, world_size: int) -> TieredStore:
+    """The store of one rank: its own DRAM pool of ``config.dram_bytes`` and, with a disk tier, its own
+    directory ``<disk_dir>/tp<world_size>-rank<rank>`` of ``config.disk_bytes`` (a directory is one
+    process's, and a shard is only ever read back by the rank of the same TP size that wrote it)."""
+    disk = None
+    if config.disk_dir is not None:
+        disk = DiskTier(Path(config.disk_dir) / f"tp{world_size}-rank{rank}", config.disk_bytes)
+    return TieredStore(config.dram_bytes, disk, policy=Scheduler())
 
-    def __init__(self, shared: EngineState, layers: dict[str, torch.Tensor]):
+
+class WorkerSide:
+    """Loads and saves for one worker (``rank`` of the engine's workers) over its own ``store``;
+    ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order, H this rank's KV heads."""
+
+    def __init__(self, store: KVStore, block_size: int, layers: dict[str, torch.Tensor], *, rank: int = 0,
+                 persist: bool = False):
         for name, t in layers.items():
-            if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != shared.block_size:
-                raise ValueError(f"KV cache of {name}: a [blocks, heads, {shared.block_size}, channels] view with "
+            if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != block_size:
+                raise ValueError(f"KV cache of {name}: a [blocks, heads, {block_size}, channels] view with "
                                  f"an even channel count expected, got {tuple(t.shape)}")
-        self.shared = shared
+        self.store, self.block_size, self.rank, self.persist = store, block_size, rank, persist
         self.names = sorted(layers, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])   # model order
         self.layers = [layers[n] for n in self.names]
         self.layer_index = {n: i for i, n in enumerate(self.names)}
@@ -59,6 +77,7 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="cattn-vllm-save")
         self._saved: set[str] = set()
+        self._report = StepReport()
         self._lock = threading.Lock()
         self.counters = dict(loads=0, load_failures=0, tokens_loaded=0, load_s=0.0, saves=0, save_failures=0,
                              tokens_saved=0)
@@ -69,15 +88,15 @@ class WorkerSide:
         """Lease every job's history from the store (a miss or a mismatch fails that job's blocks),
         then copy them in a background thread, layer by layer; `wait_layer` waits for one layer."""
         self.finish_loads()
-        bs, work = self.shared.block_size, []
+        bs, work = self.block_size, []
         for job in jobs:
             t0 = time.perf_counter()
-            lease = self.shared.store.acquire(job.key, job.num_tokens, layerwise=True)   # disk: a layer at a time
+            lease = self.store.acquire(job.key, job.num_tokens, layerwise=True)   # disk: a layer at a time
             ok = (lease is not None and lease.num_tokens == job.num_tokens
                   and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
             result = RequestResult(from_disk=lease is not None and lease.source == "disk")
-            with self.shared.lock:
-                self.shared.results[job.req_id] = result
+            with self._lock:
+                self._report.loads[job.req_id] = result
             if not ok:
                 if lease is not None:
                     lease.release()
@@ -94,7 +113,7 @@ class WorkerSide:
     def _fail(self, job: LoadJob, result: RequestResult) -> None:
         result.load_failed, result.loaded_tokens = True, 0
         with self._lock:
-            self._load_errors |= failed_blocks(job, self.shared.block_size)
+            self._load_errors |= failed_blocks(job, self.block_size)
             self.counters["load_failures"] += 1
 
     def _copy_in(self, work) -> None:
@@ -163,15 +182,17 @@ class WorkerSide:
                 self._saver.submit(self._save, job)
             except RuntimeError:   # shut down already: the save is lost, which is a future miss
                 log.warning("cattn: worker closed, request %s not saved", job.req_id)
-                self._release(job)
+                with self._lock:
+                    self._report.save_failed.setdefault(job.req_id, set()).add(self.rank)
+                    self._saved.add(job.req_id)
 
     def _save(self, job: SaveJob) -> None:
-        shared = self.shared
+        ok = False
         try:
             ids = torch.tensor(job.token_ids[job.start:], dtype=torch.int64)
-            pending = shared.store.begin_save(job.key, ids, self.layout, job.start)
+            pending = self.store.begin_save(job.key, ids, self.layout, job.start)
             try:
-                blocks, offsets = token_slots(job.block_ids, job.start, len(job.token_ids), shared.block_size)
+                blocks, offsets = token_slots(job.block_ids, job.start, len(job.token_ids), self.block_size)
                 for seg in pending.segments:
                     sel = slice(seg.start, seg.start + seg.num_tokens)
                     for l, layer in enumerate(self.layers):
@@ -182,35 +203,42 @@ class WorkerSide:
                 pending.abort()
                 raise
             pending.commit()
-            with shared.lock:
-                shared.index_locked(job.key, job.token_ids)
+            if self.persist:
+                # on disk before the save is reported done: the scheduler lists the session then,
+                # and a restart must find what it lists
+                self.store.flush()
+            ok = True
             with self._lock:
                 self.counters["saves"] += 1
                 self.counters["tokens_saved"] += len(ids)
-            if shared.config.persist and shared.config.disk_dir is not None:
-                shared.store.flush()
         except Exception:
-            log.exception("cattn: saving request %s failed (the next turn recomputes it)", job.req_id)
+            log.exception("cattn: saving request %s failed on rank %d (its next turn recomputes it)",
+                          job.req_id, self.rank)
             with self._lock:
                 self.counters["save_failures"] += 1
         finally:
-            self._release(job)
-
-    def _release(self, job: SaveJob) -> None:
-        """The save is over (done or not): lookups of its session may go on, vLLM may free its blocks."""
-        with self.shared.lock:
-            left = self.shared.saving.get(job.key, 1) - 1
-            if left > 0:
-                self.shared.saving[job.key] = left
-            else:
-                self.shared.saving.pop(job.key, None)
-        with self._lock:
-            self._saved.add(job.req_id)
+            with self._lock:   # done or not: vLLM may free the request's blocks
+                (self._report.saved if ok else self._report.save_failed).setdefault(job.req_id, set()).add(self.rank)
+                self._saved.add(job.req_id)
 
     def take_saved(self) -> set[str]:
         with self._lock:
             done, self._saved = self._saved, set()
         return done
+
+    def take_report(self) -> StepReport:
+        """What this rank's loads and saves did since the last call (read after `take_saved`, so a
+        request reported saved here is in the same step's report)."""
+        with self._lock:
+            report, self._report = self._report, StepReport()
+        return report
+
+    def apply_queue(self, update: QueueUpdate) -> None:
+        """What vLLM's scheduler showed of its queue, for this rank's store's placement policy."""
+        if update.upcoming is not None:
+            self.store.update_queue(update.upcoming)
+        for key in update.started:
+            self.store.job_started(key)
 
     def take_counters(self) -> dict:
         with self._lock:
@@ -220,5 +248,7 @@ class WorkerSide:
         return out
 
     def close(self) -> None:
+        """Finish loads and saves, then close the store (flushing it to its disk tier, if any)."""
         self.finish_loads()
         self._saver.shutdown(wait=True)
+        self.store.close()

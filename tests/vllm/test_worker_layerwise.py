@@ -6,8 +6,6 @@ import random
 import torch
 
 from cattn.store import DiskTier, EntryKey, KVEntry, TieredStore
-from cattn.vllm.config import CattnVllmConfig
-from cattn.vllm.engine_state import EngineState
 from cattn.vllm.jobs import LoadJob
 from cattn.vllm.worker import WorkerSide, token_slots
 from tests.store.gated_tiers import corrupt_layer
@@ -27,9 +25,8 @@ def stored_on_disk(tmp_path, sessions: dict[str, int]) -> dict[str, KVEntry]:
 
 def worker_over(tmp_path):
     store = TieredStore(1 << 20, DiskTier(tmp_path, 1 << 24))
-    shared = EngineState(CattnVllmConfig(dram_bytes=1 << 20, disk_dir=str(tmp_path)), "0123abcd", BLOCK, store)
     layers = {f"model.layers.{i}.self_attn": torch.zeros(16, H, BLOCK, 2 * D) for i in range(L)}
-    return WorkerSide(shared, layers), shared
+    return WorkerSide(store, BLOCK, layers), store
 
 
 def job(name: str, entry: KVEntry, block_ids: list[int]) -> LoadJob:
@@ -40,22 +37,21 @@ def test_histories_on_disk_load_layer_by_layer_and_one_corrupt_fails_alone(tmp_p
     entries = stored_on_disk(tmp_path, {"good": 10, "bad": 7})
     bad_layer = random.randrange(L)
     corrupt_layer(tmp_path / "t" / "0123abcd" / "bad", 0, bad_layer)   # its one chunk file
-    worker, shared = worker_over(tmp_path)
+    worker, store = worker_over(tmp_path)
     jobs = [job("good", entries["good"], [3, 5, 9]), job("bad", entries["bad"], [0, 1])]
     worker.start_loads(jobs)
     for name in worker.names:                                # the forward's order
         worker.wait_layer(name)
     errors = worker.take_load_errors()
     assert errors == {0, 1}                                  # the bad request's blocks only
-    results = shared.results
+    results = worker.take_report().loads
     assert results["bad"].load_failed and results["bad"].loaded_tokens == 0
     assert not results["good"].load_failed and results["good"].loaded_tokens == 10
     blocks, offsets = token_slots([3, 5, 9], 0, 10, BLOCK)
     for i, layer in enumerate(worker.layers):
         assert torch.equal(layer[blocks, :, offsets, :D], entries["good"].k[i])
         assert torch.equal(layer[blocks, :, offsets, D:], entries["good"].v[i])
-    stats = shared.store.stats()["disk"]
+    stats = store.stats()["disk"]
     assert stats["layerwise_reads"] == 2 and stats["corrupt"] == 1
-    assert shared.store.lookup(jobs[1].key) is None          # dropped: never served again
+    assert store.lookup(jobs[1].key) is None                 # dropped: never served again
     worker.close()
-    shared.store.close(persist=False)

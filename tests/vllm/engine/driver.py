@@ -1,25 +1,33 @@
 """Runs one vLLM engine in its own process for the connector tests: ``python driver.py job.json out.json``.
 
 The job names the engine (`EngineSpec` fields, ``connector`` as `CattnVllmConfig` fields or null) and
-the chats to run in order; the output holds each chat's turns and the store's counters.
+the work to run in order: each item is one conversation (`Conversation` fields), run alone, or
+``{"interleave": [conversation, ...]}``, run turn by turn round-robin. The output holds every
+conversation's turns, in the order the job names them.
 """
 import json
 import sys
+import time
 
 
 def main(job_path: str, out_path: str) -> None:
     from cattn.vllm import CattnVllmConfig
-    from cattn.vllm.chat import EngineSpec, build_llm, chat, store_stats, turns_json
+    from cattn.vllm.chat import Conversation, EngineSpec, build_llm, interleaved, turns_json
 
     job = json.load(open(job_path))
     engine = dict(job["engine"])
     if engine.get("connector") is not None:
         engine["connector"] = CattnVllmConfig(**engine["connector"])
     llm = build_llm(EngineSpec(**engine))
-    chats = [turns_json(chat(llm, c["turns"], cache_salt=c.get("salt"), session=c.get("session"),
-                             max_tokens=c.get("max_tokens", 24))) for c in job["chats"]]
+    chats = []
+    for item in job["work"]:
+        convs = [Conversation(**c) for c in item.get("interleave", [item])]
+        chats += [turns_json(turns) for turns in interleaved(llm, convs)]
     with open(out_path, "w") as f:
-        json.dump({"chats": chats, "store": store_stats()}, f)
+        json.dump({"chats": chats}, f)
+    # Under the multi-process engine the last saves are written after the last reply: the engine keeps
+    # stepping until they are; give it that moment before the process (and the engine) goes.
+    time.sleep(job.get("settle_s", 0))
 
 
 if __name__ == "__main__":
