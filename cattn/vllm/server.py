@@ -39,6 +39,9 @@ class VllmServer:
                "--enforce-eager", "--block-size", str(block_size), "--enable-prompt-tokens-details", *args]
         if connector is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(connector))]
+        env = dict(os.environ if env is None else env)
+        if "--kv-cache-memory-bytes" in args:
+            env.pop("VLLM_CPU_KVCACHE_SPACE", None)   # on CPU it would override the option
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + startup_s

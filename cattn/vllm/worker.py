@@ -91,7 +91,7 @@ class WorkerSide:
         bs, work = self.block_size, []
         for job in jobs:
             t0 = time.perf_counter()
-            lease = self.store.acquire(job.key, job.num_tokens, layerwise=True)   # disk: a layer at a time
+            lease = self._acquire(job.key, job.num_tokens)   # disk: a layer at a time
             ok = (lease is not None and lease.num_tokens == job.num_tokens
                   and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
             result = RequestResult(from_disk=lease is not None and lease.source == "disk")
@@ -109,6 +109,16 @@ class WorkerSide:
         self._loaded = [threading.Event() for _ in self.layers]
         self._load_thread = threading.Thread(target=self._copy_in, args=(work,), name="cattn-vllm-load", daemon=True)
         self._load_thread.start()
+
+    def _acquire(self, key, num_tokens: int):
+        """A layer-wise lease of ``key``'s first ``num_tokens``, or None: a store that cannot serve it now
+        (its DRAM pool full of sessions in use, a lower tier unreachable) is a miss, which vLLM
+        recomputes, never a failed step."""
+        try:
+            return self.store.acquire(key, num_tokens, layerwise=True)
+        except Exception:
+            log.exception("cattn: rank %d cannot lease session %r; vLLM recomputes it", self.rank, key.session)
+            return None
 
     def _fail(self, job: LoadJob, result: RequestResult) -> None:
         result.load_failed, result.loaded_tokens = True, 0
@@ -235,10 +245,13 @@ class WorkerSide:
 
     def apply_queue(self, update: QueueUpdate) -> None:
         """What vLLM's scheduler showed of its queue, for this rank's store's placement policy."""
-        if update.upcoming is not None:
-            self.store.update_queue(update.upcoming)
-        for key in update.started:
-            self.store.job_started(key)
+        try:
+            if update.upcoming is not None:
+                self.store.update_queue(update.upcoming)
+            for key in update.started:
+                self.store.job_started(key)
+        except Exception:   # placement is an optimisation: never a failed step
+            log.exception("cattn: rank %d could not plan with vLLM's queue", self.rank)
 
     def take_counters(self) -> dict:
         with self._lock:

@@ -74,3 +74,22 @@ def test_kv_transfer_config():
     assert cfg["kv_connector_extra_config"]["cattn.dram_bytes"] == 1 << 20
     with pytest.raises(ValueError, match="kv_load_failure_policy"):
         kv_transfer_config(kv_load_failure_policy="ignore")
+
+
+def test_model_key_covers_vllm_version_tp_size_and_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from cattn.vllm.keys import model_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=30, hidden_size=576,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    config = SimpleNamespace(model_config=SimpleNamespace(model=str(tmp_path), revision=None, dtype="float32",
+                                                          hf_config=hf),
+                             cache_config=SimpleNamespace(cache_dtype="auto", block_size=32))
+    key = model_fingerprint(config, vllm_version="0.32.0", tensor_parallel=3)
+    assert key == model_fingerprint(config, vllm_version="0.32.0", tensor_parallel=3)
+    assert key != model_fingerprint(config, vllm_version="0.33.0", tensor_parallel=3)   # another vLLM
+    assert key != model_fingerprint(config, vllm_version="0.32.0", tensor_parallel=1)   # another TP size
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert key != model_fingerprint(config, vllm_version="0.32.0", tensor_parallel=3)   # other weights

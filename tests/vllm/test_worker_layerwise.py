@@ -55,3 +55,21 @@ def test_histories_on_disk_load_layer_by_layer_and_one_corrupt_fails_alone(tmp_p
     assert stats["layerwise_reads"] == 2 and stats["corrupt"] == 1
     assert store.lookup(jobs[1].key) is None                 # dropped: never served again
     worker.close()
+
+
+def test_a_store_that_cannot_serve_now_is_a_miss(tmp_path):
+    """A DRAM pool full of sessions in use (or an unreachable lower tier) fails the request's blocks,
+    which vLLM recomputes; the step goes on."""
+    from cattn.store import StoreFullError
+
+    entries = stored_on_disk(tmp_path, {"s": 9})
+    worker, store = worker_over(tmp_path)
+
+    def full(*args, **kwargs):
+        raise StoreFullError("host pool full")
+
+    store.acquire = full
+    worker.start_loads([job("s", entries["s"], [2, 4, 6])])
+    assert worker.take_load_errors() == {2, 4, 6}
+    assert worker.take_report().loads["s"].load_failed
+    worker.close()
