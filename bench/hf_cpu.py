@@ -24,7 +24,13 @@ Timings are medians of ``--repeats``, stock and patched interleaved in one proce
 run), after one short warm-up each. Then multi-turn time to first token (`bench.hf_cpu_chat`): a
 `ChatSession` holds a history of 2K / 8K tokens (``--chat-histories``) and answers a new question, its
 history from the store, against stock generating over the whole conversation again; histories past a
-model's positions are skipped. Speeds are relative to stock (above 1: the patched model is faster).
+model's positions are skipped (SmolLM2 has 8192 positions, so its 8K history is; the Llama-shaped model
+has the 8K row). Speeds are relative to stock (above 1: the patched model is faster).
+
+Last, the acceptance of issue 21 is checked and printed (and kept in the JSON as ``acceptance``): prefill and
+decode at least 0.95x stock at 512, 2K and 8K; an 8K prefill's peak RSS at most stock's + 10%; ChatSession's
+TTFT at least 5x faster than recompute at a 2K history and 20x at 8K; greedy tokens identical everywhere.
+Thresholds a run did not measure (``--quick``, ``--skip-memory``) read "not measured".
 
 Results: a table, JSON (``--out``, else ``hf_cpu.json`` / ``hf_cpu_quick.json`` in the results folder of
 `bench.common`, never the source tree) and a PNG beside it of prefill time and decode speed against context.
@@ -58,6 +64,12 @@ COLUMNS = [("model", "model", "s"), ("context", "context", "d"), ("stock_prefill
            ("decode_speed", "speed", ".2f"), ("stock_added_mib", "stock +MiB", ".0f"),
            ("cattn_added_mib", "cattn +MiB", ".0f"), ("stock_peak_mib", "stock peak MiB", ".0f"),
            ("cattn_peak_mib", "cattn peak MiB", ".0f"), ("greedy", "greedy", "s")]
+# issue 21's acceptance: patched at least 0.95x stock (prefill and decode) at these contexts, an 8K prefill's peak
+# memory at most stock's + 10%, ChatSession's turn-2 TTFT this many times faster than recompute at these histories
+ACCEPT_CONTEXTS = (512, 2048, 8192)
+ACCEPT_SPEED = 0.95
+ACCEPT_MEMORY = 1.10
+ACCEPT_CHAT = {2048: 5.0, 8192: 20.0}
 CHAT_COLUMNS = [("model", "model", "s"), ("history_tokens", "history", "d"), ("prefilled_tokens", "prefilled", "d"),
                 ("stock_ttft_s", "stock recompute TTFT s", ".3f"), ("cattn_ttft_s", "ChatSession TTFT s", ".3f"),
                 ("speedup", "speedup", ".1f"), ("greedy", "greedy", "s")]
@@ -117,6 +129,31 @@ def add_memory(rows: list[dict], contexts: list[int], threads: int | None, jobs:
             row[f"{variant}_peak_mib"] = m["peak_rss_bytes"] / 2**20
             if m["added_bytes"] is not None:
                 row[f"{variant}_added_mib"] = m["added_bytes"] / 2**20
+
+
+def acceptance(report: dict) -> list[dict]:
+    """Each acceptance threshold against what this run measured: ``check``, ``value``, ``limit``, ``holds``
+    (None where this run did not measure it, e.g. ``--quick``)."""
+    checks = []
+    for context in ACCEPT_CONTEXTS:
+        rows = [r for r in report["rows"] if r["context"] == context]
+        for what in ("prefill", "decode"):
+            value = min((r[f"{what}_speed"] for r in rows), default=None)
+            checks.append(dict(check=f"{what} speed at {context} (worst model)", value=value, limit=ACCEPT_SPEED,
+                               holds=None if value is None else value >= ACCEPT_SPEED))
+    peaks = [r for r in report["rows"] if r["context"] == ACCEPT_CONTEXTS[-1] and "cattn_peak_mib" in r
+             and "stock_peak_mib" in r]
+    value = max((r["cattn_peak_mib"] / r["stock_peak_mib"] for r in peaks), default=None)
+    checks.append(dict(check=f"peak RSS of a {ACCEPT_CONTEXTS[-1]} prefill / stock's (worst model)", value=value,
+                       limit=ACCEPT_MEMORY, holds=None if value is None else value <= ACCEPT_MEMORY))
+    for history, limit in ACCEPT_CHAT.items():
+        value = max((c["speedup"] for c in report["chat"] if c["history"] == history), default=None)
+        checks.append(dict(check=f"ChatSession TTFT speed-up at a {history} history (best model)", value=value,
+                           limit=limit, holds=None if value is None else value >= limit))
+    rows = [*report["rows"], *report["chat"]]
+    checks.append(dict(check="greedy tokens identical to stock (every run)", value=None, limit=None,
+                       holds=all(r["greedy_match"] for r in rows) if rows else None))
+    return checks
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -221,6 +258,7 @@ def run(args) -> dict:
         row["greedy"] = "same" if row["greedy_match"] else "MISMATCH"
         report["mismatches"] += [{"model": row["model"], "context": row.get("context"), "history": row.get("history"),
                                   **m} for m in row["mismatches"]]
+    report["acceptance"] = acceptance(report)
     report["png"] = str(plot(report, args.out.with_suffix(".png")))
     report["wall_s"] = time.perf_counter() - start
     write_json(args.out.name, report, path=args.out)
@@ -259,6 +297,11 @@ def main(argv=None) -> int:
         where = f"context {m['context']}" if m["context"] is not None else f"chat history {m['history']}"
         print(f"!!! GREEDY MISMATCH: {m['model']} {where}, repeat {m['repeat']}: stock {m['stock']} "
               f"cattn {m['cattn']}")
+    print("\nAcceptance (issue 21):")
+    for c in report["acceptance"]:
+        verdict = {True: "holds", False: "FAILS", None: "not measured"}[c["holds"]]
+        measured = "" if c["value"] is None else f": {c['value']:.3f} (limit {c['limit']})"
+        print(f"  {verdict:>12}  {c['check']}{measured}")
     print(f"JSON: {args.out}\nPNG:  {report['png']}")
     return 1 if report["mismatches"] or failed else 0
 

@@ -27,19 +27,25 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     return rotate(x.to(work), cos_sin, rope).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos_sin: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
-    """``x [T, H, D]`` rotated by ``cos_sin [T, rotary_dim]`` (cos | sin, scaled), in x's dtype; the rest
-    of the head passes through. ``rope`` gives the pairing (``style``) and the rotary width."""
+def rotate(x: torch.Tensor, cos_sin: torch.Tensor, rope: RopeSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., T, H, D]`` rotated by ``cos_sin [..., T, rotary_dim]`` (cos | sin, scaled; leading dims
+    broadcast), in the dtype of their product; the rest of the head passes through. ``rope`` gives the pairing
+    (``style``) and the rotary width. With ``out`` (any strides, x's shape) the result is written there.
+
+    Each rotated value is ``x1 * cos - x2 * sin`` or ``x2 * cos + x1 * sin``, each product rounded, as HF's
+    ``q * cos + rotate_half(q) * sin`` computes it."""
     half = rope.inv_freq.numel()
     rd = 2 * half
-    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    if rope.style == "neox":
-        x1, x2 = x[..., :half], x[..., half:rd]
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = x[..., 0:rd:2], x[..., 1:rd:2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x[..., rd:]), dim=-1)
+    cos, sin = cos_sin[..., None, :half], cos_sin[..., None, half:]
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos_sin.dtype), device=x.device)
+    pairs = (slice(0, half), slice(half, rd)) if rope.style == "neox" else (slice(0, rd, 2), slice(1, rd, 2))
+    x1, x2 = x[..., pairs[0]], x[..., pairs[1]]
+    torch.sub(x1 * cos, x2 * sin, out=out[..., pairs[0]])
+    torch.add(x2 * cos, x1 * sin, out=out[..., pairs[1]])
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
+    return out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -9,6 +9,7 @@ from cattn.hf.compat import cache_from_kwargs
 from cattn.hf.families import Adapter
 from cattn.ops import paged_attention, write_kv
 from cattn.rope import RopeSpec
+from cattn.working_kv import write_pages
 
 
 class CattnAttention(nn.Module):
@@ -18,7 +19,9 @@ class CattnAttention(nn.Module):
     under the same names, so the state dict is unchanged. With a `PagedCache` each call
     writes the new tokens' K/V *before* RoPE into the cache, then attends through
     `cattn.paged_attention`, which rotates Q and K at positions derived from ``kv_lens``; the
-    model's own ``position_embeddings`` are not used. With any other cache (None, a
+    model's own ``position_embeddings`` are not used. On CPU (``backend="auto"``) it attends through
+    the cache's working copy of the layer (`cattn.working_kv`), the same attention without re-reading
+    the history each token. With any other cache (None, a
     ``DynamicCache``) the original module runs, as in the stock model, and its attention
     function is cattn's (`cattn.hf.dense`), so outputs and caches are the stock ones.
 
@@ -64,15 +67,28 @@ class CattnAttention(nn.Module):
 
         step = cache.step(self.layer_idx, attention_mask, batch, q_len)
         k_cache, v_cache = cache.layer(self.layer_idx)
-        cache.wait_layer(self.layer_idx)
-        write_kv(step.pack(k), step.pack(v), k_cache, v_cache, step.slot_mapping, backend=self.backend,
-                 check_indices=False)
-        cache.layer_written(self.layer_idx)
         # A window no sequence reaches past masks nothing: leave it out (the kernels then skip the test).
         window = self.sliding_window if self.sliding_window is not None and step.max_kv_len > self.sliding_window \
             else None
-        out = paged_attention(step.pack(q), k_cache, v_cache, step.block_table, step.kv_lens, step.cu_seqlens_q,
-                              self.rope, sm_scale=self.scaling, sliding_window=window,
-                              logit_softcap=self.logit_softcap, backend=self.backend, max_q_len=step.max_q_len,
-                              check_indices=False)
+        working = cache.working_kv(self.layer_idx)
+        if working is not None and (self.backend != "auto" or self.logit_softcap is not None or window is not None
+                                    or q.dtype == torch.float64 or q.dtype != k_cache.dtype):
+            # the paths without a working copy: softcap, float64, a window that bites (and a dtype mismatch,
+            # which write_kv reports)
+            working.drop()
+            working = None
+        q, k, v = step.pack(q), step.pack(k), step.pack(v)
+        cache.wait_layer(self.layer_idx)
+        if working is not None:     # the step's slots were checked once, at layer 0 (`PagedCache.step`)
+            write_pages(k, v, k_cache, v_cache, step.slot_mapping)
+        else:
+            write_kv(k, v, k_cache, v_cache, step.slot_mapping, backend=self.backend, check_indices=False)
+        cache.layer_written(self.layer_idx)
+        if working is not None:
+            out = working.attend(q, k, v, k_cache, v_cache, step.block_table, self.rope, step.lens,
+                                 sm_scale=self.scaling, stamp=cache.pages.edits)
+        else:
+            out = paged_attention(q, k_cache, v_cache, step.block_table, step.kv_lens, step.cu_seqlens_q, self.rope,
+                                  sm_scale=self.scaling, sliding_window=window, logit_softcap=self.logit_softcap,
+                                  backend=self.backend, max_q_len=step.max_q_len, check_indices=False)
         return getattr(self, self.adapter.out_proj)(step.unpack(out)), None

@@ -33,6 +33,7 @@ from cattn.paged import PagePool
 from cattn.store.contract import EntryKey, KVEntry, KVStore
 from cattn.store.device.tier import Resident
 from cattn.store.lease import KVLease
+from cattn.working_kv import WorkingKV
 
 
 class PagedCache(Cache):
@@ -69,6 +70,9 @@ class PagedCache(Cache):
     Attributes:
         pages: the `ModelPages` that hold the K/V.
 
+    On CPU each layer may keep a working copy of its K (rotated) and V for the turn's decode
+    (`working_kv`; `cattn.working_kv`): about the pages' bytes again while the cache lives.
+
     With a host store, `load_layerwise` streams a history in layer by layer during the next
     forward step and `save_next_step` saves that step's new K/V layer by layer (``step_saved``
     says whether the store took them); `finish` ends both. See docs/store.md.
@@ -92,6 +96,8 @@ class PagedCache(Cache):
         self._columns = resident.num_tokens if resident is not None else 0
         self._step: ForwardStep | None = None
         self._window_step: ForwardStep | None = None
+        cpu = self.pages.device.type == "cpu"
+        self._working = [WorkingKV() for _ in range(layout.num_layers)] if cpu else None
 
     # ---- what the cattn attention modules call -------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +124,16 @@ class PagedCache(Cache):
         if self.pages.window is not None and layer_idx in self.pages.window.layers:
             return self._window_step
         return self._step
+
+    def working_kv(self, layer_idx: int) -> WorkingKV | None:
+        """Layer ``layer_idx``'s working copy for CPU attention (trusted while ``pages.edits`` is unchanged),
+        or None off the CPU."""
+        return None if self._working is None else self._working[layer_idx]
+
+    @property
+    def working_nbytes(self) -> int:
+        """Bytes held by the layers' working copies."""
+        return sum(w.nbytes for w in self._working or ())
 
     def wait_layer(self, layer_idx: int) -> None:
         """Called before layer ``layer_idx`` attends: waits for that layer's history copy only, if

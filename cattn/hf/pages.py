@@ -28,6 +28,7 @@ from cattn.hf.window import WindowPages
 from cattn.ops import check_batch
 from cattn.paged import PagedSequences, PagePool, PoolExhaustedError, SequencePages
 from cattn.store.device.tier import Resident
+from cattn.working_kv import StepLens
 
 
 class ModelPages:
@@ -51,6 +52,8 @@ class ModelPages:
         num_separate: layers ``[0, num_separate)`` have tensors of their own.
         resident_layers: how many of those came from ``resident``.
         grown_bytes: bytes copied device-to-device because ``resident``'s tensors were too small.
+        edits: counts every change but a forward step's new tokens (appends, loads, truncation, crop, reset,
+            rows rebuilt): a copy of the pages (`cattn.working_kv.WorkingKV`) is stale once it moved.
     """
 
     def __init__(self, layout: PagedLayout, *, batch_size: int, max_tokens: int, dtype: torch.dtype,
@@ -92,6 +95,7 @@ class ModelPages:
         self._bind_layers()
         for row in range(batch_size):
             self.seqs.append_slots(row, 0)
+        self.edits = 0
         self._resident_tokens = 0    # tokens held by the resident layers that the other layers still lack
         if resident is not None and resident.num_tokens:
             self.pool.claim(resident.pages)
@@ -196,7 +200,7 @@ class ModelPages:
         token_index = None if new is None else new.flatten().nonzero().squeeze(1).to(device)
         step = ForwardStep(self.batch_size, q_len, torch.tensor(slots, dtype=torch.int32).to(device),
                            block_table.to(device), kv_lens.to(device), cu_seqlens_q.to(device), max_q_len,
-                           int(kv_lens.max()), token_index)
+                           int(kv_lens.max()), token_index, StepLens.of(kv_lens.tolist(), counts))
         if self.window is None:
             return step, None
         window_table = self.window.seqs.block_table(rows)
@@ -208,12 +212,14 @@ class ModelPages:
     def append(self, row: int, num_tokens: int, *, transfer_in_flight: bool = False) -> torch.Tensor:
         """Append ``num_tokens`` to sequence ``row``; returns their slots ``[num_tokens] int64`` (in every layer
         but the window pages'), for the caller to fill. `PoolExhaustedError` before any change if they do not fit."""
+        self.edits += 1
         self._reserve({row: num_tokens}, transfer_in_flight)
         return torch.tensor(self.seqs.append_slots(row, num_tokens), dtype=torch.long, device=self.device)
 
     def start_window(self, row: int, first: int, num_tokens: int) -> torch.Tensor:
         """With window pages: make ``row`` of the window pages ``num_tokens`` tokens of which only
         ``[first, num_tokens)`` are held; returns their slots ``[num_tokens - first] int64`` there, to fill."""
+        self.edits += 1
         slots = self.window.start_at(row, first, num_tokens)
         self._bind_layers()           # the window pool may have grown
         return slots
@@ -221,6 +227,7 @@ class ModelPages:
     def fill_resident(self) -> torch.Tensor:
         """The slots ``[resident_tokens] int64`` of the tokens only the resident layers hold, for the caller
         to copy the other layers' K/V into; from then on every layer counts as holding them."""
+        self.edits += 1
         slots = self.slots(0, self._resident_tokens)
         self._resident_tokens = 0
         return slots
@@ -261,6 +268,7 @@ class ModelPages:
         """Drop the oldest tokens of the (single) sequence after its first ``keep_first``; the kept tokens
         are renumbered from 0 and stay where they are (`PagedSequences.truncate`: the drop is rounded up to
         whole pages). Returns the number of tokens dropped."""
+        self.edits += 1
         self.check_single("truncate")
         if self.window is not None:   # first: it refuses a drop that brings given-back tokens into a window
             self.window.truncate(0, num_drop, keep_first)
@@ -271,6 +279,7 @@ class ModelPages:
     def crop(self, num_remove: int) -> None:
         """Remove the last ``num_remove`` tokens of every sequence (all of a shorter one). ValueError before
         any change if a sliding layer's window would then reach tokens it gave back."""
+        self.edits += 1
         if self.window is not None:
             for row in range(self.batch_size):
                 self.window.check_crop(row, max(self.num_tokens(row) - num_remove, 0))
@@ -282,6 +291,7 @@ class ModelPages:
 
     def reset(self) -> None:
         """Every sequence empty again, its pages back in the pools."""
+        self.edits += 1
         for row in range(self.batch_size):
             self.seqs.release(row)
             self.seqs.append_slots(row, 0)
@@ -292,6 +302,7 @@ class ModelPages:
         """The first ``num_layers`` layers' pages (at most those with tensors of their own) as a `Resident` of
         the sequence's tokens ``token_ids [n] int64`` (``n`` = `num_tokens`), for `DeviceTier.put`. The pages
         must not be used afterwards."""
+        self.edits += 1
         self.check_single("take_resident")
         if token_ids.numel() != self.num_tokens(0):
             raise ValueError(f"token_ids: {token_ids.numel()} ids for {self.num_tokens(0)} cached tokens")
@@ -308,6 +319,7 @@ class ModelPages:
         Each row owns its pages, so the rows' K/V are gathered first and written back into freshly allocated
         pages (the pool grows if they need more): a copy of every held token, ``O(layers * tokens)`` per call.
         """
+        self.edits += 1
         if sources == list(range(self.batch_size)):
             return
         if self.num_separate:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cattn.working_kv import StepLens
+
 LAYOUT_ATTR = "_cattn_layout"
 
 
@@ -47,6 +49,7 @@ class ForwardStep:
         max_kv_len: the most tokens of any sequence, this step's included.
         token_index: ``[total_q] int64``, index of each new token in the flattened ``[B * T]``
             input; None when the input has no padding (packing is then a view).
+        lens: the lengths on the host (`cattn.working_kv.StepLens`), for the CPU's working copies.
     """
 
     batch_size: int
@@ -58,6 +61,7 @@ class ForwardStep:
     max_q_len: int
     max_kv_len: int
     token_index: torch.Tensor | None
+    lens: StepLens
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, H, D]`` -> ``[total_q, H, D]``: the new tokens, sequence after sequence."""

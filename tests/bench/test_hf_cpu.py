@@ -42,8 +42,13 @@ def test_quick_run_measures_stock_and_patched_and_writes_only_to_out(tmp_path, m
         assert chat["speedup"] == chat["stock_ttft_s"] / chat["cattn_ttft_s"]
         assert 0 < chat["prefilled_tokens"] < chat["prompt_tokens"] and chat["reused_tokens"] >= chat["history"] // 2
 
+    verdicts = {c["check"]: c["holds"] for c in report["acceptance"]}   # --quick measures none of the contexts
+    assert verdicts.pop("greedy tokens identical to stock (every run)") is True
+    assert len(verdicts) == 9 and set(verdicts.values()) == {None}
+
     png = tmp_path / "hf_cpu_quick.png"
     assert report["png"] == str(png) and png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "stock prefill s" in out and "ChatSession TTFT s" in out and "MISMATCH" not in out
+    assert "Acceptance (issue 21)" in out and "not measured" in out
     assert written_since(t0) == []

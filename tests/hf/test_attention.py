@@ -128,3 +128,32 @@ def test_4d_mask_is_refused(tiny_model):
     cache = PagedCache(model, max_tokens=8)
     with pytest.raises(ValueError, match="2D padding mask"):
         forward(model, torch.randint(0, 256, (1, 3)), cache, torch.zeros(1, 1, 3, 3))
+
+
+def test_cpu_decode_keeps_a_working_copy_that_edits_invalidate(tiny_model):
+    """On CPU each layer keeps its rotated K and V across decode steps (`cattn.working_kv`); a prefill keeps
+    nothing, truncation and crop make it stale and the next step rebuilds it from the pages. Step by step the
+    logits equal the same model on the plain reference (backend="torch")."""
+    stock = tiny_model("llama")
+    model, oracle = patched_copy(stock), patched_copy(stock, backend="torch")
+    caches = [PagedCache(m, max_tokens=64) for m in (model, oracle)]
+    ids = torch.randint(0, 256, (1, 60))
+    layers = range(model.config.num_hidden_layers)
+
+    def step(a, b):
+        got, want = (forward(m, ids[:, a:b], c) for m, c in zip((model, oracle), caches))
+        torch.testing.assert_close(got, want, **FP32)
+
+    step(0, 30)
+    assert caches[0].working_nbytes == 0
+    for t in range(30, 33):
+        step(t, t + 1)
+    assert all(caches[0].working_kv(layer).held == (33,) for layer in layers) and caches[0].working_nbytes > 0
+    for edit in (lambda c: c.truncate(9, keep_first=5), lambda c: c.crop(-3)):
+        for cache in caches:
+            edit(cache)
+        n = caches[0].num_tokens()
+        step(40, 41)
+        assert caches[0].working_kv(0).held == (n + 1,)
+        step(41, 45)                                       # an extend appends to the copy
+        step(45, 46)
