@@ -19,7 +19,10 @@ body once, whatever its predicate. The gate asserts, for every configuration:
    QK^T);
 4. K and V tiles arrive by 16-byte cp.async (LDGSTS.128) or TMA (fp32, the IEEE correctness
    path that runs unpipelined: by 16-byte loads of any kind), and no key loop issues a global
-   load narrower than 4 bytes.
+   load narrower than 4 bytes;
+5. the store's 8-bit dequantization (``dequant_kv_kernel``): its K and V codes arrive by 16-byte
+   loads (LDG.E.128: the program's codes in as few loads as that width allows) and its page
+   writes are 16 bytes wide where the row allows (8 bf16/fp16 or 4 fp32 elements).
 """
 from __future__ import annotations
 
@@ -189,6 +192,8 @@ def gate(cfg, code: MachineCode) -> list[str]:
         bad.append(f"trigonometry in the kernel: {', '.join(trig)}")
     if code.shared_bytes > SMEM_LIMIT:
         bad.append(f"needs {code.shared_bytes} B of shared memory, sm_90 allows {SMEM_LIMIT}")
+    if getattr(cfg.kernel, "__name__", "") == "dequant_kv_kernel":
+        return bad + dequant_violations(cfg, code)
     work = tile_work(cfg)
     if work is None:
         return bad
@@ -213,4 +218,22 @@ def gate(cfg, code: MachineCode) -> list[str]:
         narrow = {op: v for op, v in c.items() if op.startswith(("LDG", "LDGSTS")) and width(op) < 4}
         if narrow:
             bad.append(f"loop {n}: global loads narrower than 4 bytes: {narrow}")
+    return bad
+
+
+def dequant_violations(cfg, code: MachineCode) -> list[str]:
+    """Rule 5: the codes (1 byte each, ``BLOCK_T`` rows of ``ROW_PAD`` per program, K and V) come in by
+    16-byte loads, and the page rows go out by 16-byte stores."""
+    ce, threads = cfg.constexprs, 32 * cfg.num_warps
+    row = ce["NUM_KV_HEADS"] * ce["HEAD_DIM"]
+    c = counts(code.instructions)
+    loads16 = sum(v for op, v in c.items() if op.startswith("LDG") and width(op) == 16)
+    stores16 = sum(v for op, v in c.items() if op.startswith("STG") and width(op) == 16)
+    code_bytes = 2 * ce["BLOCK_T"] * row            # K and V codes, the padding never loaded
+    bad = []
+    if loads16 * 16 * threads < code_bytes:
+        bad.append(f"codes not loaded by 16-byte LDG: {loads16} per thread move {loads16 * 16 * threads} B, "
+                   f"the program's K+V codes are {code_bytes} B")
+    if stores16 == 0:
+        bad.append("page rows not written by 16-byte STG")
     return bad

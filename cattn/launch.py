@@ -30,6 +30,7 @@ import triton
 from cattn import configs
 from cattn.configs import TileConfig
 from cattn.kernels.decode import merge_splits_kernel, paged_decode_kernel
+from cattn.kernels.dequant_kv import dequant_kv_kernel
 from cattn.kernels.prefill import paged_prefill_kernel, rotate_q_kernel
 from cattn.kernels.write_kv import write_kv_kernel
 from cattn.rope import RopeSpec
@@ -124,6 +125,25 @@ def launch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         D_PAD=triton.next_power_of_2(head_dim), PAGE_SIZE=k_cache.shape[1], num_warps=4)
+
+
+DEQUANT_ELEMENTS = 4096   # codes per program of dequant_kv_kernel: 32 a thread over 4 warps (two 16-byte loads)
+
+
+def dequant_block_tokens(num_kv_heads: int, head_dim: int) -> int:
+    return max(1, DEQUANT_ELEMENTS // triton.next_power_of_2(num_kv_heads * head_dim))
+
+
+def launch_dequant_kv(k_codes, k_scales, v_codes, v_scales, k_cache, v_cache, slot_mapping, *, phase: int,
+                      group: int) -> None:
+    num_tokens, num_kv_heads, head_dim = k_codes.shape
+    if num_tokens == 0:
+        return
+    block_t = dequant_block_tokens(num_kv_heads, head_dim)
+    dequant_kv_kernel[(triton.cdiv(num_tokens, block_t),)](
+        k_codes, k_scales, v_codes, v_scales, k_cache, v_cache, slot_mapping, num_tokens, phase, GROUP=group,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROW_PAD=triton.next_power_of_2(num_kv_heads * head_dim),
+        BLOCK_T=block_t, num_warps=4)
 
 
 def launch_paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, rope, *, sm_scale: float,
@@ -249,6 +269,22 @@ def _tuned_configs() -> list[ShippedConfig]:
     return out
 
 
+def dequant_configs() -> list[ShippedConfig]:
+    """`dequant_kv_kernel` as the store's loads launch it: int8 into bf16, fp16 and fp32 pages of Llama-3's
+    8 KV heads of 128, SmolLM2's 3 of 64 (a row that is not a power of two), and fp8 codes once."""
+    out = []
+    for codes, dtype, heads, head_dim in (("i8", torch.bfloat16, 8, 128), ("i8", torch.float16, 8, 128),
+                                          ("i8", torch.float32, 8, 128), ("i8", torch.bfloat16, 3, 64),
+                                          ("fp8e4nv", torch.bfloat16, 8, 128)):
+        t = TRITON_TYPES[dtype]
+        ce = dict(GROUP=128, NUM_KV_HEADS=heads, HEAD_DIM=head_dim, ROW_PAD=_pow2(heads * head_dim),
+                  BLOCK_T=dequant_block_tokens(heads, head_dim))
+        ptrs = dict(k_codes=codes, v_codes=codes, k_scales=t, v_scales=t, k_cache=t, v_cache=t, slot_mapping="i64")
+        out.append(ShippedConfig(f"dequant_kv_{codes}_{t}_h{heads}_d{head_dim}", dequant_kv_kernel,
+                                 _signature(dequant_kv_kernel, ptrs, {}, ce), ce, 4, 1, tuple(ptrs)))
+    return out
+
+
 def shipped_configs() -> list[ShippedConfig]:
     """Every (kernel, tile configuration) the launchers pick: by rule for head_dim 64, 80, 128 and 256
     with GQA group 4, in bf16 and fp32, page size 16, neox RoPE over the whole head, causal; the
@@ -271,6 +307,7 @@ def shipped_configs() -> list[ShippedConfig]:
             out.append(ShippedConfig(f"write_kv_{t}_d{head_dim}", write_kv_kernel,
                                      _signature(write_kv_kernel, ptrs, {}, ce), ce, 4, 1,
                                      tuple(n for n in write_kv_kernel.arg_names if n in ptrs or n.startswith("stride"))))
+    out += dequant_configs()
     bf16 = torch.bfloat16
     ce = dict(NUM_HEADS=32, HEADS_PAD=32, HEAD_DIM=256, ROT=256, HALF_PAD=128, PASS_PAD=16, GPTJ=False, BLOCK_T=2)
     ptrs = dict(q_ptr="bf16", q_rot_ptr="bf16", kv_lens="i32", cu_seqlens_q="i32", cos_sin_ptr="bf16")

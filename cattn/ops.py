@@ -279,3 +279,46 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeSpec) -> torc
     _expect(isinstance(rope, RopeSpec), TypeError, f"rope must be a RopeSpec, got {type(rope).__name__}")
     _expect(rope.rotary_dim <= x.shape[2], ValueError, f"rope.rotary_dim {rope.rotary_dim} exceeds head_dim {x.shape[2]}")
     return reference.apply_rope(x, positions, rope)
+
+
+def dequant_kv(k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *, phase: int = 0,
+               group: int = 128) -> None:
+    """Expand 8-bit history KV (`cattn.store.kvformat.codec`) into page slots, in place (Triton).
+
+    Args:
+        k_codes, v_codes: ``[T, num_kv_heads, head_dim]`` int8 or float8_e4m3fn, contiguous.
+        k_scales: ``[G, num_kv_heads, head_dim]`` per-channel key scales in the caches' dtype; token ``t``
+            uses row ``(phase + t) // group``.
+        v_scales: ``[T, num_kv_heads]`` per-token value scales in the caches' dtype.
+        k_cache, v_cache: contiguous ``[num_pages, page_size, num_kv_heads, head_dim]`` fp16/bf16/fp32.
+        slot_mapping: ``[T]`` int, ``page * page_size + offset``; -1 skips a token.
+    """
+    _check_tensor(k_codes, "k_codes", 3, "[T, num_kv_heads, head_dim]")
+    _check_caches(k_cache, v_cache, k_codes.device)
+    T, heads, head_dim = k_codes.shape
+    _expect(k_codes.dtype in (torch.int8, torch.float8_e4m3fn), TypeError,
+            f"k_codes must be int8 or float8_e4m3fn, got {k_codes.dtype}")
+    _expect(k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32), TypeError,
+            f"k_cache must be fp16/bf16/fp32, got {k_cache.dtype}")
+    _expect(tuple(k_cache.shape[2:]) == (heads, head_dim) and k_cache.is_contiguous() and v_cache.is_contiguous(),
+            ValueError, f"k_cache and v_cache must be contiguous [num_pages, page_size, {heads}, {head_dim}]")
+    _expect(isinstance(group, int) and group >= 1 and isinstance(phase, int) and 0 <= phase < group, ValueError,
+            f"need group >= 1 and 0 <= phase < group, got phase={phase!r}, group={group!r}")
+    rows = -(-(phase + T) // group)
+    for name, t, shape, dtype in (("v_codes", v_codes, (T, heads, head_dim), k_codes.dtype),
+                                  ("v_scales", v_scales, (T, heads), k_cache.dtype)):
+        _expect(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dtype, ValueError,
+                f"{name} must be {list(shape)} {dtype}, got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+    _expect(isinstance(k_scales, torch.Tensor) and k_scales.ndim == 3 and k_scales.shape[0] >= rows
+            and tuple(k_scales.shape[1:]) == (heads, head_dim) and k_scales.dtype == k_cache.dtype, ValueError,
+            f"k_scales must be [>= {rows}, {heads}, {head_dim}] {k_cache.dtype}, got "
+            f"{getattr(k_scales, 'shape', k_scales)} {getattr(k_scales, 'dtype', '')}")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_scales", k_scales), ("v_scales", v_scales)):
+        _expect(t.device == k_cache.device and t.is_contiguous(), ValueError, f"{name} must be contiguous on "
+                f"{k_cache.device}")
+    _check_index(slot_mapping, "slot_mapping", 1, "[T]", k_cache.device)
+    _expect(slot_mapping.shape[0] == T, ValueError, f"slot_mapping has {slot_mapping.shape[0]} entries for {T} tokens")
+    from cattn.launch import launch_dequant_kv
+    launch_dequant_kv(k_codes, k_scales, v_codes, v_scales, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous(),
+                      phase=phase, group=group)

@@ -19,6 +19,7 @@ from cattn.replay.report import table
 from cattn.replay.sim import RECOMPUTE, context_cut
 from cattn.replay.sim_tiers import EXCLUSIVE, EXCLUSIVE_PARTIAL
 from cattn.replay.trace import TRACE_FORMATS
+from cattn.store.kvformat.names import FORMATS, LOSSLESS
 from cattn.store.policy import POLICIES
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -106,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "store's TieredStore(partial_prefetch=True) too")
     s.add_argument("--ttl", type=_positive(float), help="scheduler: drop sessions untouched this many seconds")
     s.add_argument("--gpus", type=_positive(int), default=Hardware.gpus, help="GPUs serving the trace")
+    s.add_argument("--kv-format", choices=FORMATS, default=LOSSLESS,
+                   help="how the host tiers keep KV: its bytes in DRAM, on disk and over PCIe (docs/store.md)")
     s.add_argument("--pcie-gbps", type=_positive(float), default=Hardware.pcie_bytes_per_s / 1e9,
                    help="host->GPU GB/s per GPU")
     s.add_argument("--disk-gbps", type=_positive(float), default=Hardware.disk_read_bytes_per_s / 1e9,
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if cut.share > 0:
         print(cut.message(shape.max_context), flush=True)
     cost = CostModel(shape, Hardware(gpus=args.gpus, pcie_bytes_per_s=args.pcie_gbps * 1e9,
-                                                       disk_read_bytes_per_s=args.disk_gbps * 1e9))
+                                                       disk_read_bytes_per_s=args.disk_gbps * 1e9),
+                     kv_format=args.kv_format)
     args.dram = size("128GB") if args.dram is None else args.dram
     args.disk = size("10TB") if args.disk is None else args.disk
     tiers = EXCLUSIVE_PARTIAL if args.partial_prefetch else EXCLUSIVE

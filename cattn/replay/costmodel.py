@@ -3,7 +3,8 @@
 Every figure is derived from a model's shape and a few hardware constants (see
 docs/replay.md for the assumptions):
 
-- KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x dtype bytes.
+- KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x dtype bytes on the GPU; in the
+  host tiers and over PCIe the same, or with ``kv_format`` 8-bit one byte per element plus scales.
 - Prefill FLOPs of n new tokens after h cached ones = 2 x params x n (the matmuls)
   + 4 x layers x query heads x head_dim x (n h + n^2 / 2) (QK^T and PV, causal);
   time = FLOPs / (GPUs x peak x MFU).
@@ -16,7 +17,10 @@ docs/replay.md for the assumptions):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from cattn.store.kvformat.names import FORMATS, LOSSLESS, host_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,23 @@ class Hardware:
 
 @dataclass(frozen=True)
 class CostModel:
+    """What each step costs. ``kv_format``: how the host tiers keep KV (`cattn.store.kvformat`): it sets
+    the bytes of a history in DRAM and on disk, read from disk and sent over PCIe (dequantized on the
+    GPU, whose pages and decode reads stay in the model dtype)."""
+
     model: ModelShape
     hw: Hardware = field(default_factory=Hardware)
+    kv_format: str = LOSSLESS
+
+    def __post_init__(self):
+        if self.kv_format not in FORMATS:
+            raise ValueError(f"kv_format must be one of {FORMATS}, got {self.kv_format!r}")
+
+    @property
+    def host_kv_bytes_per_token(self) -> float:
+        """Bytes of one token's K and V in the host tiers and over PCIe (`host_bytes_per_token`)."""
+        m = self.model
+        return host_bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype_bytes, self.kv_format)
 
     def prefill_time(self, new_tokens: int, cached_tokens: int) -> float:
         """Seconds to prefill ``new_tokens`` after ``cached_tokens`` of history KV."""
@@ -176,7 +195,8 @@ class CostModel:
         return self.prefill_time(prompt_tokens, 0) + self.decode_time(output_tokens, prompt_tokens)
 
     def kv_bytes(self, tokens: int) -> int:
-        return tokens * self.model.kv_bytes_per_token
+        """Bytes of ``tokens`` tokens' history in the host tiers (and over PCIe)."""
+        return math.ceil(tokens * self.host_kv_bytes_per_token)
 
     def host_to_gpu_time(self, nbytes: int) -> float:
         return nbytes / (self.hw.gpus * self.hw.pcie_bytes_per_s)

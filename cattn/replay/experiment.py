@@ -84,7 +84,8 @@ class Experiment:
         config = {k: (str(v) if isinstance(v, Path) else asdict(v) if is_dataclass(v) else v) for k, v in vars(args).items()
                   if not k.startswith("_") and k not in ("no_progress", "func")}
         payload = dict(config=config, model=asdict(self.cost.model), hardware=asdict(self.cost.hw),
-                       kv_bytes_per_token=self.cost.model.kv_bytes_per_token,
+                       kv_bytes_per_token=self.cost.model.kv_bytes_per_token, kv_format=self.cost.kv_format,
+                       host_kv_bytes_per_token=self.cost.host_kv_bytes_per_token,
                        trace=dict(turns=len(self.jobs), sessions=len({j.session for j in self.jobs})),
                        results=rows, sweep=sweep, **extra)
         out = [write_json(Path(args.out) / f"replay_{args.name}.json", payload)]

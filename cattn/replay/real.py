@@ -126,6 +126,7 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
             if bar is not None:
                 bar.close()
         counters = store.stats()
+        counters["kv_format"] = store.kv_format   # the simulator's bytes per token follow the store's format
         for session in sessions.values():
             session.close()
         store.close(persist=False)
@@ -193,7 +194,7 @@ def run_real(args: argparse.Namespace) -> int:
                                       store_config=args.store_config, partial_prefetch=partial)
         wall = time.perf_counter() - t0
         # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
-        cost = CostModel(shape, this_machine(shape, turns))
+        cost = CostModel(shape, this_machine(shape, turns), kv_format=counters["kv_format"])
         simulated = summarize(simulate(same_trace_for_the_simulator(turns), policy,
                                        counters["dram"]["capacity_bytes"], disk, cost, tiers=tiers), cost)
         measured = rates([t.tier for t in turns])

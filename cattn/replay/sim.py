@@ -14,6 +14,8 @@ and decode is folded into each job's GPU time (see `CostModel.decode_time`).
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -189,7 +191,7 @@ def value_options(cost: CostModel, options: dict | None = None) -> dict:
     and FLOP crossover (params / (layers x heads x head_dim)) filled in."""
     m = cost.model
     out = dict(options or {})
-    out.setdefault("bytes_per_token", m.kv_bytes_per_token)
+    out.setdefault("bytes_per_token", math.ceil(cost.host_kv_bytes_per_token))   # what a session holds in DRAM, on disk
     out.setdefault("crossover_tokens", m.params / (m.num_layers * m.num_heads * m.head_dim))
     return out
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "cattn.store.lower.disk": ["DiskTier"],
     "cattn.store.layout": ["KVLayout"],
     "cattn.store.lease": ["KVLease", "LoadSource", "PendingSave", "Segment"],
+    "cattn.store.kvformat.segment": ["QuantSegment"],
     "cattn.store.memory": ["MemoryStore"],
     "cattn.store.tiered.store": ["TieredStore"],
     "cattn.store.lower.redis_tier": ["RedisTier"],

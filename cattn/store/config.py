@@ -4,6 +4,7 @@
 [store]                       # the DRAM tier and the store's options
 dram_bytes = "4GiB"           # sizes: an int of bytes or "512MiB", "4GB", ...
 policy = "scheduler"          # scheduler | lru | fifo   (policy_ttl_s: scheduler only)
+kv_format = "int8"            # lossless (default) | int8 | fp8: how DRAM, disk and Redis keep KV
 [disk]                        # optional: the local disk tier
 path = "/var/cache/cattn"
 capacity_bytes = "1TiB"
@@ -27,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cattn.store.kvformat.names import FORMATS, LOSSLESS
 from cattn.store.lower.redis_client import RedisOptions
 
 if sys.version_info >= (3, 11):
@@ -52,6 +54,7 @@ class DramConfig:
     pin: bool | None = None
     partial_prefetch: bool = False
     max_chunk_tokens: int | None = None
+    kv_format: str = LOSSLESS
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def _check(c: StoreConfig) -> None:
         ("store.disk_read_bytes_per_s", s.disk_read_bytes_per_s is None or 0 < s.disk_read_bytes_per_s < float("inf"),
          "must be a positive number"),
         ("store.max_chunk_tokens", s.max_chunk_tokens is None or s.max_chunk_tokens >= 1, "must be >= 1"),
+        ("store.kv_format", s.kv_format in FORMATS, f"must be one of {', '.join(FORMATS)}"),
     ]
     if c.disk is not None:
         rules += [("disk.path", bool(c.disk.path), "must name a directory"),
@@ -262,7 +266,8 @@ def build_store(config: StoreConfig | str | os.PathLike | None = None, **overrid
     kwargs = dict(policy=make_policy(s.policy, ttl=s.policy_ttl_s), high_watermark=s.high_watermark,
                   low_watermark=s.low_watermark, io_threads=s.io_threads, full_timeout_s=s.full_timeout_s,
                   pin=s.pin, disk_read_bytes_per_s=s.disk_read_bytes_per_s,
-                  partial_prefetch=s.partial_prefetch, max_chunk_tokens=s.max_chunk_tokens) | overrides
+                  partial_prefetch=s.partial_prefetch, max_chunk_tokens=s.max_chunk_tokens,
+                  kv_format=s.kv_format) | overrides
     store = TieredStore(s.dram_bytes, lower, **kwargs)
     if config.metrics is not None:
         store.metrics_server = serve_metrics(store, config.metrics.port, config.metrics.addr)

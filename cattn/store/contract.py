@@ -96,8 +96,9 @@ class KVEntry:
             lay = lease.layout
             empty = torch.empty(lay.num_layers, 0, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
             return cls(lease.token_ids.clone(), empty, empty.clone())
-        return cls(lease.token_ids.clone(), torch.cat([s.k for s in lease.segments], dim=1),
-                   torch.cat([s.v for s in lease.segments], dim=1))
+        parts = [s.tensors() for s in lease.segments]   # an 8-bit entry's are dequantized here
+        return cls(lease.token_ids.clone(), torch.cat([k for k, _ in parts], dim=1),
+                   torch.cat([v for _, v in parts], dim=1))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -24,10 +24,13 @@ LoadSource = Literal["dram", "disk"]
 
 @dataclass(frozen=True)
 class Segment:
-    """Tokens ``[start, start + m)`` of an entry in host memory.
+    """Tokens ``[start, start + m)`` of an entry in host memory, lossless.
 
     Attributes:
         k, v: ``[num_layers, m, num_kv_heads, head_dim]`` views; each layer's slice ``k[l]`` is contiguous.
+
+    Readers and writers that may meet an 8-bit entry use the methods below, which every segment kind
+    has (`cattn.store.kvformat.segment.QuantSegment`: codes and scales, no ``k``/``v``).
     """
 
     start: int
@@ -37,6 +40,36 @@ class Segment:
     @property
     def num_tokens(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes behind the segment (what a copy of it moves)."""
+        return self.k.nbytes + self.v.nbytes
+
+    def layers_from(self, first: int) -> Segment:
+        """The same tokens, layers ``first`` and up (views)."""
+        return Segment(self.start, self.k[first:], self.v[first:])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k, v [num_layers, m, Hkv, D]`` in the model dtype, on the host."""
+        return self.k, self.v
+
+    def layer(self, layer: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s ``k, v [m, Hkv, D]`` in the model dtype on ``device`` (views on the host)."""
+        return self.k[layer].to(device), self.v[layer].to(device)
+
+    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool = False) -> None:
+        """Store layer ``layer``'s ``k, v [m, Hkv, D]`` (any device; with ``non_blocking``, a copy from the
+        device is queued on the current stream and done only when that stream says so)."""
+        self.k[layer].copy_(k, non_blocking=non_blocking)
+        self.v[layer].copy_(v, non_blocking=non_blocking)
+
+    def scatter_layer(self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy layer ``layer`` into paged caches ``[num_pages, page_size, Hkv, D]`` at ``slots [m] int64`` (on
+        the caches' device; host -> device is asynchronous on the current stream)."""
+        for cache, part in ((k_cache, self.k), (v_cache, self.v)):
+            src = part[layer].to(cache.device, non_blocking=True)   # pinned host -> device; a no-op on CPU
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src)
 
 
 class KVLease:
@@ -79,7 +112,7 @@ class KVLease:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.k.nbytes + s.v.nbytes for s in self.segments)
+        return sum(s.nbytes for s in self.segments)
 
     def record_transfer(self, hidden_s: float, exposed_s: float, nbytes: int) -> None:
         """Report a finished load to the store's counters: seconds hidden behind compute, seconds exposed."""
@@ -113,10 +146,11 @@ class PendingSave:
         return self.token_ids.shape[0]
 
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy ``k, v [num_layers, num_tokens, num_kv_heads, head_dim]`` (any device) into the segments."""
+        """Copy ``k, v [num_layers, num_tokens, num_kv_heads, head_dim]`` (any device) into the segments (an
+        8-bit store quantizes them on the way)."""
         for s in self.segments:
-            s.k.copy_(k[:, s.start:s.start + s.num_tokens])
-            s.v.copy_(v[:, s.start:s.start + s.num_tokens])
+            for layer in range(k.shape[0]):
+                s.write_layer(layer, k[layer, s.start:s.start + s.num_tokens], v[layer, s.start:s.start + s.num_tokens])
 
     def commit(self) -> None:
         """Make the tokens the entry's history after its first ``start`` tokens (see
@@ -139,8 +173,8 @@ class _LayersFrom(KVLease):
 
     def __init__(self, lease: KVLease, r: int):
         lay = lease.layout
-        super().__init__(lease.token_ids, [Segment(s.start, s.k[r:], s.v[r:]) for s in lease.segments],
-                         KVLayout(lay.num_layers - r, lay.num_kv_heads, lay.head_dim, lay.dtype),
+        super().__init__(lease.token_ids, [s.layers_from(r) for s in lease.segments],
+                         replace(lay, num_layers=lay.num_layers - r),
                          on_release=lease.release, on_transfer=lease.record_transfer, source=lease.source)
         self._lease, self._first = lease, r
         self.streamed = lease.streamed

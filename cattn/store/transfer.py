@@ -169,12 +169,9 @@ class LayerLoader:
                 if self._cuda:
                     start = torch.cuda.Event(enable_timing=True)
                     start.record(self._stream)
-                for cache, part in ((self._k_caches[layer], "k"), (self._v_caches[layer], "v")):
-                    flat = cache.view(-1, *cache.shape[2:])
-                    for seg in self.lease.segments:
-                        # pinned host -> device is asynchronous on the copy stream; on CPU .to() is a no-op
-                        src = getattr(seg, part)[layer].to(self._device, non_blocking=True)
-                        flat.index_copy_(0, self._slots[seg.start:seg.start + seg.num_tokens], src)
+                for seg in self.lease.segments:   # pinned host -> device, asynchronous on the copy stream
+                    seg.scatter_layer(layer, self._k_caches[layer], self._v_caches[layer],
+                                      self._slots[seg.start:seg.start + seg.num_tokens])
                 if self._cuda:
                     done = torch.cuda.Event(enable_timing=True)
                     done.record(self._stream)
@@ -224,10 +221,11 @@ class LayerSaver:
         if self._cuda:
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
-            for cache, part in ((self._k_caches[layer], "k"), (self._v_caches[layer], "v")):
-                rows = cache.view(-1, *cache.shape[2:]).index_select(0, self._slots)
-                for seg in self._segments:
-                    getattr(seg, part)[layer].copy_(rows[seg.start:seg.start + seg.num_tokens], non_blocking=True)
+            k, v = (c.view(-1, *c.shape[2:]).index_select(0, self._slots)
+                    for c in (self._k_caches[layer], self._v_caches[layer]))
+            for seg in self._segments:   # an 8-bit store's segments quantize on the device, before the copy
+                part = slice(seg.start, seg.start + seg.num_tokens)
+                seg.write_layer(layer, k[part], v[part], non_blocking=True)
             if self._cuda:
                 self._last = torch.cuda.Event()
                 self._last.record(self._stream)

@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 
 from bench import sass  # noqa: E402
 from cattn.configs import TileConfig  # noqa: E402
-from cattn.launch import ShippedConfig, attention_config, shipped_configs  # noqa: E402
+from cattn.launch import ShippedConfig, attention_config, dequant_configs, shipped_configs  # noqa: E402
 
 
 @triton.jit
@@ -44,6 +44,8 @@ def bad_cases() -> dict:
         "no_hints": (d128, False),
         # trigonometry in a loop: libdevice sinf/cosf with its local-memory slow path
         "trig": (trig, True),
+        # the store's dequantization without the runtime's 16-byte alignment: byte-wide code loads
+        "dequant_no_hints": (dequant_configs()[0], False),
         # 128 x 128 fp32 tiles: far past the register file
         "spills": (attention_config("prefill", torch.float32, 128, 4, TileConfig(128, 64, 4, 1),
                                      name="prefill_fp32_128x64"), True),

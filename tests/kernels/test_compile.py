@@ -36,7 +36,7 @@ def test_report_covers_every_shipped_configuration(report):
     assert len(names) == len(set(names)), "configuration names must be unique"
     assert [row["name"] for row in report["configs"]] == names
     assert {cfg.kernel.__name__ for cfg in shipped_configs()} >= {
-        "paged_prefill_kernel", "paged_decode_kernel", "merge_splits_kernel", "write_kv_kernel"}
+        "paged_prefill_kernel", "paged_decode_kernel", "merge_splits_kernel", "write_kv_kernel", "dequant_kv_kernel"}
     assert report["hints"] is True
 
 
@@ -70,3 +70,4 @@ def test_gate_rejects_each_bad_configuration():
     assert any("cp.async" in v or "narrower than 4 bytes" in v for v in verdicts["no_hints"]), verdicts
     assert any("trigonometry" in v and "sinf" in v for v in verdicts["trig"]), verdicts
     assert any("spills" in v for v in verdicts["spills"]), verdicts
+    assert any("16-byte LDG" in v for v in verdicts["dequant_no_hints"]), verdicts

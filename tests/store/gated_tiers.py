@@ -108,7 +108,7 @@ def corrupt_layer(tmp_path, chunk_index, layer_index):
     finally:
         os.close(fd)
     lay = KVLayout.from_json(meta["layout"])
-    _, v_at = ff.layer_spans(lay, meta["num_tokens"])[layer_index]
+    v_at, _ = lay.layer_spans(meta["num_tokens"])[layer_index][-1]   # its last run: V, or an 8-bit block
     data = bytearray(path.read_bytes())
     data[meta["payload_offset"] + v_at + 3] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -16,7 +16,7 @@ from cattn.store.lower.over_shared import DiskOverShared
 BAD_TOML = {
     "store": {"dram_bytes": '"lots"', "high_watermark": "1.5", "low_watermark": "0", "io_threads": "0",
               "full_timeout_s": "-1", "policy": '"belady"', "policy_ttl_s": "-3", "disk_read_bytes_per_s": "0",
-              "pin": '"maybe"', "partial_prefetch": "1", "max_chunk_tokens": "0"},
+              "pin": '"maybe"', "partial_prefetch": "1", "max_chunk_tokens": "0", "kv_format": '"int4"'},
     "disk": {"path": '""', "capacity_bytes": "0"},
     "redis": {"urls": '["http://127.0.0.1:6379"]', "cluster": '"yes please"', "username": "7", "password": "[1]",
               "tls": "2", "tls_ca_certs": '"ca.pem"', "timeout_s": "0", "retry_after_s": "-1", "ttl_s": "0",
@@ -26,7 +26,7 @@ BAD_TOML = {
 BAD_ENV = {  # the same keys through the environment, where every value is a string
     "store": {"dram_bytes": "0", "high_watermark": "high", "low_watermark": "0.95", "io_threads": "two",
               "full_timeout_s": "0", "policy": "random", "policy_ttl_s": "x", "disk_read_bytes_per_s": "-1",
-              "pin": "sometimes", "partial_prefetch": "partly", "max_chunk_tokens": "many"},
+              "pin": "sometimes", "partial_prefetch": "partly", "max_chunk_tokens": "many", "kv_format": "int7"},
     "disk": {"path": "", "capacity_bytes": "1 parsec"},
     "redis": {"urls": "", "cluster": "2", "username": None, "password": None, "tls": "tls", "tls_ca_certs": "ca.pem",
               "timeout_s": "fast", "retry_after_s": "soon", "ttl_s": "-1", "prefix": "{tag}", "piece_bytes": "0",
@@ -103,6 +103,24 @@ def test_file_then_environment_builds_the_store(tmp_path):
     assert store.stats()["redis"]["misses_by_reason"]["server_error"] >= 1
     assert store.metrics_server is None
     store.close(persist=False)
+
+
+def test_kv_format_from_the_file_and_the_environment(tmp_path):
+    """The 8-bit format is opt-in: lossless unless the file or CATTN_STORE_KV_FORMAT says otherwise."""
+    assert StoreConfig.load(None, environ={}).store.kv_format == "lossless"
+    path = tmp_path / "store.toml"
+    path.write_text('[store]\ndram_bytes = "1MiB"\nkv_format = "fp8"\n')
+    assert StoreConfig.load(path, environ={}).store.kv_format == "fp8"
+    c = StoreConfig.load(path, environ={"CATTN_STORE_KV_FORMAT": "int8"})
+    store = build_store(c)
+    assert store.kv_format == "int8"
+    key, k = EntryKey("t", "0123abcd", "s"), torch.randn(2, 5, 1, 8)
+    store.save(key, KVEntry(torch.arange(5), k, -k))
+    lease = store.acquire(key)
+    assert lease.layout.kv_format == "int8" and lease.nbytes < k.nbytes
+    lease.release()
+    assert torch.allclose(store.load(key).k, k, atol=k.abs().max().item() / 127)
+    store.close()
 
 
 def test_environment_alone_builds_a_dram_only_store_with_its_metrics_endpoint():

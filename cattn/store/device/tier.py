@@ -51,12 +51,12 @@ def _resident_from(lease, layers: int, page_size: int, headroom: float, device: 
     capacity = max(pages, int(pages * (1 + headroom)))
     ks, vs = [], []
     for layer in range(min(layers, lay.num_layers)):
-        for part, out in (("k", ks), ("v", vs)):
-            t = torch.empty(capacity, page_size, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype, device=device)
-            flat = t.view(-1, lay.num_kv_heads, lay.head_dim)
-            for seg in lease.segments:   # tokens in order: token i at slot i
-                flat[seg.start:seg.start + seg.num_tokens] = getattr(seg, part)[layer].to(device, non_blocking=True)
-            out.append(t)
+        k, v = (torch.empty(capacity, page_size, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype, device=device)
+                for _ in range(2))
+        for seg in lease.segments:   # tokens in order: token i at slot i (an 8-bit one dequantized on the way)
+            seg.scatter_layer(layer, k, v, torch.arange(seg.start, seg.start + seg.num_tokens, device=device))
+        ks.append(k)
+        vs.append(v)
     return Resident(lease.token_ids.clone(), list(range(pages)), ks, vs)
 
 

@@ -7,9 +7,9 @@ Frame (little-endian)::
 The checksum covers everything before it. A *chunk file* is a frame whose json
 names the key, chunk id, token count, layout and the payload's xxh3_64, whose
 blob is the token ids (int64), then zero padding to a 4096-byte boundary, then
-the payload: ``k [L, m, Hkv, D]`` and ``v [L, m, Hkv, D]``, the bytes of the
-chunk's host pool extent. The header also holds one xxh3_64 per layer, over that layer's
-``k[l]`` then ``v[l]``, so that a layer can be read and vouched for alone (`ChunkLayers`: a
+the payload: ``k [L, m, Hkv, D]`` and ``v [L, m, Hkv, D]`` (an 8-bit layout: one block of codes and scales per
+layer, `cattn.store.layout`), the bytes of the chunk's host pool extent. The header also holds one
+xxh3_64 per layer, over that layer's runs of bytes (``k[l]`` then ``v[l]``, or its block), so that a layer can be read and vouched for alone (`ChunkLayers`: a
 history streamed from disk layer by layer while the GPU computes). A *manifest* is a frame alone: the session's chunks
 and the token ranges of them that make up its history, in order. A write goes
 to a temporary file, is fsynced, renamed into place, and the directory fsynced,
@@ -122,22 +122,13 @@ def check_meta(meta: dict, key: EntryKey, layout: KVLayout | None, kind: str) ->
 
 # ---- chunk files ------------------------------------------------------------------------------------
 
-def layer_spans(layout: KVLayout, num_tokens: int) -> list[tuple[int, int]]:
-    """Per layer, the payload offsets of its ``k[l]`` and ``v[l]`` bytes (each `layer_nbytes` long)."""
-    n, half = layer_nbytes(layout, num_tokens), layout.payload_nbytes(num_tokens) // 2
-    return [(l * n, half + l * n) for l in range(layout.num_layers)]
-
-
-def layer_nbytes(layout: KVLayout, num_tokens: int) -> int:
-    """Bytes of one layer's K (or V) in a chunk of ``num_tokens``."""
-    return layout.payload_nbytes(num_tokens) // (2 * layout.num_layers)
-
-
 def _layer_sums(data: memoryview, layout: KVLayout, num_tokens: int) -> list[str]:
-    n, sums = layer_nbytes(layout, num_tokens), []
-    for k, v in layer_spans(layout, num_tokens):
-        h = xxhash.xxh3_64(data[k:k + n])
-        h.update(data[v:v + n])
+    """Per layer, the xxh3_64 of its runs of the payload (`KVLayout.layer_spans`), in order."""
+    sums = []
+    for spans in layout.layer_spans(num_tokens):
+        h = xxhash.xxh3_64()
+        for start, n in spans:
+            h.update(data[start:start + n])
         sums.append(f"{h.intdigest():016x}")
     return sums
 
@@ -233,11 +224,11 @@ class ChunkLayers:
 
     def __init__(self, fd: int, layout: KVLayout, num_tokens: int, ids: torch.Tensor, offset: int, sums: list[str]):
         self._fd, self.token_ids, self._offset, self._sums = fd, ids, offset, sums
-        self._spans, self._n = layer_spans(layout, num_tokens), layer_nbytes(layout, num_tokens)
+        self._spans = layout.layer_spans(num_tokens)
 
     def read_layer(self, layer: int, into: torch.Tensor) -> None:
-        view, n, h = bytes_of(into), self._n, xxhash.xxh3_64()
-        for start in self._spans[layer]:
+        view, h = bytes_of(into), xxhash.xxh3_64()
+        for start, n in self._spans[layer]:
             part, done = view[start:start + n], 0
             while done < n:
                 got = os.preadv(self._fd, [part[done:]], self._offset + start + done)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+from cattn.store.kvformat.codec import check_format
 from cattn.store.policy.base import Policy
 
 
 def check_arguments(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                    disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens) -> None:
+                    disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens, kv_format) -> None:
     """Raise for the first bad one of `TieredStore`'s arguments (their meaning: its docstring)."""
     if not isinstance(dram_bytes, int) or isinstance(dram_bytes, bool) or dram_bytes <= 0:
         raise ValueError(f"dram_bytes must be a positive int, got {dram_bytes!r}")
@@ -28,3 +29,4 @@ def check_arguments(dram_bytes, policy, high_watermark, low_watermark, io_thread
     if max_chunk_tokens is not None and (not isinstance(max_chunk_tokens, int) or isinstance(max_chunk_tokens, bool)
                                          or max_chunk_tokens < 1):
         raise ValueError(f"max_chunk_tokens must be an int >= 1 or None, got {max_chunk_tokens!r}")
+    check_format(kv_format)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cattn.store.layout import KVLayout
+from cattn.store.kvformat.segment import QuantSegment, chunk_segment
 from cattn.store.lease import Segment
 
 
@@ -84,13 +85,14 @@ def token_ids_of(views: list[View]) -> torch.Tensor:
     return torch.cat([c.token_ids[lo:hi] for c, lo, hi in views])
 
 
-def segments_of(views: list[View], layout: KVLayout, pool, offsets: dict[int, int] | None = None) -> list[Segment]:
+def segments_of(views: list[View], layout: KVLayout, pool,
+                offsets: dict[int, int] | None = None) -> list[Segment | QuantSegment]:
     """`Segment` views of ``views``' tokens in ``pool`` (a `HostPool`), consecutive from token 0: each
     chunk at its own extent, or at ``offsets[id(chunk)]`` (an extent a read is filling)."""
     out, pos = [], 0
     for c, lo, hi in views:
         offset = c.offset if offsets is None or id(c) not in offsets else offsets[id(c)]
-        k, v = layout.views(pool.view(offset, layout.payload_nbytes(c.num_tokens)), c.num_tokens)
-        out.append(Segment(pos, k[:, lo:hi], v[:, lo:hi]))
+        out.append(chunk_segment(layout, pool.view(offset, layout.payload_nbytes(c.num_tokens)), c.num_tokens,
+                                 pos, lo, hi))
         pos += hi - lo
     return out

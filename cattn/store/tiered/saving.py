@@ -14,7 +14,8 @@ import torch
 from cattn.store.contract import EntryKey, KVEntry, check_key
 from cattn.store.errors import StoreFullError
 from cattn.store.layout import KVLayout
-from cattn.store.lease import PendingSave, Segment
+from cattn.store.kvformat.segment import chunk_segment
+from cattn.store.lease import PendingSave
 from cattn.store.lower import fileformat as ff
 from cattn.store.tiered.entries import Chunk, Entry, cut
 from cattn.store.tiered.migration import allocate_tokens_locked, demote_to_low_watermark, publish
@@ -45,7 +46,10 @@ class SavePath:
             raise TypeError(f"token_ids must be a 1-D int64 tensor, got {getattr(token_ids, 'shape', token_ids)!r}")
         if not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout must be a cattn.store.KVLayout, got {type(layout).__name__}")
         st, m = self._state, token_ids.numel()
+        layout = layout.stored_as(st.kv_format)   # what the caller hands over, as this store keeps it
         if layout.extent_nbytes(m) > st.pool.capacity:
             raise StoreFullError(f"{layout.payload_nbytes(m)} bytes of KV exceed the DRAM tier's "
                                  f"{st.pool.capacity} bytes")
@@ -54,7 +58,7 @@ class SavePath:
         chunks, segments, pos = [], [], 0
         for offset, n in pieces:
             chunks.append(Chunk(ff.new_id(), n, token_ids[pos:pos + n].clone(), offset, layout.extent_nbytes(n)))
-            segments.append(Segment(pos, *layout.views(st.pool.view(offset, layout.payload_nbytes(n)), n)))
+            segments.append(chunk_segment(layout, st.pool.view(offset, layout.payload_nbytes(n)), n, pos))
             pos += n
         return PendingSave(token_ids, start, segments, commit=lambda: self._commit(key, layout, start, chunks),
                            abort=lambda: self._locked(st.free_new_locked, chunks))

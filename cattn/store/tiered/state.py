@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 from cattn.store.contract import EntryKey
+from cattn.store.kvformat.names import LOSSLESS
+from cattn.store.layout import KVLayout
 from cattn.store.tiered.entries import Chunk, Entry
 from cattn.store.policy.base import Policy
 from cattn.store.tiered.pool import HostPool
@@ -30,8 +32,9 @@ class StoreState:
     """
 
     def __init__(self, pool: HostPool, disk: LowerTier | None, policy: Policy, high_watermark: float,
-                 low_watermark: float, full_timeout_s: float):
+                 low_watermark: float, full_timeout_s: float, kv_format: str = LOSSLESS):
         self.pool, self.disk, self.policy = pool, disk, policy
+        self.kv_format = kv_format       # how this store keeps KV (`KVLayout.stored_as`); it serves no other
         self.high_bytes, self.low_bytes = high_watermark * pool.capacity, low_watermark * pool.capacity
         self.full_timeout_s = full_timeout_s
         self.lock = threading.Lock()
@@ -47,7 +50,7 @@ class StoreState:
         if disk is not None:
             self.counters["disk"] = dict(hits=0, misses=0, bytes_in=0, bytes_out=0, evictions=0, corrupt=0,
                                          write_errors=0, prefetched=0, prefetch_stopped=0,
-                                         layerwise_reads=0)
+                                         layerwise_reads=0, other_format=0)
             self._index_lower_tier()
 
     def _index_lower_tier(self) -> None:
@@ -58,8 +61,16 @@ class StoreState:
         # Entries a directory-backed tier left in place (not its own, or unreadable); others have none.
         self.counters["disk"]["skipped"] = self.disk.skipped
         for s in sorted(stored, key=lambda s: s.created_ns):
+            if not self.serves(s.layout):   # left where it is, for a store of its format: a miss here
+                self.counters["disk"]["other_format"] += 1
+                continue
             self.index_locked(s)
             self.policy.touch(s.key, s.created_ns / 1e9)
+
+    def serves(self, layout: KVLayout) -> bool:
+        """Whether an entry stored in ``layout`` is in this store's format (one in another is never served:
+        its reader would expect other bytes)."""
+        return layout == layout.stored_as(self.kv_format)
 
     def index_locked(self, s) -> Entry:
         """Index a session the lower tier holds (a `StoredEntry`: on disk at a restart, or found in the

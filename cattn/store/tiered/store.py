@@ -63,6 +63,11 @@ class TieredStore(SavePath, SchedulingHooks, KVStore):
             once begun.
         max_chunk_tokens: split each save into chunks of at most this many tokens (default: no limit), so
             that a partial prefetch can stop within a long turn's tokens (a chunk is the piece it reads).
+        kv_format: how the host tiers keep KV: ``"lossless"`` (default: the model dtype's bytes), or 8-bit,
+            ``"int8"`` (recommended) or ``"fp8"`` (e4m3): keys per channel, values per token, scales beside
+            them (`cattn.store.kvformat`), about half the bytes in DRAM, on disk, in Redis and over PCIe.
+            Quantized when saved, dequantized when loaded into the pages. Entries record their format; one
+            in another format (a directory or Redis written by another configuration) is a miss, left in place.
 
     Keys are `EntryKey`s only (TypeError otherwise). The store owns ``disk``: `close` releases it, and
     so does a constructor that raises (a rejected argument, a tier that cannot be indexed).
@@ -73,16 +78,16 @@ class TieredStore(SavePath, SchedulingHooks, KVStore):
                  high_watermark: float = 0.9, low_watermark: float = 0.7, io_threads: int = 2,
                  full_timeout_s: float = 5.0, pin: bool | None = None, disk_read_bytes_per_s: float | None = None,
                  device: DeviceTier | None = None, partial_prefetch: bool = False,
-                 max_chunk_tokens: int | None = None):
+                 max_chunk_tokens: int | None = None, kv_format: str = "lossless"):
         # The store owns ``disk`` from here on: a constructor that raises releases it (its directory
         # lock), or this process could never open that directory again.
         try:
             check_arguments(dram_bytes, policy, high_watermark, low_watermark, io_threads, full_timeout_s,
-                        disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens)
+                        disk_read_bytes_per_s, partial_prefetch, max_chunk_tokens, kv_format)
             if device is not None and not isinstance(device, DeviceTier):
                 raise TypeError(f"device must be a cattn.store.DeviceTier, got {type(device).__name__}")
             self._state = StoreState(HostPool(dram_bytes, pin), disk, policy or LRU(), high_watermark,
-                                     low_watermark, full_timeout_s)
+                                     low_watermark, full_timeout_s, kv_format)
             self._state.max_chunk_tokens = max_chunk_tokens
         except BaseException:
             if disk is not None:
@@ -105,6 +110,11 @@ class TieredStore(SavePath, SchedulingHooks, KVStore):
         """What the store knows (index, pool, lower tier, counters) and its lock, for tests and diagnostics:
         reading it takes ``state.lock``, and a change must keep `StoreState`'s rules."""
         return self._state
+
+    @property
+    def kv_format(self) -> str:
+        """How the host tiers keep KV (the constructor's option)."""
+        return self._state.kv_format
 
     @property
     def partial_prefetch(self) -> bool:
@@ -269,6 +279,9 @@ class TieredStore(SavePath, SchedulingHooks, KVStore):
             found = st.disk.find(key)
         if found is None or key in st.entries:   # another thread may have indexed or saved it meanwhile
             return st.entries.get(key)
+        if not st.serves(found.layout):          # another format's: a miss, left for its own readers
+            st.counters["disk"]["other_format"] += 1
+            return None
         e = st.index_locked(found)
         st.policy.touch(key, time.time())
         return e

@@ -1,0 +1,225 @@
+"""8-bit codes for pre-RoPE KV: keys per channel, values per token, int8 or fp8 e4m3.
+
+Pre-RoPE keys have outlier *channels* that stay put across tokens (KVQuant, Hooper et al. 2024),
+so a key's scale is per channel (head and dim) over a group of `KEY_GROUP` consecutive tokens;
+values have no such structure and get one scale per token and head. Codes are symmetric:
+``x ~ code * scale`` with ``scale = absmax / QMAX``.
+
+Scales are rounded up to the model dtype when they are made, and the codes are computed against the
+rounded scale, so dequantization is one conversion and one multiply in the model dtype: on a
+16-bit model, ``code * scale`` differs from the fp32 product only by the final rounding that any
+KV in that dtype has. Error bound, per element: ``|x - deq| <= scale / 2`` (int8; plus the model
+dtype's own rounding of ``deq``), ``<= 2**-4 * |x| + scale * 2**-10`` (fp8 e4m3: 3 mantissa bits).
+
+A zero channel (or token) has scale 0 and codes 0; it comes back as exact zeros.
+"""
+from __future__ import annotations
+
+import torch
+
+from cattn.store.kvformat.names import FORMATS, KEY_GROUP, LOSSLESS
+CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QMAX = {"int8": 127.0, "fp8": 448.0}
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BLOCK_TOKENS = 128                         # CPU: tokens per block, whose fp32 scratch stays in cache
+
+
+def check_format(kv_format, what: str = "kv_format") -> str:
+    """``kv_format`` if it names a format (`FORMATS`); TypeError/ValueError naming ``what`` otherwise."""
+    if not isinstance(kv_format, str):
+        raise TypeError(f"{what} must be a str, one of {FORMATS}, got {type(kv_format).__name__}")
+    if kv_format not in FORMATS:
+        raise ValueError(f"{what} must be one of {FORMATS}, got {kv_format!r}")
+    return kv_format
+
+
+def num_key_groups(num_tokens: int, group: int = KEY_GROUP) -> int:
+    """Key scale rows of a chunk of ``num_tokens`` tokens."""
+    return -(-num_tokens // group)
+
+
+def _check_codes_format(kv_format: str) -> None:
+    if check_format(kv_format) == LOSSLESS:
+        raise ValueError("kv_format must be an 8-bit format ('int8' or 'fp8') here, got 'lossless'")
+
+
+def _check_kv(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"{what} must be [num_tokens, num_kv_heads, head_dim], got shape {tuple(x.shape)}")
+    if x.dtype not in MODEL_DTYPES:
+        raise TypeError(f"{what} must be one of {MODEL_DTYPES}, got {x.dtype}")
+
+
+def _check_out(t, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{what} must be a {list(shape)} {dtype} tensor on {device}, got "
+                         f"{getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+    return t
+
+
+def _encode(q: torch.Tensor, scale: torch.Tensor, kv_format: str, codes: torch.Tensor) -> None:
+    """``codes = encode(q / scale)``, scaling ``q`` (fp32 scratch) in place; ``scale`` broadcasts against it and
+    may hold zeros (a zero row encodes as zeros, not NaN)."""
+    q.mul_(torch.where(scale > 0, 1.0 / scale.float(), 0.0))
+    qmax = QMAX[kv_format]
+    if kv_format == "int8":
+        q.round_()
+    codes.copy_(q.clamp_(-qmax, qmax))   # fp8: the cast rounds to nearest even
+
+
+def _absmax(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """``|q|.amax(dim)`` without an ``|q|`` tensor: two reductions over the block in cache."""
+    return torch.maximum(q.amax(dim), q.amin(dim).neg_())
+
+
+def _scale(absmax: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Tensor:
+    """``absmax / QMAX`` rounded *up* to ``dtype``: the scale the codes are made against (never below the
+    exact one, so no value is clipped; fp16's subnormal scales of tiny channels included)."""
+    want = absmax.to(torch.float64 if dtype == torch.float64 else torch.float32) / QMAX[kv_format]
+    scale = want.to(dtype)
+    return torch.where(scale.to(want.dtype) < want, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+
+
+def _blocks(num_tokens: int, device: torch.device, unit: int) -> int:
+    """Tokens per pass: on CPU a block of ``unit`` tokens (its fp32 scratch stays in cache through the
+    passes over it), on an accelerator all of them (one launch per pass)."""
+    return max(1, unit if device.type == "cpu" else num_tokens)
+
+
+def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, codes: torch.Tensor | None = None,
+                  scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel codes of pre-RoPE keys.
+
+    Args:
+        k: ``[m, Hkv, D]`` fp16/bf16/fp32/fp64 pre-RoPE keys of ``m`` consecutive tokens (any device).
+        kv_format: ``"int8"`` or ``"fp8"``.
+        group: tokens per scale row: tokens ``[g * group, (g + 1) * group)`` share row ``g``.
+        codes, scales: optional outputs to fill (e.g. views of a pool extent), on ``k``'s device.
+
+    Returns:
+        codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, scales ``[ceil(m / group), Hkv, D]`` in ``k.dtype``.
+    """
+    _check_kv(k, "k")
+    _check_codes_format(kv_format)
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        raise ValueError(f"group must be an int >= 1, got {group!r}")
+    m, h, d = k.shape
+    codes = _check_out(codes, (m, h, d), CODE_DTYPES[kv_format], k.device, "codes")
+    scales = _check_out(scales, (num_key_groups(m, group), h, d), k.dtype, k.device, "scales")
+    step = -(-_blocks(m, k.device, _BLOCK_TOKENS) // group) * group
+    scratch = torch.empty(min(step, m), h, d, dtype=torch.float32, device=k.device)
+    for lo in range(0, m, step):
+        hi = min(lo + step, m)
+        full = (hi - lo) // group * group
+        for a, b in ((lo, lo + full), (lo + full, hi)):   # whole groups, then a short last one
+            if a == b:
+                continue
+            rows = slice(a // group, -(-b // group))
+            q = scratch[:b - a].copy_(k[a:b]).view(rows.stop - rows.start, -1, h, d)
+            scale = scales[rows].copy_(_scale(_absmax(q, 1), kv_format, k.dtype))
+            _encode(q, scale.unsqueeze(1), kv_format, codes[a:b].view(q.shape))
+    return codes, scales
+
+
+def quantize_values(v: torch.Tensor, kv_format: str, *, codes: torch.Tensor | None = None,
+                    scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes of values.
+
+    Args:
+        v: ``[m, Hkv, D]`` fp16/bf16/fp32/fp64 values (any device).
+        kv_format: ``"int8"`` or ``"fp8"``.
+        codes, scales: optional outputs to fill, on ``v``'s device.
+
+    Returns:
+        codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, scales ``[m, Hkv]`` in ``v.dtype`` (one per token and head).
+    """
+    _check_kv(v, "v")
+    _check_codes_format(kv_format)
+    m, h, d = v.shape
+    codes = _check_out(codes, (m, h, d), CODE_DTYPES[kv_format], v.device, "codes")
+    scales = _check_out(scales, (m, h), v.dtype, v.device, "scales")
+    step = _blocks(m, v.device, _BLOCK_TOKENS)
+    scratch = torch.empty(min(step, m), h, d, dtype=torch.float32, device=v.device)
+    for lo in range(0, m, step):
+        q = scratch[:min(step, m - lo)].copy_(v[lo:lo + step])
+        scale = scales[lo:lo + step].copy_(_scale(_absmax(q, -1), kv_format, v.dtype))
+        _encode(q, scale.unsqueeze(-1), kv_format, codes[lo:lo + step])
+    return codes, scales
+
+
+def _check_codes(codes, what: str) -> None:
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 3 or codes.dtype not in CODE_DTYPES.values():
+        raise ValueError(f"{what} must be a [num_tokens, num_kv_heads, head_dim] int8 or float8_e4m3fn tensor, got "
+                         f"{getattr(codes, 'shape', codes)} {getattr(codes, 'dtype', '')}")
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in MODEL_DTYPES:
+        raise TypeError(f"dtype must be one of {MODEL_DTYPES}, got {dtype}")
+
+
+def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, *, phase: int = 0,
+                    group: int = KEY_GROUP, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys back from `quantize_keys`'s codes, for tokens that may start inside a group.
+
+    Args:
+        codes: ``[n, Hkv, D]`` int8 / float8_e4m3fn: tokens ``[lo, lo + n)`` of a chunk.
+        scales: ``[G, Hkv, D]`` in ``dtype``: the chunk's scale rows from ``lo // group`` on (at least the
+            rows those tokens use).
+        dtype: the model dtype (the scales' dtype).
+        phase: ``lo % group``: token ``t`` of ``codes`` uses row ``(phase + t) // group``.
+        out: optional ``[n, Hkv, D]`` ``dtype`` output on the codes' device.
+
+    Returns:
+        ``[n, Hkv, D]`` in ``dtype``.
+    """
+    _check_codes(codes, "codes")
+    _check_dtype(dtype)
+    n, h, d = codes.shape
+    if not isinstance(group, int) or group < 1 or not isinstance(phase, int) or not 0 <= phase < group:
+        raise ValueError(f"need group >= 1 and 0 <= phase < group, got phase={phase!r}, group={group!r}")
+    rows = num_key_groups(phase + n, group)
+    if not isinstance(scales, torch.Tensor) or scales.ndim != 3 or scales.shape[0] < rows \
+            or tuple(scales.shape[1:]) != (h, d) or scales.dtype != dtype:
+        raise ValueError(f"scales must be [>= {rows}, {h}, {d}] {dtype}, got {getattr(scales, 'shape', scales)} "
+                         f"{getattr(scales, 'dtype', '')}")
+    out = _check_out(out, (n, h, d), dtype, codes.device, "out")
+    out.copy_(codes)                          # exact: every code is an integer (int8) or fp8 value
+    t = 0
+    while t < n:                              # runs of tokens sharing a scale row: a view, one multiply each
+        row = (phase + t) // group
+        if (phase + t) % group == 0 and (full := (n - t) // group):
+            out[t:t + full * group].view(full, group, h, d).mul_(scales[row:row + full].unsqueeze(1))
+            t += full * group
+        else:
+            end = min(n, (row + 1) * group - phase)
+            out[t:end].mul_(scales[row])
+            t = end
+    return out
+
+
+def dequantize_values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values back from `quantize_values`'s codes.
+
+    Args:
+        codes: ``[n, Hkv, D]`` int8 / float8_e4m3fn.
+        scales: ``[n, Hkv]`` in ``dtype``.
+        dtype: the model dtype.
+        out: optional ``[n, Hkv, D]`` ``dtype`` output on the codes' device.
+
+    Returns:
+        ``[n, Hkv, D]`` in ``dtype``.
+    """
+    _check_codes(codes, "codes")
+    _check_dtype(dtype)
+    n, h, d = codes.shape
+    if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, h) or scales.dtype != dtype:
+        raise ValueError(f"scales must be [{n}, {h}] {dtype}, got {getattr(scales, 'shape', scales)} "
+                         f"{getattr(scales, 'dtype', '')}")
+    out = _check_out(out, (n, h, d), dtype, codes.device, "out")
+    return out.copy_(codes).mul_(scales.unsqueeze(-1))
