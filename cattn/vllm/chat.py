@@ -159,3 +159,61 @@ def interleaved(llm, conversations: list[Conversation]) -> list[list[Turn]]:
 
 def turns_json(turns: list[Turn]) -> list[dict]:
     return [dict(asdict(t), prefilled_tokens=t.prefilled_tokens) for t in turns]
+
+
+def prompt_length(llm, messages: list[dict]) -> int:
+    """Tokens of ``messages`` rendered with the generation prompt, as `take_turn` sends them."""
+    ids = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def send_ids(llm, messages: list[dict], *, session: str | None = None, max_tokens: int = 24,
+             cache_salt: str | None = None) -> dict:
+    """One greedy request of ``messages`` rendered to token ids, and its record: the `Turn`'s fields
+    (`turns_json`) and ``prompt_ids``, ``reply_ids``, ``logprobs`` (each reply token's log-probability)."""
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": {"cattn_session": session}} if session else None
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra, logprobs=1)
+    ids = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    prompt = {"prompt_token_ids": ids} if cache_salt is None else {"prompt_token_ids": ids, "cache_salt": cache_salt}
+    before = external_tokens(llm)
+    t0 = time.perf_counter()
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    wall = time.perf_counter() - t0
+    metrics = getattr(out, "metrics", None)
+    ttft = getattr(metrics, "first_token_latency", None) or getattr(metrics, "first_token_ts", None)
+    gen = out.outputs[0]
+    turn = Turn(gen.text, len(ids), out.num_cached_tokens or 0,
+                float(ttft) if isinstance(ttft, float) and ttft < wall else wall,
+                (out.kv_transfer_params or {}).get("cattn"), external_tokens(llm) - before)
+    reply = list(gen.token_ids)
+    logprobs = [float(step[t].logprob) for t, step in zip(reply, gen.logprobs or [])]
+    return dict(turns_json([turn])[0], prompt_ids=ids, reply_ids=reply, logprobs=logprobs)
+
+
+def take_turn_ids(llm, conv: Conversation) -> dict:
+    """`take_turn` through `send_ids`: the turn joins ``conv`` and its `send_ids` record is returned."""
+    conv.messages.append({"role": "user", "content": conv.user_turns[len(conv.turns)]})
+    record = send_ids(llm, conv.messages, session=conv.session, max_tokens=conv.max_tokens,
+                      cache_salt=conv.cache_salt)
+    conv.messages.append({"role": "assistant", "content": record["reply"]})
+    conv.turns.append(Turn(**{k: record[k] for k in ("reply", "prompt_tokens", "cached_tokens", "ttft_s", "cattn",
+                                                      "external_tokens")}))
+    return record
+
+
+def truncating_chat(llm, conv: Conversation, budget: int) -> list[dict]:
+    """``conv``'s turns as a client with a context budget sends them: before each turn, the oldest
+    user/assistant pairs after the system prompt are dropped until the prompt fits ``budget`` tokens
+    (the last pair is never dropped). One `take_turn_ids` record per turn, with ``dropped_messages``."""
+    head, records = (1 if conv.system else 0), []
+    for i in range(len(conv.turns), len(conv.user_turns)):
+        upcoming, dropped = conv.messages + [{"role": "user", "content": conv.user_turns[i]}], 0
+        while prompt_length(llm, upcoming) > budget and len(conv.messages) > head + 2:
+            del conv.messages[head:head + 2]
+            dropped += 2
+            upcoming = conv.messages + [{"role": "user", "content": conv.user_turns[i]}]
+        records.append(dict(take_turn_ids(llm, conv), dropped_messages=dropped))
+    return records

@@ -21,6 +21,9 @@ class CattnVllmConfig:
             engine that is killed (vLLM's shutdown may not reach the worker) leaves its sessions on disk.
         default_tenant: the tenant of requests without a ``cache_salt``.
         session_param: the ``kv_transfer_params`` key that carries a client's session id.
+        truncation: serve truncated conversations (the oldest messages dropped, a prefix such as the
+            system prompt kept) from the stored history, the kept span's keys re-rotated to their new
+            positions (docs/vllm.md, "Truncation"). Off: only prefixes are served.
     """
 
     dram_bytes: int = 1 << 30
@@ -29,6 +32,7 @@ class CattnVllmConfig:
     persist: bool = True
     default_tenant: str = "default"
     session_param: str = "cattn_session"
+    truncation: bool = False
 
     def __post_init__(self):
         for name in ("dram_bytes", "disk_bytes"):
@@ -37,8 +41,9 @@ class CattnVllmConfig:
                 raise ValueError(f"{PREFIX}{name} must be a positive int (bytes), got {value!r}")
         if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir):
             raise ValueError(f"{PREFIX}disk_dir must be a directory path or None, got {self.disk_dir!r}")
-        if not isinstance(self.persist, bool):
-            raise TypeError(f"{PREFIX}persist must be a bool, got {self.persist!r}")
+        for name in ("persist", "truncation"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{PREFIX}{name} must be a bool, got {getattr(self, name)!r}")
         check_name(self.default_tenant, f"{PREFIX}default_tenant")
         if not isinstance(self.session_param, str) or not self.session_param:
             raise ValueError(f"{PREFIX}session_param must be a non-empty string, got {self.session_param!r}")

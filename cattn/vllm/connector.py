@@ -22,6 +22,7 @@ from cattn.vllm.directory import SessionDirectory
 from cattn.vllm.jobs import LoadJob, QueueUpdate, SaveJob, StepReport
 from cattn.vllm.keys import model_fingerprint
 from cattn.vllm.scheduler import SchedulerSide
+from cattn.vllm.shift import ShiftSupport, rope_for, sliding_window_of
 from cattn.vllm.worker import WorkerSide, rank_store
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,14 @@ class CattnConnector(KVConnectorBase_V1):
         model = model_fingerprint(vllm_config, vllm_version=vllm_version, tensor_parallel=self.world_size)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._saves_started = None   # the metadata whose saves start_load_kv started
         self._store = None
         self._block_size = block_size
+        self._shifting = shift_support(vllm_config) if self.config.truncation else None
         if role == KVConnectorRole.SCHEDULER:
             records = None if self.config.disk_dir is None else Path(self.config.disk_dir) / "sessions"
-            self._scheduler = SchedulerSide(self.config, SessionDirectory(model, block_size, records), self.world_size)
+            self._scheduler = SchedulerSide(self.config, SessionDirectory(model, block_size, records), self.world_size,
+                                            self._shifting)
             _local_schedulers[self._engine_id] = self._scheduler
         else:
             self.rank = parallel.rank
@@ -112,7 +116,8 @@ class CattnConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, Any]):
         self._worker = WorkerSide(self._store, self._block_size, kv_caches, rank=self.rank,
-                                  persist=self.config.persist and self.config.disk_dir is not None)
+                                  persist=self.config.persist and self.config.disk_dir is not None,
+                                  shifting=self._shifting)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -121,6 +126,9 @@ class CattnConnector(KVConnectorBase_V1):
         self._worker.apply_queue(meta.queue)
         if meta.loads:
             self._worker.start_loads(meta.loads)
+        if meta.saves:   # finished requests' blocks: untouched by this step's forward, copied beside it
+            self._worker.start_saves(meta.saves)
+            self._saves_started = meta
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._worker is not None:
@@ -135,8 +143,10 @@ class CattnConnector(KVConnectorBase_V1):
         if self._worker is None:
             return
         self._worker.finish_loads()   # the leases go back before the step ends
-        if isinstance(meta, CattnConnectorMetadata) and meta.saves:
+        if isinstance(meta, CattnConnectorMetadata) and meta.saves and self._saves_started is not meta:
             self._worker.start_saves(meta.saves)
+        self._saves_started = None
+        self._worker.finish_saves()   # reported done in this step: vLLM frees the blocks now
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
@@ -210,3 +220,23 @@ class CattnConnector(KVConnectorBase_V1):
     def stats(self) -> dict:
         """This worker's store counters per tier (`TieredStore.stats`); empty on the scheduler side."""
         return self._store.stats() if self._store is not None else {}
+
+
+def shift_support(vllm_config) -> ShiftSupport:
+    """What this engine can shift (truncated conversations): the model's rope as cattn reads it, its
+    sliding window, and the attention backend's KV block layout by name: ``cpu-<isa>`` for vLLM's CPU
+    backend (only ``vec``/``vec16`` are known; `cattn.vllm.block_layout`), anything else unknown."""
+    mc = vllm_config.model_config
+    rope, reason = rope_for(mc.hf_config)
+    layout = "unknown backend"
+    try:
+        from vllm.platforms import current_platform
+        if vllm_config.cache_config.cache_dtype != "auto":
+            layout = f"quantized KV cache {vllm_config.cache_config.cache_dtype}"
+        elif current_platform.is_cpu():
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa   # vLLM's own choice of ISA
+            layout = "cpu-" + _get_attn_isa(mc.dtype, vllm_config.cache_config.block_size, mc.get_head_size())
+    except Exception as exc:   # a vLLM without these: unknown, so never shifted
+        log.warning("cattn: KV block layout not known (%s); truncated histories are recomputed", exc)
+    log.info("cattn: truncation on; KV layout %s, rope %s", layout, "ok" if rope is not None else reason)
+    return ShiftSupport(rope, reason, sliding_window_of(mc.hf_config), layout)

@@ -12,7 +12,8 @@ recompute, never wrong KV.
 
 With a disk tier the listing is also written, one small record per session, under
 ``<disk_dir>/sessions/<tenant>/<model>/``, so a restarted engine on the same directory lists what
-its workers' disk tiers hold (a record is written after the workers flushed the session to disk).
+its workers' disk tiers hold (they write a saved session through a moment after its save; one
+whose write a killed engine never finished is a miss, like any stale listing).
 """
 from __future__ import annotations
 

@@ -14,13 +14,19 @@ from cattn.store.contract import EntryKey
 
 @dataclass
 class LoadJob:
-    """Load tokens ``[start, num_tokens)`` of ``key`` into the request's blocks."""
+    """Load tokens ``[start, num_tokens)`` of ``key`` into the request's blocks.
+
+    Shifted (``shift > 0``, a truncated conversation): the request's tokens ``[0, shift_at)`` are
+    stored tokens ``[0, shift_at)`` and its tokens ``[shift_at, num_tokens)`` are stored tokens
+    ``[shift_at + shift, num_tokens + shift)``, their keys re-rotated on the way in."""
 
     req_id: str
     key: EntryKey
     token_ids: list[int]     # the request's first num_tokens prompt tokens, checked against the store
     start: int               # tokens vLLM already has (its own prefix cache)
     block_ids: list[int]
+    shift_at: int = 0
+    shift: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,8 @@ from cattn.vllm.config import CattnVllmConfig
 from cattn.vllm.directory import SessionDirectory, plain_ints
 from cattn.vllm.jobs import LoadJob, QueueUpdate, RequestResult, SaveJob, StepReport
 from cattn.vllm.keys import block_chain, client_session, content_session, tenant_of
+from cattn.vllm.shift import ShiftSupport
+from cattn.vllm.truncation import Shift, find_shift
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,16 @@ class Plan:
     common: int               # of them, how many equal the request's first tokens
     usable: int               # what vLLM may take: common, at most prompt - 1, whole blocks
     external: int = 0         # tokens the connector loads (after vLLM's own prefix cache)
+    shift: Shift | None = None   # a truncated conversation: usable = shift.at + shift.length
 
 
 class SchedulerSide:
     """One engine's scheduler role. ``world_size`` workers each hold a shard of every session."""
 
-    def __init__(self, config: CattnVllmConfig, directory: SessionDirectory, world_size: int):
+    def __init__(self, config: CattnVllmConfig, directory: SessionDirectory, world_size: int,
+                 shifting: ShiftSupport | None = None):
         self.config, self.directory, self.world_size = config, directory, world_size
+        self.shifting = shifting if config.truncation else None   # None: prefixes only
         self.model, self.block_size = directory.model, directory.block_size
         self.plans: dict[str, Plan] = {}
         self.need_load: dict[str, object] = {}       # req_id -> request, loads for the next step
@@ -65,12 +70,35 @@ class SchedulerSide:
         stored = self.directory.tokens(key) if key is not None else None
         common = 0 if stored is None else common_prefix(stored, prompt)
         usable = min(common, len(prompt) - 1) // self.block_size * self.block_size
-        self.plans[request.request_id] = Plan(tenant, key, by_content, len(stored or ()), common, usable)
+        shift = self._shift(key, stored, prompt, usable) if stored else None
+        if shift is not None:
+            usable = shift.at + shift.length
+        self.plans[request.request_id] = Plan(tenant, key, by_content, len(stored or ()), common, usable, shift=shift)
         if stored:
             self._queue(request.request_id, key)
         if usable <= num_computed_tokens:
             return 0, False
         return usable - num_computed_tokens, False
+
+    def _shift(self, key: EntryKey, stored: list[int], prompt: list[int], usable: int) -> Shift | None:
+        """A truncated conversation's longer loadable prefix (whole blocks), if truncation is on and the
+        engine can shift it exactly; a refusal is logged and the plain prefix is served."""
+        if self.shifting is None:
+            return None
+        bs = self.block_size
+        found = find_shift(stored, prompt, min_length=bs)
+        if found is None:
+            return None
+        end = min(found.at + found.length, len(prompt) - 1) // bs * bs
+        if end <= usable:
+            return None
+        shift = Shift(found.at, found.by, end - found.at)
+        reason = self.shifting.refusal(shift.stored_end, len(prompt))
+        if reason is not None:
+            log.warning("cattn: truncated history of session %r not loaded (%d tokens recomputed): %s",
+                        key.session, end - usable, reason)
+            return None
+        return shift
 
     def _queue(self, req_id: str, key: EntryKey) -> None:
         """The request is waiting: it joins the look-ahead, and the workers' stores prefetch its session."""
@@ -108,8 +136,9 @@ class SchedulerSide:
 
     def _load_job(self, request, block_ids: list[int]) -> LoadJob:
         plan = self.plans[request.request_id]
+        at, by = (plan.shift.at, plan.shift.by) if plan.shift is not None else (0, 0)
         return LoadJob(request.request_id, plan.key, plain_ints(request.prompt_token_ids[:plan.usable]),
-                       plan.usable - plan.external, list(block_ids))
+                       plan.usable - plan.external, list(block_ids), at, by)
 
     # ---- what the workers did ----------------------------------------------------------------------
 
@@ -165,6 +194,10 @@ class SchedulerSide:
             start = 0 if listed is None else common_prefix(listed, tokens)
         if result.load_failed:
             start = 0   # what is stored could not be read on some rank: write the whole history again
+        elif plan.shift is not None:
+            # a truncated turn: its blocks hold re-rotated keys, and saving them from the common prefix
+            # on would overwrite the original; the stored session stays as it was computed
+            start = computed
         elif plan.by_content and key is None:
             # a new conversation: a session of its own. One that matched a stored conversation
             # continues it from the first differing token (usually the re-rendered end of the last
@@ -180,7 +213,9 @@ class SchedulerSide:
         tokens = tokens[:end]
         report = dict(session=None if key is None else key.session, loaded_tokens=result.loaded_tokens,
                       load_failed=result.load_failed, from_disk=result.from_disk, load_s=result.load_s,
-                      matched_tokens=plan.usable, saved_tokens=0)
+                      matched_tokens=plan.usable, saved_tokens=0,
+                      shifted_by=0 if plan.shift is None else plan.shift.by,
+                      shift_at=0 if plan.shift is None else plan.shift.at)
         if key is None or end <= start or not savable:   # nothing new, or nothing trustworthy
             return False, {"cattn": report}
         report["saved_tokens"] = end - start

@@ -28,7 +28,10 @@ from cattn.store.lower.disk import DiskTier
 from cattn.store.policy.base import Scheduler
 from cattn.store.tiered.store import TieredStore
 from cattn.vllm.config import CattnVllmConfig
+from cattn.vllm.block_layout import layout_named
 from cattn.vllm.jobs import LoadJob, QueueUpdate, RequestResult, SaveJob, StepReport
+from cattn.vllm.shift import ShiftSupport
+from cattn.vllm.shifted import copy_layer, plan_copy, stored_tokens_needed, tokens_match
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +60,17 @@ def rank_store(config: CattnVllmConfig, rank: int, world_size: int) -> TieredSto
 
 class WorkerSide:
     """Loads and saves for one worker (``rank`` of the engine's workers) over its own ``store``;
-    ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order, H this rank's KV heads."""
+    ``layers`` are vLLM's per-layer ``[B, H, N, C]`` caches in model order, H this rank's KV heads;
+    ``shifting``: what a shifted load (a truncated conversation) needs, None if they are off."""
 
     def __init__(self, store: KVStore, block_size: int, layers: dict[str, torch.Tensor], *, rank: int = 0,
-                 persist: bool = False):
+                 persist: bool = False, shifting: ShiftSupport | None = None):
         for name, t in layers.items():
             if t.ndim != 4 or t.shape[-1] % 2 or t.shape[2] != block_size:
                 raise ValueError(f"KV cache of {name}: a [blocks, heads, {block_size}, channels] view with "
                                  f"an even channel count expected, got {tuple(t.shape)}")
         self.store, self.block_size, self.rank, self.persist = store, block_size, rank, persist
+        self.shifting = shifting
         self.names = sorted(layers, key=lambda n: [int(x) for x in re.findall(r"\d+", n)])   # model order
         self.layers = [layers[n] for n in self.names]
         self.layer_index = {n: i for i, n in enumerate(self.names)}
@@ -76,6 +81,9 @@ class WorkerSide:
         self._load_thread: threading.Thread | None = None
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="cattn-vllm-save")
+        self._saving: list = []           # this step's saves (futures)
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="cattn-vllm-flush")
+        self._flush_queued = False
         self._saved: set[str] = set()
         self._report = StepReport()
         self._lock = threading.Lock()
@@ -91,9 +99,17 @@ class WorkerSide:
         bs, work = self.block_size, []
         for job in jobs:
             t0 = time.perf_counter()
-            lease = self._acquire(job.key, job.num_tokens)   # disk: a layer at a time
-            ok = (lease is not None and lease.num_tokens == job.num_tokens
-                  and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
+            copy = self._plan_shift(job) if job.shift else None
+            if job.shift and copy is None:
+                lease, ok = None, False
+            elif job.shift:
+                need = stored_tokens_needed(job, bs)
+                lease = self._acquire(job.key, need)
+                ok = lease is not None and lease.num_tokens == need and tokens_match(job, lease.token_ids)
+            else:
+                lease = self._acquire(job.key, job.num_tokens)   # disk: a layer at a time
+                ok = (lease is not None and lease.num_tokens == job.num_tokens
+                      and torch.equal(lease.token_ids, torch.tensor(job.token_ids, dtype=torch.int64)))
             result = RequestResult(from_disk=lease is not None and lease.source == "disk")
             with self._lock:
                 self._report.loads[job.req_id] = result
@@ -102,13 +118,28 @@ class WorkerSide:
                     lease.release()
                 self._fail(job, result)
                 continue
-            blocks, offsets = token_slots(job.block_ids, job.start, job.num_tokens, bs)
+            blocks, offsets = (copy, None) if copy is not None else token_slots(job.block_ids, job.start,
+                                                                                  job.num_tokens, bs)
             work.append((job, lease, blocks, offsets, result, t0))
         if not work:
             return
         self._loaded = [threading.Event() for _ in self.layers]
         self._load_thread = threading.Thread(target=self._copy_in, args=(work,), name="cattn-vllm-load", daemon=True)
         self._load_thread.start()
+
+    def _plan_shift(self, job: LoadJob):
+        """The `ShiftedCopy` of a shifted job, or None (logged) when this rank cannot shift exactly."""
+        support = self.shifting
+        reason = "truncation is off on this worker" if support is None else support.refusal(
+            job.num_tokens + job.shift, job.num_tokens)
+        if reason is None:
+            try:
+                return plan_copy(job, support.rope, self.block_size)
+            except ValueError as exc:
+                reason = str(exc)
+        log.warning("cattn: shifted load of request %s refused on rank %d (recomputed): %s",
+                    job.req_id, self.rank, reason)
+        return None
 
     def _acquire(self, key, num_tokens: int):
         """A layer-wise lease of ``key``'s first ``num_tokens``, or None: a store that cannot serve it now
@@ -138,6 +169,10 @@ class WorkerSide:
                     except HistoryLost:
                         lost.add(i)              # the store dropped it; vLLM recomputes these blocks
                         self._fail(job, result)
+                        continue
+                    if offsets is None:   # shifted: `blocks` is its ShiftedCopy
+                        copy_layer(layer, lease, done, blocks, layout_named(self.shifting.layout_name),
+                                   self.shifting.rope)
                         continue
                     for seg in lease.segments:
                         lo, hi = max(seg.start, job.start), min(seg.start + seg.num_tokens, job.num_tokens)
@@ -185,16 +220,44 @@ class WorkerSide:
     # ---- saves -------------------------------------------------------------------------------------
 
     def start_saves(self, jobs: list[SaveJob]) -> None:
-        """Copy each finished request's new tokens into the store in the background; vLLM keeps the
-        blocks until `take_saved` reports the request."""
+        """Copy each finished request's new tokens into the store in a background thread (overlapping
+        the step's forward); `finish_saves` waits for them, so `take_saved` reports them in the same
+        step and vLLM frees their blocks one step after the request finished."""
         for job in jobs:
             try:
-                self._saver.submit(self._save, job)
+                self._saving.append(self._saver.submit(self._save, job))
             except RuntimeError:   # shut down already: the save is lost, which is a future miss
                 log.warning("cattn: worker closed, request %s not saved", job.req_id)
                 with self._lock:
                     self._report.save_failed.setdefault(job.req_id, set()).add(self.rank)
                     self._saved.add(job.req_id)
+
+    def finish_saves(self) -> None:
+        """Wait for the saves started this step (copies into the DRAM tier; the disk write is not
+        waited for)."""
+        for future in self._saving:
+            future.result()
+        self._saving = []
+
+    def _flush_soon(self) -> None:
+        """Write what was saved through to the disk tier in the background, one flush at a time: a
+        listed session is on disk a moment later, and a killed engine's last moment is a miss."""
+        with self._lock:
+            if self._flush_queued:
+                return
+            self._flush_queued = True
+        try:
+            self._flusher.submit(self._flush)
+        except RuntimeError:   # closing: the store's close flushes
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_queued = False
+        try:
+            self.store.flush()
+        except Exception:
+            log.exception("cattn: rank %d could not write saved sessions to disk", self.rank)
 
     def _save(self, job: SaveJob) -> None:
         ok = False
@@ -214,9 +277,7 @@ class WorkerSide:
                 raise
             pending.commit()
             if self.persist:
-                # on disk before the save is reported done: the scheduler lists the session then,
-                # and a restart must find what it lists
-                self.store.flush()
+                self._flush_soon()
             ok = True
             with self._lock:
                 self.counters["saves"] += 1
@@ -264,4 +325,5 @@ class WorkerSide:
         """Finish loads and saves, then close the store (flushing it to its disk tier, if any)."""
         self.finish_loads()
         self._saver.shutdown(wait=True)
+        self._flusher.shutdown(wait=True)
         self.store.close()
