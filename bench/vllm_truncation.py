@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=6)
     ap.add_argument("--budget", type=int, default=768, help="the client's prompt budget in tokens")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "vllm_truncation_cpu.json"))
+    ap.add_argument("--out", help="JSON path (default: vllm_truncation_cpu.json in the results folder; the raw "
+                    "per-request records go beside it as .raw.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--truncation", choices=("on", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,11 +129,14 @@ def main() -> None:
                             "--out", str(out), "--model", args.model, "--budget", str(args.budget),
                             "--max-tokens", str(args.max_tokens)], check=True)
             rows[mode] = json.loads(out.read_text())
-    Path(args.out).with_suffix(".raw.json").write_text(json.dumps(rows))
+    from bench.common import results_dir, write_json
+
+    out = Path(args.out) if args.out else results_dir() / "vllm_truncation_cpu.json"
     table = compare(rows["on"], rows["off"], args.model)
     report(table)
-    Path(args.out).write_text(json.dumps(dict(budget=args.budget, max_tokens=args.max_tokens,
-                                              conversations=len(convs), turns=table), indent=1))
+    write_json(out.name, dict(budget=args.budget, max_tokens=args.max_tokens, conversations=len(convs), turns=table),
+               out)
+    out.with_suffix(".raw.json").write_text(json.dumps(rows))
 
 
 def report(table: list[dict]) -> None:
