@@ -157,6 +157,13 @@ def _check_codes(codes, what: str) -> None:
                          f"{getattr(codes, 'shape', codes)} {getattr(codes, 'dtype', '')}")
 
 
+def _check_scales(scales, dtype: torch.dtype, expected: str, shape_ok) -> None:
+    """ValueError unless ``scales`` is a tensor of ``dtype`` whose shape ``shape_ok`` accepts (``expected`` says it)."""
+    if not isinstance(scales, torch.Tensor) or not shape_ok(scales.shape) or scales.dtype != dtype:
+        raise ValueError(f"scales must be {expected} {dtype}, got {getattr(scales, 'shape', scales)} "
+                         f"{getattr(scales, 'dtype', '')}")
+
+
 def _check_dtype(dtype) -> None:
     if dtype not in MODEL_DTYPES:
         raise TypeError(f"dtype must be one of {MODEL_DTYPES}, got {dtype}")
@@ -183,10 +190,8 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     if not isinstance(group, int) or group < 1 or not isinstance(phase, int) or not 0 <= phase < group:
         raise ValueError(f"need group >= 1 and 0 <= phase < group, got phase={phase!r}, group={group!r}")
     rows = num_key_groups(phase + n, group)
-    if not isinstance(scales, torch.Tensor) or scales.ndim != 3 or scales.shape[0] < rows \
-            or tuple(scales.shape[1:]) != (h, d) or scales.dtype != dtype:
-        raise ValueError(f"scales must be [>= {rows}, {h}, {d}] {dtype}, got {getattr(scales, 'shape', scales)} "
-                         f"{getattr(scales, 'dtype', '')}")
+    _check_scales(scales, dtype, f"[>= {rows}, {h}, {d}]",
+                  lambda shape: len(shape) == 3 and shape[0] >= rows and tuple(shape[1:]) == (h, d))
     out = _check_out(out, (n, h, d), dtype, codes.device, "out")
     out.copy_(codes)                          # exact: every code is an integer (int8) or fp8 value
     t = 0
@@ -218,8 +223,6 @@ def dequantize_values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     _check_codes(codes, "codes")
     _check_dtype(dtype)
     n, h, d = codes.shape
-    if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, h) or scales.dtype != dtype:
-        raise ValueError(f"scales must be [{n}, {h}] {dtype}, got {getattr(scales, 'shape', scales)} "
-                         f"{getattr(scales, 'dtype', '')}")
+    _check_scales(scales, dtype, f"[{n}, {h}]", lambda shape: tuple(shape) == (n, h))
     out = _check_out(out, (n, h, d), dtype, codes.device, "out")
     return out.copy_(codes).mul_(scales.unsqueeze(-1))
