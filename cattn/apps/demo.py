@@ -98,13 +98,19 @@ def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str =
 
     from cattn.hf import CACHE_KWARG, PagedCache, apply_cattn, revert_cattn
     from cattn.chat.session import ChatSession
+    from cattn.chat.turns import render
 
-    warm_up = torch.tensor([[tokenizer.eos_token_id or 0] * 8], device=model.device)   # one-time costs, both paths
+    # One-time costs, both paths, at the first turn's length: the first prefill of a new shape pays for the
+    # allocator and the math library's kernel set-up, and turn 1 runs cattn first, then stock.
+    opening = [{"role": "system", "content": system}] if system else []
+    first = render(tokenizer, [*opening, {"role": "user", "content": user_turns[0]}], generation_prompt=True) \
+        if user_turns else [tokenizer.eos_token_id or 0] * 8
+    warm_up = torch.tensor([first], device=model.device)
     with torch.no_grad():
         model.generate(warm_up, attention_mask=torch.ones_like(warm_up), max_new_tokens=2, do_sample=False)
         apply_cattn(model)
         model.generate(warm_up, attention_mask=torch.ones_like(warm_up), max_new_tokens=2, do_sample=False,
-                       **{CACHE_KWARG: PagedCache(model, max_tokens=16)})
+                       **{CACHE_KWARG: PagedCache(model, max_tokens=len(first) + 2)})
     session = ChatSession(model, tokenizer, session_id="demo", system=system, store=store)
     turns = []
     try:
