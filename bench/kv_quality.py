@@ -9,9 +9,10 @@ it. Variants of what the history is when it comes back:
 - ``lossless``: the store's default format;
 - ``int8`` / ``fp8`` *pre-RoPE*: ``TieredStore(kv_format=...)``: keys quantized before RoPE, per channel
   (groups of 128 tokens), values per token: what cattn stores;
-- ``... post-RoPE per-channel`` / ``per-token``: what a cache of rotated keys can do: the lossless
-  history's keys rotated to their positions, quantized per channel (same groups) or per token and head,
-  dequantized and rotated back (values per token, as above).
+- ``... post-RoPE per-channel`` / ``per-token`` / ``per-token, centred``: what a cache of rotated keys can
+  do: the lossless history's keys rotated to their positions, quantized per channel (same groups, the
+  same centred code as cattn's), per token and head (symmetric), or per token and head with a step and
+  an offset, dequantized and rotated back (values per token, as above).
 
 Measured over the replies of every turn after the first (the first has no history): perplexity, its
 change against lossless, the mean KL divergence from lossless's next-token distribution, top-1
@@ -50,16 +51,18 @@ class Variant:
     name: str
     store_format: str             # the store's kv_format
     post_rope: str | None = None  # the code of a post-RoPE cache: "int8"/"fp8"
-    per: str = "channel"          # post-RoPE keys: "channel" or "token"
+    per: str = "channel"          # post-RoPE keys: "channel", "token" or "token, centred"
 
 
 VARIANTS = [Variant("lossless", "lossless"),
             Variant("int8 pre-RoPE per-channel (cattn)", "int8"),
             Variant("int8 post-RoPE per-channel", "lossless", "int8", "channel"),
             Variant("int8 post-RoPE per-token", "lossless", "int8", "token"),
+            Variant("int8 post-RoPE per-token, centred", "lossless", "int8", "token, centred"),
             Variant("fp8 pre-RoPE per-channel (cattn)", "fp8"),
             Variant("fp8 post-RoPE per-channel", "lossless", "fp8", "channel"),
-            Variant("fp8 post-RoPE per-token", "lossless", "fp8", "token")]
+            Variant("fp8 post-RoPE per-token", "lossless", "fp8", "token"),
+            Variant("fp8 post-RoPE per-token, centred", "lossless", "fp8", "token, centred")]
 
 
 def rotate(k: torch.Tensor, inv_freq: torch.Tensor, sign: float) -> torch.Tensor:
@@ -77,10 +80,14 @@ def post_rope(entry: KVEntry, v: Variant, inv_freq: torch.Tensor) -> KVEntry:
     ks, vs = [], []
     for layer in range(entry.k.shape[0]):
         x = rotated[layer]
-        if v.per == "channel":
+        if v.per == "channel":     # the same centred per-channel code as cattn's, on rotated keys
             back = dequantize_keys(*quantize_keys(x, v.post_rope), torch.float32)
-        else:
+        elif v.per == "token":     # symmetric per token and head (the values' code)
             back = dequantize_values(*quantize_values(x, v.post_rope), torch.float32)
+        else:                      # "token, centred": a step and an offset per token and head (one group of
+            hd = x.permute(2, 0, 1).contiguous()    # D "tokens" per (token, head) channel: the keys' code turned)
+            back = dequantize_keys(*quantize_keys(hd, v.post_rope, group=hd.shape[0]), torch.float32,
+                                   group=hd.shape[0]).permute(1, 2, 0)
         ks.append(back)
         vs.append(dequantize_values(*quantize_values(entry.v[layer], v.post_rope), entry.v.dtype))
     k = rotate(torch.stack(ks).double(), inv_freq, -1.0).to(entry.k.dtype)

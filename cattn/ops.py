@@ -288,8 +288,8 @@ def dequant_kv(k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Ten
 
     Args:
         k_codes, v_codes: ``[T, num_kv_heads, head_dim]`` int8 or float8_e4m3fn, contiguous.
-        k_scales: ``[G, num_kv_heads, head_dim]`` per-channel key scales in the caches' dtype; token ``t``
-            uses row ``(phase + t) // group``.
+        k_scales: ``[G, 2, num_kv_heads, head_dim]`` per-channel key steps and offsets in the caches' dtype;
+            token ``t`` uses row ``(phase + t) // group``.
         v_scales: ``[T, num_kv_heads]`` per-token value scales in the caches' dtype.
         k_cache, v_cache: contiguous ``[num_pages, page_size, num_kv_heads, head_dim]`` fp16/bf16/fp32.
         slot_mapping: ``[T]`` int, ``page * page_size + offset``; -1 skips a token.
@@ -310,9 +310,9 @@ def dequant_kv(k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Ten
                                   ("v_scales", v_scales, (T, heads), k_cache.dtype)):
         _expect(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dtype, ValueError,
                 f"{name} must be {list(shape)} {dtype}, got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
-    _expect(isinstance(k_scales, torch.Tensor) and k_scales.ndim == 3 and k_scales.shape[0] >= rows
-            and tuple(k_scales.shape[1:]) == (heads, head_dim) and k_scales.dtype == k_cache.dtype, ValueError,
-            f"k_scales must be [>= {rows}, {heads}, {head_dim}] {k_cache.dtype}, got "
+    _expect(isinstance(k_scales, torch.Tensor) and k_scales.ndim == 4 and k_scales.shape[0] >= rows
+            and tuple(k_scales.shape[1:]) == (2, heads, head_dim) and k_scales.dtype == k_cache.dtype, ValueError,
+            f"k_scales must be [>= {rows}, 2, {heads}, {head_dim}] {k_cache.dtype}, got "
             f"{getattr(k_scales, 'shape', k_scales)} {getattr(k_scales, 'dtype', '')}")
     for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_scales", k_scales), ("v_scales", v_scales)):
         _expect(t.device == k_cache.device and t.is_contiguous(), ValueError, f"{name} must be contiguous on "

@@ -11,10 +11,11 @@ def dequant_kv_kernel(
 ):
     """One program per ``BLOCK_T`` tokens, each token one row of ``NUM_KV_HEADS * HEAD_DIM`` codes.
 
-    k_codes, v_codes: ``[n, Hkv, D]`` int8 / fp8 e4m3, contiguous. k_scales: ``[G, Hkv, D]`` per channel,
-    token ``t`` on row ``(phase + t) // GROUP``. v_scales: ``[n, Hkv]``, one per token and head. The
-    caches are contiguous ``[num_pages, page_size, Hkv, D]``, so a slot is one row. Products are exact in
-    fp32 (8-bit code times a 16-bit scale) and rounded once into the cache's dtype.
+    k_codes, v_codes: ``[n, Hkv, D]`` int8 / fp8 e4m3, contiguous. k_scales: ``[G, 2, Hkv, D]`` per channel,
+    step then offset, token ``t`` on row ``(phase + t) // GROUP``. v_scales: ``[n, Hkv]``, one per token and
+    head. The caches are contiguous ``[num_pages, page_size, Hkv, D]``, so a slot is one row. Products are
+    exact in fp32 (8-bit code times a 16-bit step), so ``code * step + offset`` has one fp32 rounding, fused
+    or not, and one into the cache's dtype: the bits of `cattn.store.kvformat.codec`'s torch dequantization.
     """
     ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -25,8 +26,9 @@ def dequant_kv_kernel(
     dst = slot[:, None] * ROW + col
     key_row = ((phase + t) // GROUP).to(tl.int64)[:, None]
     k = tl.load(k_codes + src, mask=live).to(tl.float32)   # masked lanes are never stored
-    k_scale = tl.load(k_scales + key_row * ROW + col, mask=live, other=0).to(tl.float32)
-    tl.store(k_cache + dst, (k * k_scale).to(k_cache.dtype.element_ty), mask=live)
+    k_step = tl.load(k_scales + key_row * (2 * ROW) + col, mask=live, other=0).to(tl.float32)
+    k_offset = tl.load(k_scales + key_row * (2 * ROW) + ROW + col, mask=live, other=0).to(tl.float32)
+    tl.store(k_cache + dst, (k * k_step + k_offset).to(k_cache.dtype.element_ty), mask=live)
     v = tl.load(v_codes + src, mask=live).to(tl.float32)
     v_scale = tl.load(v_scales + t.to(tl.int64)[:, None] * NUM_KV_HEADS + col // HEAD_DIM, mask=live,
                       other=0).to(tl.float32)

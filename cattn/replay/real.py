@@ -9,7 +9,8 @@ CPU). The queue is backlogged: every turn is queued from the start, in the order
 arrival process gives, and the store sees the whole queue as its look-ahead. Where each
 turn found its history (DRAM, disk, nowhere) comes from the store's counters. With
 ``--partial-prefetch`` the store runs with ``partial_prefetch=True`` and the simulator with
-`TierModel.partial_prefetch`. The replay waits for the prefetches before each turn and gives
+`TierModel.partial_prefetch`; with ``--kv-format int8`` the store keeps its host tiers in 8 bits and the
+simulator's bytes per token are that format's. The replay waits for the prefetches before each turn and gives
 no expected starts, so in the store no read is cut short or reordered by it: only the
 simulator's turns can use a part of a read.
 """
@@ -59,11 +60,11 @@ def shape_of(model) -> ModelShape:
 
 
 def replay_real(model, tok, conversations, order: list[str], policy: str, dram_bytes: int, disk_bytes: int,
-                *, progress: bool = True, store_config=None, partial_prefetch: bool = False
-                ) -> tuple[list[RealTurn], dict]:
+                *, progress: bool = True, store_config=None, partial_prefetch: bool = False,
+                kv_format: str = "lossless") -> tuple[list[RealTurn], dict]:
     """Run the turns in ``order`` (session ids; each occurrence is that session's next turn) through
-    `ChatSession`s sharing one `TieredStore` (with ``partial_prefetch``: `TieredStore`'s option on);
-    returns what each turn did and the store's counters."""
+    `ChatSession`s sharing one `TieredStore` (with ``partial_prefetch``: `TieredStore`'s option on; with an
+    8-bit ``kv_format``, the store's host tiers in it); returns what each turn did and the store's counters."""
     from cattn.hf import fingerprint
     from cattn.chat.session import ChatSession
     from cattn.store.config import build_store
@@ -80,7 +81,8 @@ def replay_real(model, tok, conversations, order: list[str], policy: str, dram_b
     kv_per_token = shape_of(model).kv_bytes_per_token
     with tempfile.TemporaryDirectory(prefix="cattn-replay-") as root:
         # the run's policy, the file's tiers; the option only when asked, so that a file's setting holds
-        options = {"policy": pol} | ({"partial_prefetch": True} if partial_prefetch else {})
+        options = {"policy": pol} | ({"partial_prefetch": True} if partial_prefetch else {}) \
+            | ({"kv_format": kv_format} if kv_format != "lossless" else {})
         store = (TieredStore(dram_bytes, DiskTier(root, disk_bytes), **options) if store_config is None
                  else build_store(store_config, **options))
         sessions, sent, turns, kv_tokens = {}, {s: 0 for s in conversations}, [], {}
@@ -191,7 +193,8 @@ def run_real(args: argparse.Namespace) -> int:
     for policy in policies:
         t0 = time.perf_counter()
         turns, counters = replay_real(model, tok, convs, order, policy, dram, disk, progress=not args.no_progress,
-                                      store_config=args.store_config, partial_prefetch=partial)
+                                      store_config=args.store_config, partial_prefetch=partial,
+                                      kv_format=args.kv_format)
         wall = time.perf_counter() - t0
         # the simulator's tiers behave as the store's: inclusive disk, watermarks, its prefetch lane
         cost = CostModel(shape, this_machine(shape, turns), kv_format=counters["kv_format"])

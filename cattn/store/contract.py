@@ -96,9 +96,14 @@ class KVEntry:
             lay = lease.layout
             empty = torch.empty(lay.num_layers, 0, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
             return cls(lease.token_ids.clone(), empty, empty.clone())
-        parts = [s.tensors() for s in lease.segments]   # an 8-bit entry's are dequantized here
-        return cls(lease.token_ids.clone(), torch.cat([k for k, _ in parts], dim=1),
-                   torch.cat([v for _, v in parts], dim=1))
+        lay = lease.layout
+        k = torch.empty(lay.num_layers, lease.num_tokens, lay.num_kv_heads, lay.head_dim, dtype=lay.dtype)
+        v = torch.empty_like(k)
+        at = 0
+        for s in lease.segments:    # each into its slice: one copy (an 8-bit entry's dequantized on the way)
+            s.read_into(k[:, at:at + s.num_tokens], v[:, at:at + s.num_tokens])
+            at += s.num_tokens
+        return cls(lease.token_ids.clone(), k, v)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -6,10 +6,12 @@ run of bytes (what a layer-wise copy wants). 8-bit (``kv_format`` ``"int8"`` or 
 `cattn.store.kvformat.codec`): one block per layer, so that a layer is one run of bytes and one read,
 its scales inside it (and so inside its checksum)::
 
-    layer l: k codes [m, Hkv, D] | v codes [m, Hkv, D] | k scales [G, Hkv, D] | v scales [m, Hkv]
+    layer l: k codes [m, Hkv, D] | v codes [m, Hkv, D] | k scales [G, 2, Hkv, D] | v scales [m, Hkv]
 
-codes 1 byte each, scales in the model dtype, ``G = ceil(m / KEY_GROUP)``, each part starting on a
-16-byte boundary. Token ids are kept beside the bytes (in memory, and in the chunk file's header),
+codes 1 byte each, scales in the model dtype (a key group's row: step, then offset),
+``G = ceil(m / KEY_GROUP)``, each part starting on a 16-byte boundary. Headers record an 8-bit layout
+with the version of its codes (`CODE_VERSION`): an entry written by codes of another version is a
+miss, never misread. Token ids are kept beside the bytes (in memory, and in the chunk file's header),
 not inside them.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cattn.store.kvformat.codec import FORMATS, LOSSLESS, num_key_groups
 # already 8 bits wide stay lossless.
 QUANTIZABLE = (torch.float16, torch.bfloat16, torch.float32)
 ALIGN = 256  # bytes: extents start on a boundary that suits memcpy and DMA alike
+CODE_VERSION = 2   # of the 8-bit codes: 2 centres the keys (step and offset per channel); 1 was symmetric
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)}
@@ -47,7 +50,7 @@ class QuantBlock:
     def of(cls, num_tokens: int, num_kv_heads: int, head_dim: int, scale_itemsize: int) -> QuantBlock:
         codes = num_tokens * num_kv_heads * head_dim
         k_scales = 2 * align_up(codes, 16)
-        v_scales = k_scales + align_up(num_key_groups(num_tokens) * num_kv_heads * head_dim * scale_itemsize, 16)
+        v_scales = k_scales + align_up(num_key_groups(num_tokens) * 2 * num_kv_heads * head_dim * scale_itemsize, 16)
         return cls(0, align_up(codes, 16), k_scales, v_scales,
                    align_up(v_scales + num_tokens * num_kv_heads * scale_itemsize, 16))
 
@@ -140,11 +143,13 @@ class KVLayout:
         """The layout as the disk and Redis headers record it (a lossless one exactly as before formats)."""
         out = dict(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                    dtype=str(self.dtype).removeprefix("torch."))
-        return out | (dict(kv_format=self.kv_format) if self.quantized else {})
+        return out | (dict(kv_format=self.kv_format, codes=CODE_VERSION) if self.quantized else {})
 
     @classmethod
     def from_json(cls, d: dict) -> KVLayout:
         """Raises KeyError/TypeError/ValueError on anything this version does not know."""
-        if set(d) - {"num_layers", "num_kv_heads", "head_dim", "dtype", "kv_format"}:
+        if set(d) - {"num_layers", "num_kv_heads", "head_dim", "dtype", "kv_format", "codes"}:
             raise ValueError(f"unknown layout fields {sorted(set(d))}")
+        if d.get("kv_format", LOSSLESS) != LOSSLESS and d.get("codes") != CODE_VERSION:
+            raise ValueError(f"8-bit codes of version {d.get('codes', 1)}; this version reads {CODE_VERSION}")
         return cls(d["num_layers"], d["num_kv_heads"], d["head_dim"], DTYPES[d["dtype"]], d.get("kv_format", LOSSLESS))

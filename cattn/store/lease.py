@@ -54,6 +54,12 @@ class Segment:
         """``k, v [num_layers, m, Hkv, D]`` in the model dtype, on the host."""
         return self.k, self.v
 
+    def read_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy the segment into ``k, v [num_layers, m, Hkv, D]`` of the model dtype (e.g. its slice of a whole
+        entry's tensors)."""
+        k.copy_(self.k)
+        v.copy_(self.v)
+
     def layer(self, layer: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s ``k, v [m, Hkv, D]`` in the model dtype on ``device`` (views on the host)."""
         return self.k[layer].to(device), self.v[layer].to(device)

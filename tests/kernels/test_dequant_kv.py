@@ -1,6 +1,6 @@
 """Triton dequant_kv (the store's 8-bit history expanded into page slots) against torch: the store's own
-dequantization (`cattn.store.kvformat.codec`) scattered by index_copy_. Products are exact in fp32 and
-rounded once on both sides, so the caches must match bit for bit. Caches start random, so a slot written
+dequantization (`cattn.store.kvformat.codec`) scattered by index_copy_. Both compute ``code * step + offset``
+(keys) and ``code * scale`` (values) in fp32 with the same roundings, so the caches must match bit for bit. Caches start random, so a slot written
 by mistake, or a skipped (-1) slot written anyway, shows. CATTN_TEST_DEVICE=cuda adds bf16."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_dequant_kv_matches_torch(kv_format, dtype, heads, head_dim, num_tokens,
 
 def test_bad_arguments_are_refused_by_name():
     kc, vc = torch.zeros(4, 2, 8, dtype=torch.int8), torch.zeros(4, 2, 8, dtype=torch.int8)
-    ks, vs = torch.ones(1, 2, 8), torch.ones(4, 2)
+    ks, vs = torch.ones(1, 2, 2, 8), torch.ones(4, 2)
     cache = torch.zeros(2, 4, 2, 8)
     slots = torch.arange(4)
     with pytest.raises(TypeError, match="k_codes"):

@@ -14,20 +14,29 @@ UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32
 SHAPES = [(1, 1, 1), (3, 2, 5), (KEY_GROUP, 1, 8), (KEY_GROUP + 1, 3, 7), (2 * KEY_GROUP + 37, 2, 64)]
 
 
-def bound(x: torch.Tensor, deq: torch.Tensor, scale: torch.Tensor, kv_format: str, dtype) -> torch.Tensor:
-    """Per element, the documented error bound (float64): half a step (int8) or the e4m3 rounding (fp8), plus
-    the model dtype's rounding of the product."""
+def bound(x: torch.Tensor, deq: torch.Tensor, scale: torch.Tensor, kv_format: str, dtype,
+          offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Per element, the documented error bound (float64): half a step (int8) or the e4m3 rounding of the
+    distance from the offset (fp8), plus the model dtype's rounding of the result (and fp32's, before it)."""
     x, deq, scale = x.double(), deq.double(), scale.double()
+    centred = x if offset is None else x - offset.double()
     if kv_format == "int8":
         code_err = 0.5 * scale
-    else:   # 3 mantissa bits; a clipped value (scale rounded down in the model dtype) is within the same
-        code_err = x.abs() * 2.0**-4 + scale * 2.0**-10
-    return code_err * (1 + 1e-6) + deq.abs() * UNIT_ROUNDOFF[dtype]
+    else:   # 3 mantissa bits
+        code_err = centred.abs() * 2.0**-4 + scale * 2.0**-10
+    return code_err * (1 + 1e-4) + deq.abs() * (UNIT_ROUNDOFF[dtype] + 2.0**-24)
 
 
-def key_scales_per_token(scales: torch.Tensor, n: int, phase: int = 0) -> torch.Tensor:
-    rows = (phase + torch.arange(n)) // KEY_GROUP
-    return scales[rows]
+def key_rows_per_token(scales: torch.Tensor, n: int, phase: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, offset)``, each ``[n, Hkv, D]``: the scale row of each token."""
+    rows = scales[(phase + torch.arange(n)) // KEY_GROUP]
+    return rows[:, 0], rows[:, 1]
+
+
+def near(got: torch.Tensor, exact: torch.Tensor, dtype) -> torch.Tensor:
+    """``got`` is ``exact`` rounded to ``dtype`` (to nearest or up; fp16's subnormals to their spacing)."""
+    tiny = torch.finfo(dtype).smallest_normal * 2.0**-9 if dtype == torch.float16 else 0.0
+    return (got.double() - exact).abs() <= exact.abs() * 2 * UNIT_ROUNDOFF[dtype] + tiny
 
 
 @pytest.mark.parametrize("kv_format", ["int8", "fp8"])
@@ -35,25 +44,41 @@ def key_scales_per_token(scales: torch.Tensor, n: int, phase: int = 0) -> torch.
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_within_the_bound(kv_format, dtype, shape):
     g = torch.Generator().manual_seed(hash(shape) % 1000)
-    k = (torch.randn(shape, generator=g) * torch.logspace(-2, 1, shape[-1])).to(dtype)   # channels of all sizes
+    # channels of all sizes, most of them off zero (as pre-RoPE keys' outliers are)
+    k = (torch.randn(shape, generator=g) * torch.logspace(-2, 1, shape[-1])
+         + torch.randn(shape[1:], generator=g) * 4).to(dtype)
     v = torch.randn(shape, generator=g).to(dtype) * 3
     kc, ks = quantize_keys(k, kv_format)
     vc, vs = quantize_values(v, kv_format)
-    assert ks.shape == (num_key_groups(shape[0]), *shape[1:]) and vs.shape == shape[:2]
+    assert ks.shape == (num_key_groups(shape[0]), 2, *shape[1:]) and vs.shape == shape[:2]
     assert ks.dtype == vs.dtype == dtype and kc.dtype == vc.dtype and kc.element_size() == 1
     k_back, v_back = dequantize_keys(kc, ks, dtype), dequantize_values(vc, vs, dtype)
     assert k_back.dtype == v_back.dtype == dtype
-    k_scale, v_scale = key_scales_per_token(ks, shape[0]), vs.unsqueeze(-1).expand(shape)
-    assert ((k.double() - k_back.double()).abs() <= bound(k, k_back, k_scale, kv_format, dtype)).all()
+    (k_step, k_offset), v_scale = key_rows_per_token(ks, shape[0]), vs.unsqueeze(-1).expand(shape)
+    assert ((k.double() - k_back.double()).abs() <= bound(k, k_back, k_step, kv_format, dtype, k_offset)).all()
     assert ((v.double() - v_back.double()).abs() <= bound(v, v_back, v_scale, kv_format, dtype)).all()
-    # each scale is its group's (or token's) absmax over QMAX, rounded up to the model dtype (a subnormal
-    # fp16 scale to its spacing)
+    # a key row: the offset is the middle of the group's range (rounded to the model dtype), the step the
+    # larger distance from it to the range's ends over QMAX, rounded up; a value's scale its absmax over QMAX
     rows = torch.arange(shape[0]) // KEY_GROUP
-    k_absmax = torch.stack([k[rows == r].double().abs().amax(0) for r in range(ks.shape[0])])
-    for got, absmax in ((ks, k_absmax), (vs, v.double().abs().amax(-1))):
-        exact, got = absmax / QMAX[kv_format], got.double()
-        tiny = torch.finfo(dtype).smallest_normal * 2.0**-9 if dtype == torch.float16 else 0.0
-        assert (got >= exact * (1 - 2.0**-23)).all() and (got <= exact * (1 + 2 * UNIT_ROUNDOFF[dtype]) + tiny).all()
+    groups = [k[rows == r].double() for r in range(ks.shape[0])]
+    hi, lo = torch.stack([x.amax(0) for x in groups]), torch.stack([x.amin(0) for x in groups])
+    assert near(ks[:, 1], (hi + lo) / 2, dtype).all()
+    offset = ks[:, 1].double()
+    for got, reach in ((ks[:, 0], torch.maximum(hi - offset, offset - lo)), (vs, v.double().abs().amax(-1))):
+        exact = reach / QMAX[kv_format]
+        assert (got.double() >= exact * (1 - 2.0**-40)).all() and near(got, exact, dtype).all()
+
+
+def test_centred_keys_fit_channels_far_from_zero():
+    """Why keys are centred: a channel that sits in a narrow band far from zero (a pre-RoPE outlier channel)
+    gets its levels spread over the band, not over [-absmax, absmax]."""
+    k = torch.randn(256, 2, 64) * 0.1
+    k[..., [3, 40]] += 8.0
+    codes, scales = quantize_keys(k, "int8")
+    err = (dequantize_keys(codes, scales, torch.float32) - k)[..., [3, 40]].abs().max()
+    band = (k[..., [3, 40]].amax() - k[..., [3, 40]].amin()).item()
+    assert err <= band / 2 / 127 / 2 * 1.01          # half a step of the band, not of the channel's absmax
+    assert err * 10 < k[..., [3, 40]].abs().amax() / 127 / 2
 
 
 @pytest.mark.parametrize("kv_format", ["int8", "fp8"])
@@ -82,12 +107,13 @@ def test_zero_and_constant_channels(kv_format, dtype):
     kc, ks = quantize_keys(k, kv_format)
     vc, vs = quantize_values(v, kv_format)
     k_back, v_back = dequantize_keys(kc, ks, dtype), dequantize_values(vc, vs, dtype)
-    assert torch.equal(k_back[:, 0, 3], torch.zeros_like(k_back[:, 0, 3])) and (ks[:, 0, 3] == 0).all()
+    assert torch.equal(k_back[:, 0, 3], torch.zeros_like(k_back[:, 0, 3])) and (ks[:, :, 0, 3] == 0).all()
     assert torch.equal(k_back[KEY_GROUP:, 1, 1], torch.zeros_like(k_back[KEY_GROUP:, 1, 1]))
     assert torch.equal(v_back[4], torch.zeros_like(v_back[4]))
     assert torch.isfinite(k_back).all() and torch.isfinite(v_back).all()
-    for got, want in ((k_back[:, 1, 5], -2.5), (v_back[7, 1], 0.75)):
-        assert (got.double() - want).abs().max() <= abs(want) * (4 * UNIT_ROUNDOFF[dtype] + 1e-6)
+    # a constant key channel is its own offset, step 0: back exactly
+    assert (ks[:, 0, 1, 5] == 0).all() and torch.equal(k_back[:, 1, 5], k[:, 1, 5])
+    assert (v_back[7, 1].double() - 0.75).abs().max() <= 0.75 * (4 * UNIT_ROUNDOFF[dtype] + 1e-6)
 
 
 def test_per_channel_keys_fit_outlier_channels_better_than_per_token():
@@ -104,7 +130,7 @@ def test_per_channel_keys_fit_outlier_channels_better_than_per_token():
 
 def test_outputs_can_be_given():
     k = torch.randn(10, 2, 8).to(torch.float16)
-    codes, scales = torch.empty(10, 2, 8, dtype=torch.int8), torch.empty(1, 2, 8, dtype=torch.float16)
+    codes, scales = torch.empty(10, 2, 8, dtype=torch.int8), torch.empty(1, 2, 2, 8, dtype=torch.float16)
     assert quantize_keys(k, "int8", codes=codes, scales=scales)[0] is codes
     out = torch.empty_like(k)
     assert dequantize_keys(codes, scales, torch.float16, out=out) is out

@@ -1,17 +1,23 @@
 """8-bit codes for pre-RoPE KV: keys per channel, values per token, int8 or fp8 e4m3.
 
-Pre-RoPE keys have outlier *channels* that stay put across tokens (KVQuant, Hooper et al. 2024),
-so a key's scale is per channel (head and dim) over a group of `KEY_GROUP` consecutive tokens;
-values have no such structure and get one scale per token and head. Codes are symmetric:
+Pre-RoPE keys have outlier *channels* that stay put across tokens (KVQuant, Hooper et al. 2024): a
+channel's values sit in a band of its own, often far from zero, whose centre does not move with the
+position. So a key's code is per channel (head and dim) over a group of `KEY_GROUP` consecutive tokens
+and *centred*: ``x ~ offset + code * step`` with ``offset`` the middle of the group's range and ``step``
+its half-width over ``QMAX``; the levels cover the band, not ``[-absmax, absmax]``. After RoPE the same
+channel pair turns with the position, and its band is smeared around zero: a post-RoPE cache cannot
+centre it. Values have no such structure and get one symmetric scale per token and head:
 ``x ~ code * scale`` with ``scale = absmax / QMAX``.
 
-Scales are rounded up to the model dtype when they are made, and the codes are computed against the
-rounded scale, so dequantization is one conversion and one multiply in the model dtype: on a
-16-bit model, ``code * scale`` differs from the fp32 product only by the final rounding that any
-KV in that dtype has. Error bound, per element: ``|x - deq| <= scale / 2`` (int8; plus the model
-dtype's own rounding of ``deq``), ``<= 2**-4 * |x| + scale * 2**-10`` (fp8 e4m3: 3 mantissa bits).
+Steps and scales are rounded up (offsets to nearest) to the model dtype when they are made, and the
+codes are computed against the rounded values, so what the store keeps is what dequantization uses.
+Dequantization computes in fp32 and rounds once into the model dtype: ``code * step`` is exact there
+for a 16-bit model (8-bit code, 16-bit step), so any fp32 evaluation of ``code * step + offset`` (an
+FMA or not) gives the same bits. Error bound, per element: ``|x - deq| <= step / 2`` (int8; plus the
+model dtype's own rounding of ``deq``), ``<= 2**-4 * |x - offset| + step * 2**-10`` (fp8 e4m3: 3
+mantissa bits).
 
-A zero channel (or token) has scale 0 and codes 0; it comes back as exact zeros.
+A zero or constant channel (or token) has step 0 and codes 0; it comes back as its offset, exactly.
 """
 from __future__ import annotations
 
@@ -79,7 +85,7 @@ def _absmax(q: torch.Tensor, dim: int) -> torch.Tensor:
 def _scale(absmax: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Tensor:
     """``absmax / QMAX`` rounded *up* to ``dtype``: the scale the codes are made against (never below the
     exact one, so no value is clipped; fp16's subnormal scales of tiny channels included)."""
-    want = absmax.to(torch.float64 if dtype == torch.float64 else torch.float32) / QMAX[kv_format]
+    want = absmax.to(torch.float64) / QMAX[kv_format]     # small tensors: exact enough to never round down
     scale = want.to(dtype)
     return torch.where(scale.to(want.dtype) < want, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
@@ -90,9 +96,20 @@ def _blocks(num_tokens: int, device: torch.device, unit: int) -> int:
     return max(1, unit if device.type == "cpu" else num_tokens)
 
 
+def _key_rows(q: torch.Tensor, kv_format: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, offset)`` of key groups ``q [rows, group, Hkv, D]`` (fp32), each ``[rows, Hkv, D]`` in ``dtype``:
+    the offset is the middle of each channel's range rounded to ``dtype``, the step the larger distance from
+    it to the range's ends over ``QMAX``, rounded up (so no value is clipped)."""
+    wide = torch.float64     # the scale rows are small: exact differences of dtype values, whatever dtype is
+    hi, lo = q.amax(1).to(wide), q.amin(1).to(wide)
+    offset = ((hi + lo) / 2).to(dtype)
+    reach = torch.maximum(hi - offset.to(wide), offset.to(wide) - lo)
+    return _scale(reach, kv_format, dtype), offset
+
+
 def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, codes: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel codes of pre-RoPE keys.
+    """Per-channel centred codes of pre-RoPE keys.
 
     Args:
         k: ``[m, Hkv, D]`` fp16/bf16/fp32/fp64 pre-RoPE keys of ``m`` consecutive tokens (any device).
@@ -101,7 +118,8 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
         codes, scales: optional outputs to fill (e.g. views of a pool extent), on ``k``'s device.
 
     Returns:
-        codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, scales ``[ceil(m / group), Hkv, D]`` in ``k.dtype``.
+        codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, and scale rows ``[ceil(m / group), 2, Hkv, D]`` in
+        ``k.dtype``: ``[:, 0]`` the step, ``[:, 1]`` the offset of each channel of each group.
     """
     _check_kv(k, "k")
     _check_codes_format(kv_format)
@@ -109,7 +127,7 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
         raise ValueError(f"group must be an int >= 1, got {group!r}")
     m, h, d = k.shape
     codes = _check_out(codes, (m, h, d), CODE_DTYPES[kv_format], k.device, "codes")
-    scales = _check_out(scales, (num_key_groups(m, group), h, d), k.dtype, k.device, "scales")
+    scales = _check_out(scales, (num_key_groups(m, group), 2, h, d), k.dtype, k.device, "scales")
     step = -(-_blocks(m, k.device, _BLOCK_TOKENS) // group) * group
     scratch = torch.empty(min(step, m), h, d, dtype=torch.float32, device=k.device)
     for lo in range(0, m, step):
@@ -120,8 +138,11 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
                 continue
             rows = slice(a // group, -(-b // group))
             q = scratch[:b - a].copy_(k[a:b]).view(rows.stop - rows.start, -1, h, d)
-            scale = scales[rows].copy_(_scale(_absmax(q, 1), kv_format, k.dtype))
-            _encode(q, scale.unsqueeze(1), kv_format, codes[a:b].view(q.shape))
+            made = scales[rows]
+            for dst, src in zip(made.unbind(1), _key_rows(q, kv_format, k.dtype)):
+                dst.copy_(src)
+            q.sub_(made[:, 1].unsqueeze(1))
+            _encode(q, made[:, 0].unsqueeze(1), kv_format, codes[a:b].view(q.shape))
     return codes, scales
 
 
@@ -175,14 +196,14 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 
     Args:
         codes: ``[n, Hkv, D]`` int8 / float8_e4m3fn: tokens ``[lo, lo + n)`` of a chunk.
-        scales: ``[G, Hkv, D]`` in ``dtype``: the chunk's scale rows from ``lo // group`` on (at least the
-            rows those tokens use).
+        scales: ``[G, 2, Hkv, D]`` in ``dtype``: the chunk's scale rows (step, offset) from ``lo // group`` on
+            (at least the rows those tokens use).
         dtype: the model dtype (the scales' dtype).
         phase: ``lo % group``: token ``t`` of ``codes`` uses row ``(phase + t) // group``.
         out: optional ``[n, Hkv, D]`` ``dtype`` output on the codes' device.
 
     Returns:
-        ``[n, Hkv, D]`` in ``dtype``.
+        ``[n, Hkv, D]`` in ``dtype``: ``code * step + offset`` computed in fp32, rounded once.
     """
     _check_codes(codes, "codes")
     _check_dtype(dtype)
@@ -190,20 +211,32 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     if not isinstance(group, int) or group < 1 or not isinstance(phase, int) or not 0 <= phase < group:
         raise ValueError(f"need group >= 1 and 0 <= phase < group, got phase={phase!r}, group={group!r}")
     rows = num_key_groups(phase + n, group)
-    _check_scales(scales, dtype, f"[>= {rows}, {h}, {d}]",
-                  lambda shape: len(shape) == 3 and shape[0] >= rows and tuple(shape[1:]) == (h, d))
+    _check_scales(scales, dtype, f"[>= {rows}, 2, {h}, {d}]",
+                  lambda shape: len(shape) == 4 and shape[0] >= rows and tuple(shape[1:]) == (2, h, d))
     out = _check_out(out, (n, h, d), dtype, codes.device, "out")
-    out.copy_(codes)                          # exact: every code is an integer (int8) or fp8 value
-    t = 0
-    while t < n:                              # runs of tokens sharing a scale row: a view, one multiply each
-        row = (phase + t) // group
-        if (phase + t) % group == 0 and (full := (n - t) // group):
-            out[t:t + full * group].view(full, group, h, d).mul_(scales[row:row + full].unsqueeze(1))
-            t += full * group
-        else:
-            end = min(n, (row + 1) * group - phase)
-            out[t:end].mul_(scales[row])
-            t = end
+    work = torch.promote_types(dtype, torch.float32)
+    params = scales[:rows].to(work)
+    # fp32 and fp64 compute in out itself; a 16-bit model in an fp32 block that stays in cache, then rounds once
+    block = n if work == dtype else _blocks(n, codes.device, _BLOCK_TOKENS)
+    scratch = None if work == dtype else torch.empty(min(block, n), h, d, dtype=work, device=codes.device)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        x = out[lo:hi] if scratch is None else scratch[:hi - lo]
+        x.copy_(codes[lo:hi])                 # exact: every code is an integer (int8) or fp8 value
+        t = 0
+        while t < hi - lo:                    # runs of tokens sharing a scale row: a view, one pass each
+            at = phase + lo + t
+            row = at // group
+            if at % group == 0 and (full := (hi - lo - t) // group):
+                run = x[t:t + full * group].view(full, group, h, d)
+                run.mul_(params[row:row + full, 0].unsqueeze(1)).add_(params[row:row + full, 1].unsqueeze(1))
+                t += full * group
+            else:
+                end = min(hi - lo, t + (row + 1) * group - at)
+                x[t:end].mul_(params[row, 0]).add_(params[row, 1])
+                t = end
+        if scratch is not None:
+            out[lo:hi].copy_(x)
     return out
 
 

@@ -42,7 +42,7 @@ def chunk_segment(layout: KVLayout, buf: torch.Tensor, num_tokens: int, start: i
     item = layout.dtype.itemsize
     return QuantSegment(start, part(b.k_codes, codes, code, num_tokens, h, d)[:, lo:hi],
                         part(b.v_codes, codes, code, num_tokens, h, d)[:, lo:hi],
-                        part(b.k_scales, g * h * d * item, layout.dtype, g, h, d)[:, lo // KEY_GROUP:],
+                        part(b.k_scales, g * 2 * h * d * item, layout.dtype, g, 2, h, d)[:, lo // KEY_GROUP:],
                         part(b.v_scales, num_tokens * h * item, layout.dtype, num_tokens, h)[:, lo:hi],
                         lo % KEY_GROUP, layout.kv_format)
 
@@ -53,7 +53,8 @@ class QuantSegment:
 
     Attributes:
         k_codes, v_codes: ``[L, n, Hkv, D]`` int8 / float8_e4m3fn views; each layer's slice is contiguous.
-        k_scales: ``[L, G, Hkv, D]`` model dtype: the chunk's key scale rows from the one of the first token.
+        k_scales: ``[L, G, 2, Hkv, D]`` model dtype: the chunk's key scale rows (step, offset) from the one of
+            the first token.
         v_scales: ``[L, n, Hkv]`` model dtype.
         phase: the first token's place in its key group (token ``t`` uses row ``(phase + t) // KEY_GROUP``).
         kv_format: ``"int8"`` or ``"fp8"``.
@@ -101,8 +102,18 @@ class QuantSegment:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``k, v [L, n, Hkv, D]`` in the model dtype, on the host (a new copy)."""
-        layers = [self.layer(l) for l in range(self.k_codes.shape[0])]
-        return torch.stack([k for k, _ in layers]), torch.stack([v for _, v in layers])
+        k = torch.empty(self.k_codes.shape, dtype=self.dtype)
+        v = torch.empty_like(k)
+        self.read_into(k, v)
+        return k, v
+
+    def read_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Dequantize the segment into ``k, v [L, n, Hkv, D]`` of the model dtype on the host, layer by layer in
+        place (each layer's slice must be contiguous, as a whole entry's tensors' are)."""
+        for layer in range(self.k_codes.shape[0]):
+            kc, ks, vc, vs = self._layer_on(layer, torch.device("cpu"))
+            dequantize_keys(kc, ks, self.dtype, phase=self.phase, out=k[layer])
+            dequantize_values(vc, vs, self.dtype, out=v[layer])
 
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, non_blocking: bool = False) -> None:
         """Quantize layer ``layer``'s ``k, v [n, Hkv, D]`` into the segment (a whole chunk: ``phase`` 0): on
