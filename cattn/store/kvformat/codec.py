@@ -11,9 +11,9 @@ centre it. Values have no such structure and get one symmetric scale per token a
 
 Steps and scales are rounded up (offsets to nearest) to the model dtype when they are made, and the
 codes are computed against the rounded values, so what the store keeps is what dequantization uses.
-Dequantization computes in fp32 and rounds once into the model dtype: ``code * step`` is exact there
-for a 16-bit model (8-bit code, 16-bit step), so any fp32 evaluation of ``code * step + offset`` (an
-FMA or not) gives the same bits. Error bound, per element: ``|x - deq| <= step / 2`` (int8; plus the
+Dequantization computes in fp32: for a 16-bit model ``code * step`` is exact there (8-bit code, 16-bit
+step), so any fp32 evaluation of ``code * step + offset`` (an FMA or not) gives the same bits, rounded
+into the model dtype; the torch path here and the Triton kernel (`cattn.ops.dequant_kv`) agree. Error bound, per element: ``|x - deq| <= step / 2`` (int8; plus the
 model dtype's own rounding of ``deq``), ``<= 2**-4 * |x - offset| + step * 2**-10`` (fp8 e4m3: 3
 mantissa bits).
 
@@ -203,7 +203,7 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
         out: optional ``[n, Hkv, D]`` ``dtype`` output on the codes' device.
 
     Returns:
-        ``[n, Hkv, D]`` in ``dtype``: ``code * step + offset`` computed in fp32, rounded once.
+        ``[n, Hkv, D]`` in ``dtype``: ``code * step + offset`` computed in fp32 (see `_multiply_add`).
     """
     _check_codes(codes, "codes")
     _check_dtype(dtype)
@@ -214,30 +214,38 @@ def dequantize_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
     _check_scales(scales, dtype, f"[>= {rows}, 2, {h}, {d}]",
                   lambda shape: len(shape) == 4 and shape[0] >= rows and tuple(shape[1:]) == (2, h, d))
     out = _check_out(out, (n, h, d), dtype, codes.device, "out")
-    work = torch.promote_types(dtype, torch.float32)
-    params = scales[:rows].to(work)
-    # fp32 and fp64 compute in out itself; a 16-bit model in an fp32 block that stays in cache, then rounds once
-    block = n if work == dtype else _blocks(n, codes.device, _BLOCK_TOKENS)
-    scratch = None if work == dtype else torch.empty(min(block, n), h, d, dtype=work, device=codes.device)
-    for lo in range(0, n, block):
-        hi = min(lo + block, n)
-        x = out[lo:hi] if scratch is None else scratch[:hi - lo]
-        x.copy_(codes[lo:hi])                 # exact: every code is an integer (int8) or fp8 value
-        t = 0
-        while t < hi - lo:                    # runs of tokens sharing a scale row: a view, one pass each
-            at = phase + lo + t
-            row = at // group
-            if at % group == 0 and (full := (hi - lo - t) // group):
-                run = x[t:t + full * group].view(full, group, h, d)
-                run.mul_(params[row:row + full, 0].unsqueeze(1)).add_(params[row:row + full, 1].unsqueeze(1))
-                t += full * group
-            else:
-                end = min(hi - lo, t + (row + 1) * group - at)
-                x[t:end].mul_(params[row, 0]).add_(params[row, 1])
-                t = end
-        if scratch is not None:
-            out[lo:hi].copy_(x)
+    t = 0
+    while t < n:                              # runs of tokens sharing a scale row: one pass each
+        at = phase + t
+        row = at // group
+        if at % group == 0 and (full := (n - t) // group):
+            span, shape = full * group, (full, group, h, d)
+            step, offset = scales[row:row + full, 0].unsqueeze(1), scales[row:row + full, 1].unsqueeze(1)
+        else:
+            span = min(n - t, (row + 1) * group - at)
+            shape, step, offset = (span, h, d), scales[row, 0], scales[row, 1]
+        _multiply_add(codes[t:t + span].view(shape), step, offset, out[t:t + span].view(shape))
+        t += span
     return out
+
+
+def _multiply_add(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = codes * step (+ offset)``, broadcast, rounded as the module docstring says: into a 16-bit dtype
+    computed in fp32 (``code * step`` exact there, the sum rounded, then the dtype's rounding), into fp32/fp64
+    one rounding per operation. int8 codes into a 16-bit dtype take one pass (torch converts them exactly and
+    computes in fp32 inside it)."""
+    sixteen = out.dtype.itemsize == 2
+    if sixteen and codes.dtype == torch.int8:
+        if offset is None:
+            torch.mul(codes, step, out=out)
+        else:
+            torch.addcmul(offset, codes, step, out=out)
+    elif sixteen and offset is not None:      # fp8 codes (torch promotes no float8 with others): in fp32
+        out.copy_(codes.float().mul_(step).add_(offset))
+    else:                                     # the copy is exact: every code is an integer or an fp8 value
+        out.copy_(codes).mul_(step)
+        if offset is not None:
+            out.add_(offset)
 
 
 def dequantize_values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, *,
@@ -258,4 +266,5 @@ def dequantize_values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     n, h, d = codes.shape
     _check_scales(scales, dtype, f"[{n}, {h}]", lambda shape: tuple(shape) == (n, h))
     out = _check_out(out, (n, h, d), dtype, codes.device, "out")
-    return out.copy_(codes).mul_(scales.unsqueeze(-1))
+    _multiply_add(codes, scales.unsqueeze(-1), None, out)
+    return out
