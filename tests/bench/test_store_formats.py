@@ -14,7 +14,9 @@ def test_quick_run_compares_both_formats(tmp_path, capsys):
                    "disk tokens held per GiB"]
     for r in report["rows"]:
         if "held" in r:
-            assert r["ratio"] > 1.8        # a 4 MiB entry: its chunk files' headers count too
+            # a 4 MiB entry is 32 tokens: it pays a whole key group's row of steps and offsets, and its chunk
+            # files' headers count too (a long entry holds 1.95x, bench/results/store_formats_cpu.json)
+            assert r["ratio"] > 1.7
         else:
             assert set(r["seconds"]) == {"lossless", "int8"} and r["median"]["ratio"] > 0
     assert "disk promote" in capsys.readouterr().out
