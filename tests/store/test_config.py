@@ -114,8 +114,8 @@ def test_kv_format_from_the_file_and_the_environment(tmp_path):
     c = StoreConfig.load(path, environ={"CATTN_STORE_KV_FORMAT": "int8"})
     store = build_store(c)
     assert store.kv_format == "int8"
-    key, k = EntryKey("t", "0123abcd", "s"), torch.randn(2, 5, 1, 8)
-    store.save(key, KVEntry(torch.arange(5), k, -k))
+    key, k = EntryKey("t", "0123abcd", "s"), torch.randn(2, 64, 1, 16)
+    store.save(key, KVEntry(torch.arange(64), k, -k))
     lease = store.acquire(key)
     assert lease.layout.kv_format == "int8" and lease.nbytes < k.nbytes
     lease.release()
