@@ -50,10 +50,6 @@ class Segment:
         """The same tokens, layers ``first`` and up (views)."""
         return Segment(self.start, self.k[first:], self.v[first:])
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k, v [num_layers, m, Hkv, D]`` in the model dtype, on the host."""
-        return self.k, self.v
-
     def read_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy the segment into ``k, v [num_layers, m, Hkv, D]`` of the model dtype (e.g. its slice of a whole
         entry's tensors)."""

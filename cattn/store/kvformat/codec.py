@@ -138,11 +138,11 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
                 continue
             rows = slice(a // group, -(-b // group))
             q = scratch[:b - a].copy_(k[a:b]).view(rows.stop - rows.start, -1, h, d)
-            made = scales[rows]
-            for dst, src in zip(made.unbind(1), _key_rows(q, kv_format, k.dtype)):
+            step_rows, offset_rows = scales[rows, 0], scales[rows, 1]
+            for dst, src in zip((step_rows, offset_rows), _key_rows(q, kv_format, k.dtype)):
                 dst.copy_(src)
-            q.sub_(made[:, 1].unsqueeze(1))
-            _encode(q, made[:, 0].unsqueeze(1), kv_format, codes[a:b].view(q.shape))
+            q.sub_(offset_rows.unsqueeze(1))
+            _encode(q, step_rows.unsqueeze(1), kv_format, codes[a:b].view(q.shape))
     return codes, scales
 
 

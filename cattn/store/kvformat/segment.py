@@ -17,7 +17,7 @@ from cattn.store.kvformat.codec import (
 from cattn.store.layout import KVLayout
 from cattn.store.lease import Segment
 
-_READ_IT = "read it with scatter_layer(), layer() or tensors(), write it with write_layer()"
+_READ_IT = "read it with scatter_layer(), layer() or read_into(), write it with write_layer()"
 _CPU_BLOCK = 128   # tokens per CPU dequantization block (stays in cache until gathered); shorter runs of
                   # consecutive slots are gathered too, longer ones written in place
 
@@ -99,13 +99,6 @@ class QuantSegment:
         kc, ks, vc, vs = self._layer_on(layer, torch.device(device))
         return (dequantize_keys(kc, ks, self.dtype, phase=self.phase),
                 dequantize_values(vc, vs, self.dtype))
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k, v [L, n, Hkv, D]`` in the model dtype, on the host (a new copy)."""
-        k = torch.empty(self.k_codes.shape, dtype=self.dtype)
-        v = torch.empty_like(k)
-        self.read_into(k, v)
-        return k, v
 
     def read_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Dequantize the segment into ``k, v [L, n, Hkv, D]`` of the model dtype on the host, layer by layer in
