@@ -27,7 +27,7 @@ from cattn.store.kvformat.names import FORMATS, KEY_GROUP, LOSSLESS
 CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BLOCK_TOKENS = 128                         # CPU: tokens per block, whose fp32 scratch stays in cache
+_CPU_BLOCK_ELEMENTS = 1 << 18              # CPU: elements per block: 1 MiB of fp32 scratch, in the L2 cache
 
 
 def check_format(kv_format, what: str = "kv_format") -> str:
@@ -67,19 +67,20 @@ def _check_out(t, shape: tuple, dtype: torch.dtype, device: torch.device, what: 
     return t
 
 
-def _encode(q: torch.Tensor, scale: torch.Tensor, kv_format: str, codes: torch.Tensor) -> None:
-    """``codes = encode(q / scale)``, scaling ``q`` (fp32 scratch) in place; ``scale`` broadcasts against it and
-    may hold zeros (a zero row encodes as zeros, not NaN)."""
-    q.mul_(torch.where(scale > 0, 1.0 / scale.float(), 0.0))
-    qmax = QMAX[kv_format]
+def _encode(q: torch.Tensor, inv_scale: torch.Tensor, kv_format: str, codes: torch.Tensor) -> None:
+    """``codes = encode(q * inv_scale)``, scaling ``q`` (fp32 scratch) in place; ``inv_scale`` (fp32, 0 where the
+    scale is) broadcasts against it. No clamp: a scale is never below ``absmax / QMAX`` and its fp32 inverse
+    is off by an ulp at most, so ``|q * inv_scale| <= QMAX * (1 + 2**-23)``, which rounds to ``QMAX``."""
+    q.mul_(inv_scale)
     if kv_format == "int8":
         q.round_()
-    codes.copy_(q.clamp_(-qmax, qmax))   # fp8: the cast rounds to nearest even
+    codes.copy_(q)                       # fp8: the cast rounds to nearest even
 
 
-def _absmax(q: torch.Tensor, dim: int) -> torch.Tensor:
-    """``|q|.amax(dim)`` without an ``|q|`` tensor: two reductions over the block in cache."""
-    return torch.maximum(q.amax(dim), q.amin(dim).neg_())
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale`` in fp32, 0 where the scale is 0 (a zero or constant row encodes as zeros, not NaN)."""
+    scale = scale.float()
+    return torch.where(scale > 0, 1.0 / scale, 0.0)
 
 
 def _scale(absmax: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Tensor:
@@ -90,21 +91,20 @@ def _scale(absmax: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Te
     return torch.where(scale.to(want.dtype) < want, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
 
 
-def _blocks(num_tokens: int, device: torch.device, unit: int) -> int:
-    """Tokens per pass: on CPU a block of ``unit`` tokens (its fp32 scratch stays in cache through the
-    passes over it), on an accelerator all of them (one launch per pass)."""
-    return max(1, unit if device.type == "cpu" else num_tokens)
+def _block_tokens(num_tokens: int, row_elements: int, device: torch.device, multiple: int = 1) -> int:
+    """Tokens per pass: on CPU a block whose fp32 scratch (``row_elements`` per token) stays in the L2 cache
+    through the passes over it, a multiple of ``multiple``; on an accelerator all of them (one launch a pass)."""
+    if device.type != "cpu":
+        return max(num_tokens, 1)
+    return max(multiple, _CPU_BLOCK_ELEMENTS // max(row_elements, 1) // multiple * multiple)
 
 
-def _key_rows(q: torch.Tensor, kv_format: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(step, offset)`` of key groups ``q [rows, group, Hkv, D]`` (fp32), each ``[rows, Hkv, D]`` in ``dtype``:
-    the offset is the middle of each channel's range rounded to ``dtype``, the step the larger distance from
-    it to the range's ends over ``QMAX``, rounded up (so no value is clipped)."""
-    wide = torch.float64     # the scale rows are small: exact differences of dtype values, whatever dtype is
-    hi, lo = q.amax(1).to(wide), q.amin(1).to(wide)
-    offset = ((hi + lo) / 2).to(dtype)
-    reach = torch.maximum(hi - offset.to(wide), offset.to(wide) - lo)
-    return _scale(reach, kv_format, dtype), offset
+def _runs(num_tokens: int, block: int, group: int) -> list[tuple[int, int]]:
+    """``[a, b)`` blocks of at most ``block`` tokens (a multiple of ``group``), every one whole groups but a
+    short last group in a block of its own."""
+    whole = num_tokens // group * group
+    out = [(a, min(a + block, whole)) for a in range(0, whole, block)]
+    return out + [(whole, num_tokens)] if whole < num_tokens else out
 
 
 def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, codes: torch.Tensor | None = None,
@@ -120,6 +120,9 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
     Returns:
         codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, and scale rows ``[ceil(m / group), 2, Hkv, D]`` in
         ``k.dtype``: ``[:, 0]`` the step, ``[:, 1]`` the offset of each channel of each group.
+
+    Two passes over the keys, a cache-sized block at a time: each group's range per channel, then (once the
+    rows are made, for all groups at once) the codes.
     """
     _check_kv(k, "k")
     _check_codes_format(kv_format)
@@ -127,22 +130,33 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
         raise ValueError(f"group must be an int >= 1, got {group!r}")
     m, h, d = k.shape
     codes = _check_out(codes, (m, h, d), CODE_DTYPES[kv_format], k.device, "codes")
-    scales = _check_out(scales, (num_key_groups(m, group), 2, h, d), k.dtype, k.device, "scales")
-    step = -(-_blocks(m, k.device, _BLOCK_TOKENS) // group) * group
-    scratch = torch.empty(min(step, m), h, d, dtype=torch.float32, device=k.device)
-    for lo in range(0, m, step):
-        hi = min(lo + step, m)
-        full = (hi - lo) // group * group
-        for a, b in ((lo, lo + full), (lo + full, hi)):   # whole groups, then a short last one
-            if a == b:
-                continue
-            rows = slice(a // group, -(-b // group))
-            q = scratch[:b - a].copy_(k[a:b]).view(rows.stop - rows.start, -1, h, d)
-            step_rows, offset_rows = scales[rows, 0], scales[rows, 1]
-            for dst, src in zip((step_rows, offset_rows), _key_rows(q, kv_format, k.dtype)):
-                dst.copy_(src)
-            q.sub_(offset_rows.unsqueeze(1))
-            _encode(q, step_rows.unsqueeze(1), kv_format, codes[a:b].view(q.shape))
+    rows = num_key_groups(m, group)
+    scales = _check_out(scales, (rows, 2, h, d), k.dtype, k.device, "scales")
+    if m == 0:
+        return codes, scales
+    runs = _runs(m, _block_tokens(m, h * d, k.device, group), group)
+    scratch = torch.empty(min(runs[0][1], m), h, d, dtype=torch.float32, device=k.device)
+
+    def grouped(a: int, b: int, load: bool = True) -> torch.Tensor:   # the block in the scratch, [groups, tokens, Hkv, D]
+        block = scratch[:b - a].copy_(k[a:b]) if load else scratch[:b - a]
+        return block.view(-(-(b - a) // group), -1, h, d)
+
+    hi = torch.empty(rows, h, d, dtype=torch.float32, device=k.device)
+    lo = torch.empty_like(hi)
+    for a, b in runs:
+        g = slice(a // group, -(-b // group))
+        q = grouped(a, b)
+        torch.amax(q, 1, out=hi[g])
+        torch.amin(q, 1, out=lo[g])
+    wide = torch.float64     # the rows are small: exact differences of dtype values, whatever dtype is
+    hi, lo = hi.to(wide), lo.to(wide)
+    offset = scales[:, 1].copy_(((hi + lo) / 2).to(k.dtype))
+    step = scales[:, 0].copy_(_scale(torch.maximum(hi - offset.to(wide), offset.to(wide) - lo), kv_format, k.dtype))
+    offset, inv_step = offset.float().unsqueeze(1), _inverse(step).unsqueeze(1)
+    for a, b in runs:
+        g = slice(a // group, -(-b // group))
+        q = grouped(a, b, load=len(runs) > 1).sub_(offset[g])   # one block: still in the scratch
+        _encode(q, inv_step[g], kv_format, codes[a:b].view(q.shape))
     return codes, scales
 
 
@@ -157,18 +171,30 @@ def quantize_values(v: torch.Tensor, kv_format: str, *, codes: torch.Tensor | No
 
     Returns:
         codes ``[m, Hkv, D]`` int8 / float8_e4m3fn, scales ``[m, Hkv]`` in ``v.dtype`` (one per token and head).
+
+    Two passes, as `quantize_keys` makes them: each row's absmax, then the codes.
     """
     _check_kv(v, "v")
     _check_codes_format(kv_format)
     m, h, d = v.shape
     codes = _check_out(codes, (m, h, d), CODE_DTYPES[kv_format], v.device, "codes")
     scales = _check_out(scales, (m, h), v.dtype, v.device, "scales")
-    step = _blocks(m, v.device, _BLOCK_TOKENS)
-    scratch = torch.empty(min(step, m), h, d, dtype=torch.float32, device=v.device)
-    for lo in range(0, m, step):
-        q = scratch[:min(step, m - lo)].copy_(v[lo:lo + step])
-        scale = scales[lo:lo + step].copy_(_scale(_absmax(q, -1), kv_format, v.dtype))
-        _encode(q, scale.unsqueeze(-1), kv_format, codes[lo:lo + step])
+    if m == 0:
+        return codes, scales
+    block = _block_tokens(m, h * d, v.device)
+    scratch = torch.empty(min(block, m), h, d, dtype=torch.float32, device=v.device)
+    hi = torch.empty(m, h, dtype=torch.float32, device=v.device)
+    lo = torch.empty_like(hi)
+    for a in range(0, m, block):
+        q = scratch[:min(block, m - a)].copy_(v[a:a + block])
+        torch.amax(q, -1, out=hi[a:a + block])
+        torch.amin(q, -1, out=lo[a:a + block])
+    inv_scale = _inverse(scales.copy_(_scale(torch.maximum(hi, lo.neg_()), kv_format, v.dtype))).unsqueeze(-1)
+    for a in range(0, m, block):
+        q = scratch[:min(block, m - a)]
+        if block < m:            # one block: still in the scratch
+            q.copy_(v[a:a + block])
+        _encode(q, inv_scale[a:a + block], kv_format, codes[a:a + block])
     return codes, scales
 
 
