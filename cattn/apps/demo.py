@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ SCRIPT = (
     "Summarize our conversation in one sentence.",
 )
 DTYPES = ("float32", "bfloat16", "float16")     # names of torch dtypes; torch is imported when the demo runs
+# Turn 1 is the same work both ways, so one run of each says nothing but the machine's noise (on a shared CPU
+# a run's time to first token moves by 10-20%): its TTFT is the median of this many runs of each path,
+# interleaved, the extra cattn runs through throwaway sessions on the same store.
+FIRST_TURN_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class DemoTurn:
     ttft_stock_s: float
     kv_bytes: int
     same_reply: bool
+    timed_runs: int = 1     # runs of each path whose median TTFT is shown (turn 1: `FIRST_TURN_RUNS`)
 
 
 def int_in(low: int, high: int | None = None):
@@ -73,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int_in(1), default=40, help="longest reply in tokens")
     parser.add_argument("--store-config", default=None, metavar="FILE",
                         help="build the store from this TOML file and CATTN_* variables (docs/store.md)")
+    parser.add_argument("--first-turn-runs", type=int_in(1), default=FIRST_TURN_RUNS,
+                        help="runs of each path whose median is turn 1's time to first token")
 
 
 def stock_turn(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int, float]:
@@ -90,10 +98,37 @@ def stock_turn(model, tokenizer, messages: list[dict], max_new_tokens: int) -> t
     return out[0, ids.shape[1]:].tolist(), ids.shape[1], timer.ttft_s
 
 
+def first_turn_ttfts(model, tokenizer, messages: list[dict], store, runs: int) -> tuple[list[float], list[float]]:
+    """``runs`` more first-turn times to first token of each path, interleaved (the order alternating): cattn
+    through a throwaway `ChatSession` on ``store`` (its KV deleted at close), stock recomputing. ``model`` is
+    patched on entry and on return."""
+    from cattn.chat.session import ChatSession
+    from cattn.hf import apply_cattn, revert_cattn
+
+    *opening, user = messages
+    system = opening[0]["content"] if opening else None
+    cattn_s, stock_s = [], []
+    for run in range(runs):
+        for path in (("stock", "cattn") if run % 2 == 0 else ("cattn", "stock")):
+            if path == "cattn":
+                with ChatSession(model, tokenizer, session_id=f"demo-timing-{run}", system=system,
+                                 store=store) as throwaway:
+                    throwaway.send(user["content"], max_new_tokens=1, do_sample=False)
+                    cattn_s.append(throwaway.turns[-1].ttft_s)
+            else:
+                revert_cattn(model)
+                try:
+                    stock_s.append(stock_turn(model, tokenizer, messages, 1)[2])
+                finally:
+                    apply_cattn(model)
+    return cattn_s, stock_s
+
+
 def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str = SYSTEM, echo=print,
-             store=None) -> list[DemoTurn]:
+             store=None, first_turn_runs: int = 1) -> list[DemoTurn]:
     """Play ``user_turns`` through a `ChatSession` (over ``store``, default a private in-memory one) and
-    through stock recompute; ``model`` ends unpatched."""
+    through stock recompute; ``model`` ends unpatched. Turn 1's times to first token are the medians of
+    ``first_turn_runs`` runs of each path (`first_turn_ttfts`); later turns' are their one run's."""
     import torch
 
     from cattn.hf import CACHE_KWARG, PagedCache, apply_cattn, revert_cattn
@@ -124,12 +159,19 @@ def converse(model, tokenizer, user_turns, *, max_new_tokens: int, system: str =
             finally:
                 apply_cattn(model)
             same = stock_ids == session.token_ids[cattn_turn.prompt_tokens:].tolist()
-            turns.append(DemoTurn(user, reply, cattn_turn.prefilled_tokens, stock_prompt, cattn_turn.ttft_s,
-                                  stock_ttft, cattn_turn.kv_bytes, same))
+            cattn_ttfts, stock_ttfts = [cattn_turn.ttft_s], [stock_ttft]
+            if n == 1 and first_turn_runs > 1:
+                more = first_turn_ttfts(model, tokenizer, session.messages[:-1], store, first_turn_runs - 1)
+                cattn_ttfts, stock_ttfts = cattn_ttfts + more[0], stock_ttfts + more[1]
+            runs = len(cattn_ttfts)
+            turns.append(DemoTurn(user, reply, cattn_turn.prefilled_tokens, stock_prompt,
+                                  statistics.median(cattn_ttfts), statistics.median(stock_ttfts),
+                                  cattn_turn.kv_bytes, same, runs))
             t = turns[-1]
+            timed = f" (medians of {runs} runs each)" if runs > 1 else ""
             echo(f"turn {n}  user: {user}\n        assistant: {reply}\n"
                  f"        prefilled {t.prefilled_cattn} tokens with cattn, {t.prefilled_stock} with recompute | "
-                 f"TTFT {t.ttft_cattn_s:.3f} s vs {t.ttft_stock_s:.3f} s | KV kept {t.kv_bytes / 2**20:.1f} MiB | "
+                 f"TTFT {t.ttft_cattn_s:.3f} s vs {t.ttft_stock_s:.3f} s{timed} | KV kept {t.kv_bytes / 2**20:.1f} MiB | "
                  f"reply identical to stock: {'yes' if same else 'no'}\n")
     finally:
         session.close()
@@ -145,6 +187,9 @@ def summary(turns: list[DemoTurn]) -> str:
     for n, t in enumerate(turns, 1):
         lines.append(f"{n:>4} | {t.prefilled_cattn:>15} | {t.prefilled_stock:>19} | {t.ttft_cattn_s:>14.3f} | "
                      f"{t.ttft_stock_s:>14.3f} | {t.kv_bytes / 2**20:>13.2f} | {'yes' if t.same_reply else 'no':>10}")
+    medians = [(n, t.timed_runs) for n, t in enumerate(turns, 1) if t.timed_runs > 1]
+    if medians:
+        lines.append("TTFT of " + ", ".join(f"turn {n}: median of {runs} runs of each path" for n, runs in medians))
     cattn_total, stock_total = sum(t.prefilled_cattn for t in turns), sum(t.prefilled_stock for t in turns)
     lines.append(f"\nprefilled tokens in all: {cattn_total} with cattn, {stock_total} with recompute "
                  f"({stock_total / max(cattn_total, 1):.1f}x fewer)")
@@ -243,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                  else build_store(store_config))
         try:
             turns = converse(model, tokenizer, SCRIPT[:args.turns], max_new_tokens=args.max_new_tokens,
-                             store=store)
+                             store=store, first_turn_runs=args.first_turn_runs)
             stats = store.stats()
         finally:
             store.close(persist=False)

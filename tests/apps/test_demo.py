@@ -4,7 +4,7 @@ import re
 import pytest
 
 from cattn.apps import cli
-from cattn.apps.demo import SCRIPT, store_summary
+from cattn.apps.demo import FIRST_TURN_RUNS, SCRIPT, store_summary
 from cattn.hf import is_patched
 
 ROW = re.compile(r"^\s*(\d+) \|\s*(\d+) \|\s*(\d+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*([\d.]+) \|\s*(yes|no)$", re.M)
@@ -30,11 +30,16 @@ def test_demo_prefills_only_new_tokens_with_replies_identical_to_stock(smollm2, 
     assert re.search(r"\n\s+each history came back layer by layer \(2 loads, [\d.]+ MiB\)", out)
     assert "disk tier" not in out.split("store:")[1]         # never used, so not mentioned
     assert "Turn 1 is no faster: nothing is cached yet" in out
+    # turn 1 is the same work both ways: its TTFTs are medians of interleaved runs, later turns' one run each
+    assert f"(medians of {FIRST_TURN_RUNS} runs each)" in out.split("turn 2  user")[0]
+    assert "runs each" not in out.split("turn 2  user")[1]
+    assert f"TTFT of turn 1: median of {FIRST_TURN_RUNS} runs of each path" in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--turns", "0"], "--turns"), (["--turns", str(len(SCRIPT) + 1)], "--turns"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--model", "no/such/dir"], "not a directory")])
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--first-turn-runs", "0"], "--first-turn-runs"),
+    (["--model", "no/such/dir"], "not a directory")])
 def test_demo_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", *argv])
