@@ -1,7 +1,7 @@
 """Stock transformers against the cattn-patched model on CPU: prefill, decode, peak memory, multi-turn TTFT.
 
     python -m bench.hf_cpu [--models smollm2,llama] [--contexts 512,2048,8192] [--decode-tokens 32]
-                           [--repeats 5] [--chat-histories 2048,8192] [--threads N] [--skip-chat] [--skip-memory]
+                           [--repeats 7] [--chat-histories 2048,8192] [--threads N] [--skip-chat] [--skip-memory]
     python -m bench.hf_cpu --quick     # the same code paths in seconds: a tiny random Llama, short contexts
 
 What a CPU user of ``apply_cattn`` sees, float32, on two models: the embedded SmolLM2-135M-Instruct
@@ -55,7 +55,7 @@ from bench.common import format_table, results_dir, write_json
 from bench.hf_cpu_models import MODELS, describe, load, measure_all, random_prompt, set_variant, timed_generate
 
 QUICK = dict(models="tiny", contexts="32,64", repeats=1, decode_tokens=4, chat_histories="64,160")
-FULL = dict(models="smollm2,llama", contexts="512,2048,8192", repeats=5, decode_tokens=32,
+FULL = dict(models="smollm2,llama", contexts="512,2048,8192", repeats=7, decode_tokens=32,
             chat_histories="2048,8192")
 VARIANTS = ("stock", "cattn")
 COLUMNS = [("model", "model", "s"), ("context", "context", "d"), ("stock_prefill_s", "stock prefill s", ".3f"),
