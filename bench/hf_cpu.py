@@ -1,7 +1,7 @@
 """Stock transformers against the cattn-patched model on CPU: prefill, decode, peak memory, multi-turn TTFT.
 
     python -m bench.hf_cpu [--models smollm2,llama] [--contexts 512,2048,8192] [--decode-tokens 32]
-                           [--repeats 7] [--chat-histories 2048,8192] [--threads N] [--skip-chat] [--skip-memory]
+                           [--repeats 8] [--chat-histories 2048,8192] [--threads N] [--skip-chat] [--skip-memory]
     python -m bench.hf_cpu --quick     # the same code paths in seconds: a tiny random Llama, short contexts
 
 What a CPU user of ``apply_cattn`` sees, float32, on two models: the embedded SmolLM2-135M-Instruct
@@ -21,7 +21,9 @@ head_dim 64, llama3 rope; built from a seed, no download). Per model and context
 
 Timings are medians of ``--repeats``, stock and patched interleaved in one process on one model
 (``apply_cattn`` / ``revert_cattn`` between runs, the order alternating; ``is_patched`` checked before each
-run), after one short warm-up each. Then multi-turn time to first token (`bench.hf_cpu_chat`): a
+run), after one short warm-up each. The default count is even so that each variant runs first in as many
+repeats as the other: on this project's 2-core machine the second run of a pair was seen 15% slower than the
+first, repeat after repeat, and with an odd count the medians carry that against one variant. Then multi-turn time to first token (`bench.hf_cpu_chat`): a
 `ChatSession` holds a history of 2K / 8K tokens (``--chat-histories``) and answers a new question, its
 history from the store, against stock generating over the whole conversation again; histories past a
 model's positions are skipped (SmolLM2 has 8192 positions, so its 8K history is; the Llama-shaped model
@@ -55,7 +57,7 @@ from bench.common import format_table, results_dir, write_json
 from bench.hf_cpu_models import MODELS, describe, load, measure_all, random_prompt, set_variant, timed_generate
 
 QUICK = dict(models="tiny", contexts="32,64", repeats=1, decode_tokens=4, chat_histories="64,160")
-FULL = dict(models="smollm2,llama", contexts="512,2048,8192", repeats=7, decode_tokens=32,
+FULL = dict(models="smollm2,llama", contexts="512,2048,8192", repeats=8, decode_tokens=32,
             chat_histories="2048,8192")
 VARIANTS = ("stock", "cattn")
 COLUMNS = [("model", "model", "s"), ("context", "context", "d"), ("stock_prefill_s", "stock prefill s", ".3f"),
