@@ -23,11 +23,12 @@ Timings are medians of ``--repeats``, stock and patched interleaved in one proce
 (``apply_cattn`` / ``revert_cattn`` between runs, the order alternating; ``is_patched`` checked before each
 run), after one short warm-up each. The default count is even so that each variant runs first in as many
 repeats as the other: on this project's 2-core machine the second run of a pair was seen 15% slower than the
-first, repeat after repeat, and with an odd count the medians carry that against one variant. Then multi-turn time to first token (`bench.hf_cpu_chat`): a
-`ChatSession` holds a history of 2K / 8K tokens (``--chat-histories``) and answers a new question, its
-history from the store, against stock generating over the whole conversation again; histories past a
-model's positions are skipped (SmolLM2 has 8192 positions, so its 8K history is; the Llama-shaped model
-has the 8K row). Speeds are relative to stock (above 1: the patched model is faster).
+first, repeat after repeat, and with an odd count the medians carry that against one variant. Then multi-turn
+time to first token (`bench.hf_cpu_chat`): a `ChatSession` holds a history of 2K / 8K tokens
+(``--chat-histories``) and answers a new question, its history from the store, against stock generating
+over the whole conversation again; histories past a model's positions are skipped (SmolLM2 has 8192
+positions, so its 8K history is; the Llama-shaped model has the 8K row). Speeds are relative to stock
+(above 1: the patched model is faster).
 
 Last, the acceptance of issue 21 is checked and printed (and kept in the JSON as ``acceptance``): prefill and
 decode at least 0.95x stock at 512, 2K and 8K; an 8K prefill's peak RSS at most stock's + 10%; ChatSession's

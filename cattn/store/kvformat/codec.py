@@ -137,7 +137,8 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
     runs = _runs(m, _block_tokens(m, h * d, k.device, group), group)
     scratch = torch.empty(min(runs[0][1], m), h, d, dtype=torch.float32, device=k.device)
 
-    def grouped(a: int, b: int, load: bool = True) -> torch.Tensor:   # the block in the scratch, [groups, tokens, Hkv, D]
+    def grouped(a: int, b: int, load: bool = True) -> torch.Tensor:
+        """Tokens ``[a, b)`` in the scratch (copied in unless ``load`` is False), ``[groups, tokens, Hkv, D]``."""
         block = scratch[:b - a].copy_(k[a:b]) if load else scratch[:b - a]
         return block.view(-(-(b - a) // group), -1, h, d)
 
