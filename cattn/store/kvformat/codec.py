@@ -13,9 +13,9 @@ Steps and scales are rounded up (offsets to nearest) to the model dtype when the
 codes are computed against the rounded values, so what the store keeps is what dequantization uses.
 Dequantization computes in fp32: for a 16-bit model ``code * step`` is exact there (8-bit code, 16-bit
 step), so any fp32 evaluation of ``code * step + offset`` (an FMA or not) gives the same bits, rounded
-into the model dtype; the torch path here and the Triton kernel (`cattn.ops.dequant_kv`) agree. Error bound, per element: ``|x - deq| <= step / 2`` (int8; plus the
-model dtype's own rounding of ``deq``), ``<= 2**-4 * |x - offset| + step * 2**-10`` (fp8 e4m3: 3
-mantissa bits).
+into the model dtype; the torch path here and the Triton kernel (`cattn.ops.dequant_kv`) agree. Error
+bound, per element: ``|x - deq| <= step / 2`` (int8; plus the model dtype's own rounding of ``deq``),
+``<= 2**-4 * |x - offset| + step * 2**-10`` (fp8 e4m3: 3 mantissa bits).
 
 A zero or constant channel (or token) has step 0 and codes 0; it comes back as its offset, exactly.
 """
@@ -99,7 +99,7 @@ def _block_tokens(num_tokens: int, row_elements: int, device: torch.device, mult
     return max(multiple, _CPU_BLOCK_ELEMENTS // max(row_elements, 1) // multiple * multiple)
 
 
-def _runs(num_tokens: int, block: int, group: int) -> list[tuple[int, int]]:
+def _key_blocks(num_tokens: int, block: int, group: int) -> list[tuple[int, int]]:
     """``[a, b)`` blocks of at most ``block`` tokens (a multiple of ``group``), every one whole groups but a
     short last group in a block of its own."""
     whole = num_tokens // group * group
@@ -134,8 +134,8 @@ def quantize_keys(k: torch.Tensor, kv_format: str, *, group: int = KEY_GROUP, co
     scales = _check_out(scales, (rows, 2, h, d), k.dtype, k.device, "scales")
     if m == 0:
         return codes, scales
-    runs = _runs(m, _block_tokens(m, h * d, k.device, group), group)
-    scratch = torch.empty(min(runs[0][1], m), h, d, dtype=torch.float32, device=k.device)
+    runs = _key_blocks(m, _block_tokens(m, h * d, k.device, group), group)
+    scratch = torch.empty(runs[0][1], h, d, dtype=torch.float32, device=k.device)   # the first block is the longest
 
     def grouped(a: int, b: int, load: bool = True) -> torch.Tensor:
         """Tokens ``[a, b)`` in the scratch (copied in unless ``load`` is False), ``[groups, tokens, Hkv, D]``."""
